@@ -1,0 +1,249 @@
+"""The executor: validates a plan against the model it holds, applies it atomically, rolls back.
+
+    ex = Executor(model, structure, fingerprint)       # fingerprint of the unoptimised model
+    with ex.lock:                                      # the caller's request boundary
+        report = ex.apply(plan)                        # PlanError: refused, model untouched
+    ex.rollback()                                      # bitwise-identical original again
+
+Transforms run in `APPLY_ORDER`. Each records its changes in one UndoLog; if any transform
+fails, the log is undone before the error propagates, so a plan is all or nothing.
+Transforms find the modules to rewrite through their attribute paths inside the *live* block,
+so a later transform (int8) rewrites what an earlier one (pruning) left in place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from agent.adapters.base import BlockRefs, ModelStructure
+from agent.executor.execution import apply_execution, execution_support
+from agent.executor.int8 import Int8Linear
+from agent.executor.prune import PrunedAttention, ZeroAttention, prune_support
+from agent.executor.skip import IdentityBlock, apply_skip
+from agent.executor.sparsity import SparseDownProj
+from agent.executor.undo import UndoLog
+from agent.executor.weights import weight_bytes
+from agent.plan import (ActivationSparsity, Plan, PlanError, PruneHeads, SkipLayers,
+                        Transform, TransformKind, WeightPrecision, check_fit)
+from agent.adapters.base import WeightLayout
+
+
+class TransformError(RuntimeError):
+    """A transform failed while applying; the model was restored before this was raised."""
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    # Where modules removed from the live model wait for a rollback (host memory).
+    park_device: str = field(default="cpu", metadata={"env": "HEADROOM_EXECUTOR_PARK_DEVICE"})
+    # Sparse down projection reads only surviving weight columns at decode (see sparsity.py).
+    sparse_decode_gather: bool = field(default=False,
+                                       metadata={"env": "HEADROOM_SPARSE_DECODE_GATHER"})
+
+    @classmethod
+    def resolve(cls, **overrides: Any) -> "ExecutorSettings":
+        from agent.settings import _parse
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown executor setting(s): {', '.join(sorted(unknown))}")
+        values = {}
+        for f in dataclasses.fields(cls):
+            if overrides.get(f.name) is not None:
+                values[f.name] = overrides[f.name]
+            elif f.metadata["env"] in os.environ:
+                values[f.name] = _parse(f, os.environ[f.metadata["env"]])
+        return cls(**values)
+
+
+@dataclass
+class ApplyReport:
+    plan_id: str
+    plan_hash: str
+    applied: list[str]                 # transform kinds, in the order applied
+    notes: list[str]                   # validation notes and fallbacks taken
+    apply_ms: float
+    weight_bytes_before: int
+    weight_bytes_after: int
+    heads_removed: int
+    layers_skipped: int
+
+
+_ROLES = ("attn", "mlp", "q", "k", "v", "qkv", "o", "gate", "up", "down")
+
+
+def block_paths(block: BlockRefs) -> dict[str, str]:
+    """Role -> attribute path of that module inside the block ('self_attn.q_proj', ...)."""
+    names = {id(m): n for n, m in block.module.named_modules()}
+    mods = {"attn": block.attn.module, "mlp": block.mlp.module, "q": block.attn.q_proj,
+            "k": block.attn.k_proj, "v": block.attn.v_proj, "qkv": block.attn.qkv_proj,
+            "o": block.attn.o_proj, "gate": block.mlp.gate_proj, "up": block.mlp.up_proj,
+            "down": block.mlp.down_proj}
+    return {role: names[id(m)] for role, m in mods.items() if m is not None and id(m) in names}
+
+
+def _split(path: str) -> tuple[str, str]:
+    parent, _, leaf = path.rpartition(".")
+    return parent, leaf
+
+
+Applier = Callable[["Executor", Transform, UndoLog], list[str]]
+
+
+class Executor:
+    def __init__(self, model: nn.Module, structure: ModelStructure, fingerprint: str,
+                 settings: ExecutorSettings | None = None,
+                 appliers: dict[TransformKind, Applier] | None = None):
+        self.model, self.structure, self.fingerprint = model, structure, fingerprint
+        self.settings = settings or ExecutorSettings.resolve()
+        self.paths = [block_paths(b) for b in structure.blocks]
+        self.lock = threading.Lock()     # held across apply/rollback; callers hold it per request
+        self.appliers = dict(DEFAULT_APPLIERS if appliers is None else appliers)
+        self.active_plan: Plan | None = None
+        self._log: UndoLog | None = None
+
+    def supported(self) -> dict[TransformKind, str | None]:
+        """Each kind -> None if it can run on this model, else the reason it cannot."""
+        return {TransformKind.SKIP_LAYERS: None,
+                TransformKind.PRUNE_HEADS: prune_support(self.structure),
+                TransformKind.ACTIVATION_SPARSITY: None if all("down" in p for p in self.paths)
+                else "down projection not found inside the block",
+                TransformKind.WEIGHT_PRECISION: None,
+                TransformKind.EXECUTION: execution_support(self.model)}
+
+    def validate(self, plan: Plan) -> list[str]:
+        """PlanError listing every problem, or the notes; touches nothing."""
+        return check_fit(plan, self.structure, self.fingerprint, self.supported())
+
+    def apply(self, plan: Plan) -> ApplyReport:
+        with self.lock:
+            notes = self.validate(plan)
+            if self.active_plan is not None:
+                self._rollback_locked()
+            t0, before = time.perf_counter(), weight_bytes(self.model)
+            log, applied = UndoLog(self.settings.park_device), []
+            for t in plan.ordered():
+                try:
+                    notes += self.appliers[t.kind](self, t, log)
+                except Exception as e:
+                    log.undo()
+                    _drop_compiled(self.model)
+                    raise TransformError(f"plan {plan.plan_id!r}: {t.kind.value} failed "
+                                         f"({type(e).__name__}: {e}); model restored") from e
+                applied.append(t.kind.value)
+            _drop_compiled(self.model)
+            self._log, self.active_plan = log, plan
+            return ApplyReport(plan.plan_id, plan.hash, applied, notes,
+                               (time.perf_counter() - t0) * 1e3, before,
+                               weight_bytes(self.model), self._heads_removed(plan),
+                               len(_skipped(plan)))
+
+    def rollback(self) -> None:
+        with self.lock:
+            self._rollback_locked()
+
+    def _rollback_locked(self) -> None:
+        if self._log is not None:
+            self._log.undo()
+        _drop_compiled(self.model)
+        self._log, self.active_plan = None, None
+
+    def live(self, layer: int, role: str) -> tuple[nn.Module, str, nn.Module]:
+        """(parent module, attribute name, current module) of `role` in live block `layer`."""
+        parent_path, leaf = _split(self.paths[layer][role])
+        block = self.structure.layers[layer]
+        parent = block.get_submodule(parent_path) if parent_path else block
+        return parent, leaf, getattr(parent, leaf)
+
+    def is_skipped(self, layer: int) -> bool:
+        return isinstance(self.structure.layers[layer], IdentityBlock)
+
+    def _heads_removed(self, plan: Plan) -> int:
+        prune, skipped = plan.get(TransformKind.PRUNE_HEADS), _skipped(plan)
+        pruned = 0 if prune is None else sum(len(h) for l, h in prune.heads.items() if l not in skipped)
+        return pruned + len(skipped) * self.structure.num_heads
+
+
+def _skipped(plan: Plan) -> set[int]:
+    skip = plan.get(TransformKind.SKIP_LAYERS)
+    return set(skip.layers) if skip else set()
+
+
+def _drop_compiled(model: nn.Module) -> None:
+    """A compiled decode cached by generate() belongs to the modules it was traced with."""
+    for name in ("_compiled_call", "_last_compile_config"):
+        if name in model.__dict__:
+            delattr(model, name)
+
+
+# --------------------------------------------------------------------------- the appliers
+
+def _apply_skip(ex: Executor, t: SkipLayers, log: UndoLog) -> list[str]:
+    apply_skip(ex.structure, t.layers, log)
+    return []
+
+
+def _apply_prune(ex: Executor, t: PruneHeads, log: UndoLog) -> list[str]:
+    s = ex.structure
+    for layer, heads in sorted(t.heads.items()):
+        if not heads or ex.is_skipped(layer):
+            continue
+        parent, leaf, attn = ex.live(layer, "attn")
+        kept = [h for h in range(s.num_heads) if h not in set(heads)]
+        new = PrunedAttention(attn, kept, s) if kept else ZeroAttention(attn, s.hidden_size)
+        log.swap(parent, leaf, new)
+    return []
+
+
+def _apply_sparsity(ex: Executor, t: ActivationSparsity, log: UndoLog) -> list[str]:
+    in_out = ex.structure.weight_layout == WeightLayout.IN_OUT
+    for layer, threshold in sorted(t.thresholds.items()):
+        if ex.is_skipped(layer):
+            continue
+        parent, leaf, down = ex.live(layer, "down")
+        # park=False: the wrapper keeps using the original down projection.
+        log.swap(parent, leaf, SparseDownProj(down, threshold, in_out,
+                                              ex.settings.sparse_decode_gather), park=False)
+    return []
+
+
+def _apply_int8(ex: Executor, t: WeightPrecision, log: UndoLog) -> list[str]:
+    for layer in sorted(t.layers):
+        if ex.is_skipped(layer):
+            continue
+        for role in ("q", "k", "v", "qkv", "o", "gate", "up", "down"):
+            if role not in ex.paths[layer] or not _has_role(ex, layer, role):
+                continue
+            parent, leaf, mod = ex.live(layer, role)
+            if isinstance(mod, SparseDownProj):       # quantise the projection it wraps
+                parent, leaf, mod = mod, "inner", mod.inner
+            if not isinstance(mod, Int8Linear):
+                log.swap(parent, leaf, Int8Linear.from_module(mod, ex.structure.weight_layout))
+    return []
+
+
+def _has_role(ex: Executor, layer: int, role: str) -> bool:
+    """False when an earlier transform removed the module (e.g. ZeroAttention has no q_proj)."""
+    try:
+        ex.live(layer, role)
+        return True
+    except AttributeError:
+        return False
+
+
+def _apply_execution(ex: Executor, t, log: UndoLog) -> list[str]:
+    return apply_execution(ex.model, t, log)
+
+
+DEFAULT_APPLIERS: dict[TransformKind, Applier] = {
+    TransformKind.SKIP_LAYERS: _apply_skip,
+    TransformKind.PRUNE_HEADS: _apply_prune,
+    TransformKind.ACTIVATION_SPARSITY: _apply_sparsity,
+    TransformKind.WEIGHT_PRECISION: _apply_int8,
+    TransformKind.EXECUTION: _apply_execution,
+}

@@ -1,0 +1,79 @@
+"""The undo log: every change the executor makes to a model, so it can be reversed exactly.
+
+Rollback restores the original module objects themselves (not copies), so the restored
+model computes with the very same tensors and is bitwise identical to the unoptimised one.
+Originals that a swap removes from the live model are parked on the host CPU, where they
+take no accelerator memory, and moved back (an exact copy) on rollback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+_MISSING = object()
+
+
+def module_device(module: nn.Module) -> torch.device | None:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return None
+
+
+@dataclass
+class _Swap:
+    parent: nn.Module
+    name: str
+    old: nn.Module
+    old_device: torch.device | None  # where `old` lived before it was parked
+
+
+@dataclass
+class _SetAttr:
+    obj: Any
+    name: str
+    old: Any   # _MISSING if the attribute did not exist
+
+
+class UndoLog:
+    def __init__(self, park_device: str | torch.device = "cpu"):
+        self.park_device = torch.device(park_device)
+        self._steps: list[_Swap | _SetAttr] = []
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def swap(self, parent: nn.Module, name: str, new: nn.Module, *, park: bool = True) -> nn.Module:
+        """parent.<name> = new; returns the old module. `park=False` when `new` still uses the
+        old module's children (moving them would move live weights)."""
+        old = parent.get_submodule(name)
+        device = module_device(old)
+        self._steps.append(_Swap(parent, name, old, device))
+        setattr(parent, name, new)
+        if park and device is not None and device != self.park_device:
+            old.to(self.park_device)
+        return old
+
+    def set_attr(self, obj: Any, name: str, value: Any) -> None:
+        self._steps.append(_SetAttr(obj, name, getattr(obj, name, _MISSING)))
+        setattr(obj, name, value)
+
+    def del_attr(self, obj: Any, name: str) -> None:
+        self._steps.append(_SetAttr(obj, name, getattr(obj, name)))
+        delattr(obj, name)
+
+    def undo(self) -> None:
+        """Reverses every step, newest first; the log is empty afterwards."""
+        while self._steps:
+            step = self._steps.pop()
+            if isinstance(step, _Swap):
+                if step.old_device is not None and module_device(step.old) != step.old_device:
+                    step.old.to(step.old_device)
+                setattr(step.parent, step.name, step.old)
+            elif step.old is _MISSING:
+                if hasattr(step.obj, step.name):
+                    delattr(step.obj, step.name)
+            else:
+                setattr(step.obj, step.name, step.old)

@@ -1,0 +1,540 @@
+"""Ships records from the model's process to the control plane, like OpenTelemetry's
+BatchSpanProcessor: a bounded queue on the hot path, one worker thread that batches, encodes
+and sends over the `Connect` stream, reconnecting with backoff.
+
+Delivery is at most once. A batch written to a stream that breaks (or that the server answers
+with ErrorReply) before its Ack is counted in failed_batches / lost_records and not resent: the
+server may already have stored it, and a resend could store its rows twice.
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol
+
+import grpc
+
+from agent import wire
+from agent.records import GpuSample, RequestRecord
+from agent.settings import AgentSettings
+from proto import headroom_pb2 as pb
+from proto import headroom_pb2_grpc
+
+log = logging.getLogger("headroom.exporter")
+
+GPU_QUEUE_MAX = 4096          # GPU samples arrive ~1/s per device; this is over an hour
+REPLY_QUEUE_MAX = 1024        # plan statuses and trial results waiting for a stream
+MAX_INFLIGHT_BATCHES = 4      # unacked batches on a stream; more waits, the queue absorbs it
+ACK_TIMEOUT_S = 30.0          # oldest unacked batch older than this: the stream is dead
+CONNECT_TIMEOUT_S = 5.0       # a black-holed address fails after this
+POLL_S = 0.05                 # how often blocking waits look at the stop flag
+
+OnControl = Callable[[wire.ControlCommand], None]
+
+
+class Exporter(Protocol):
+    def submit(self, record: RequestRecord) -> None: ...
+    def submit_gpu(self, sample: GpuSample) -> None: ...
+    def send_reply(self, reply: wire.Reply) -> None: ...
+    def counters(self) -> wire.ExportCounters: ...
+    def flush(self, timeout_ms: Optional[int] = None) -> bool: ...
+    def shutdown(self, timeout_ms: Optional[int] = None) -> bool: ...
+
+
+class NoopExporter:
+    """Export disabled: same interface, does nothing, so the hot path never checks a flag."""
+
+    def submit(self, record: RequestRecord) -> None:
+        pass
+
+    def submit_gpu(self, sample: GpuSample) -> None:
+        pass
+
+    def send_reply(self, reply: wire.Reply) -> None:
+        pass
+
+    def counters(self) -> wire.ExportCounters:
+        return wire.ExportCounters()
+
+    def flush(self, timeout_ms: Optional[int] = None) -> bool:
+        return True
+
+    def shutdown(self, timeout_ms: Optional[int] = None) -> bool:
+        return True
+
+
+def make_exporter(settings: AgentSettings, hello: pb.AgentHello, target: Optional[str],
+                  on_control: Optional[OnControl] = None) -> "BatchExporter | NoopExporter":
+    if not settings.export_enabled:
+        return NoopExporter()
+    if not target:
+        raise ValueError("make_exporter: export is enabled but no control plane address was given "
+                         "(settings.address is None and no embedded control plane was started)")
+    return BatchExporter(settings, hello, target, on_control=on_control)
+
+
+# ------------------------------------------------------------------ one Connect stream
+class _Stream:
+    """One `Connect` call: an outbox feeding gRPC's request iterator and a reader thread."""
+
+    def __init__(self, channel: grpc.Channel, hello: pb.AgentHello,
+                 on_reply: Callable[[pb.ControlMessage], None], on_dead: Callable[[], None]):
+        self._channel = channel
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._on_reply, self._on_dead = on_reply, on_dead
+        self.dead = threading.Event()
+        self.error = ""
+        self.opened_at = time.monotonic()
+        self.acked_any = False
+        self._outbox.put(wire.hello_message(hello))
+        self._call = headroom_pb2_grpc.HeadroomStub(channel).Connect(self._requests())
+        self._reader = threading.Thread(target=self._read, name="headroom-export-reader",
+                                        daemon=True)
+        self._reader.start()
+
+    def _requests(self):
+        while True:
+            msg = self._outbox.get()
+            if msg is None:       # half-close: the server finishes and ends its replies
+                return
+            yield msg
+
+    def send(self, msg: pb.AgentMessage) -> None:
+        self._outbox.put(msg)
+
+    def _read(self) -> None:
+        try:
+            for reply in self._call:
+                self._on_reply(reply)
+            self.error = "the control plane ended the stream"
+        except grpc.RpcError as e:
+            self.error = f"{e.code().name}: {e.details()}"
+        except Exception as e:  # a bug in reply handling must not kill the exporter silently
+            log.exception("headroom exporter: reply handling failed")
+            self.error = repr(e)
+        finally:
+            self._outbox.put(None)   # releases gRPC's request thread if it is still waiting
+            self.dead.set()
+            self._on_dead()
+
+    def abort(self, reason: str) -> None:
+        if not self.dead.is_set():
+            self.error = reason
+        self._call.cancel()
+
+    def close(self, grace_s: float) -> None:
+        """Half-closes, lets the server send its last acks for up to grace_s, then cancels."""
+        self._outbox.put(None)
+        self._reader.join(max(0.0, grace_s))
+        self._call.cancel()
+        self._reader.join(1.0)
+        _close_later(self._channel)
+
+
+def _open_channel(target: str, stop: threading.Event, timeout_s: float) -> Optional[grpc.Channel]:
+    """A fresh channel once READY; None on refusal, timeout or stop (no gRPC internal backoff)."""
+    channel = grpc.insecure_channel(target)
+    states: queue.SimpleQueue = queue.SimpleQueue()
+    channel.subscribe(states.put, try_to_connect=True)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                state = states.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            if state == grpc.ChannelConnectivity.READY:
+                return channel
+            if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                         grpc.ChannelConnectivity.SHUTDOWN):
+                break
+    finally:
+        channel.unsubscribe(states.put)
+    _close_later(channel)
+    return None
+
+
+_closing_channels: queue.SimpleQueue = queue.SimpleQueue()
+_closer_lock = threading.Lock()
+_closer: Optional[threading.Thread] = None
+
+
+def _close_channels() -> None:
+    while True:
+        _closing_channels.get().close()
+
+
+def _close_later(channel: grpc.Channel) -> None:
+    """Closes a channel on a shared daemon thread: channel.close() (and the channel's __del__)
+    can wait ~0.2 s for gRPC's connectivity poller, which must not hold up the worker's stop."""
+    global _closer
+    with _closer_lock:
+        if _closer is None:
+            _closer = threading.Thread(target=_close_channels, name="headroom-channel-closer",
+                                       daemon=True)
+            _closer.start()
+    _closing_channels.put(channel)
+
+
+# ------------------------------------------------------------------ the exporter
+@dataclass
+class _Inflight:
+    records: int
+    sent_at: float
+
+
+@dataclass
+class _Stats:
+    """Mutable counters behind BatchExporter._lock; counters() returns a frozen copy."""
+    c: dict = field(default_factory=lambda: {f: 0 for f in wire.ExportCounters.__dataclass_fields__
+                                             if f not in ("queue_len", "connected")})
+    connected: bool = False
+
+
+class BatchExporter:
+    """See the module docstring. submit() and submit_gpu() are O(1), never block on I/O, never raise."""
+
+    def __init__(self, settings: AgentSettings, hello: pb.AgentHello, target: str,
+                 on_control: Optional[OnControl] = None, ack_timeout_s: float = ACK_TIMEOUT_S):
+        if not hello.agent_id:
+            raise ValueError("BatchExporter: hello.agent_id is empty (see wire.default_agent_id)")
+        self._settings, self._hello, self._target = settings, hello, target
+        self._ack_timeout_s = ack_timeout_s
+        self._queue_max, self._batch_max = settings.queue_max_records, settings.batch_max_records
+        self._agent_id = hello.agent_id
+        self._lock = threading.Lock()   # held only for deque and counter updates, never for I/O
+        self._records: collections.deque = collections.deque()
+        self._gpu: collections.deque = collections.deque()
+        self._replies: collections.deque = collections.deque(maxlen=REPLY_QUEUE_MAX)
+        self._stats = _Stats()
+        self._inflight: "collections.OrderedDict[int, _Inflight]" = collections.OrderedDict()
+        self._building = 0              # records popped but not yet in a sent batch
+        self._seq = 0
+        self._wake, self._closing, self._stop = threading.Event(), threading.Event(), threading.Event()
+        self._flush_requested = threading.Event()
+        self._stream: Optional[_Stream] = None
+        self._in_outage = False
+        self._on_control = on_control
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._dispatcher = self._start_thread(self._dispatch, "headroom-export-control")
+        self._worker = self._start_thread(self._run, "headroom-export")
+        atexit.register(self._at_exit)
+
+    @staticmethod
+    def _start_thread(target, name: str) -> threading.Thread:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        return t
+
+    # -------------------------------------------------------------- hot path
+    def submit(self, record: RequestRecord) -> None:
+        with self._lock:
+            if len(self._records) >= self._queue_max:
+                self._records.popleft()   # the oldest goes: fresh data is worth more
+                self._stats.c["dropped_records"] += 1
+            self._records.append(record)
+            self._stats.c["enqueued_records"] += 1
+            # Wake the worker when a full batch first becomes available, not on every submit
+            # above that: a worker waiting for acks would otherwise wake at the request rate.
+            full = len(self._records) == self._batch_max
+        if full:
+            self._wake.set()
+
+    def submit_gpu(self, sample: GpuSample) -> None:
+        with self._lock:
+            if len(self._gpu) >= GPU_QUEUE_MAX:
+                self._gpu.popleft()
+                self._stats.c["gpu_dropped"] += 1
+            self._gpu.append(sample)
+            self._stats.c["gpu_enqueued"] += 1
+
+    def send_reply(self, reply: wire.Reply) -> None:
+        """Queues a PlanStatusReport / TrialResultReport for the stream (at most once, like batches)."""
+        self._replies.append(reply)
+        self._wake.set()
+
+    # -------------------------------------------------------------- introspection and control
+    def counters(self) -> wire.ExportCounters:
+        with self._lock:
+            return wire.ExportCounters(**self._stats.c, queue_len=len(self._records),
+                                       connected=self._stats.connected)
+
+    @property
+    def target(self) -> str:
+        return self._target
+
+    def _pending(self) -> bool:
+        with self._lock:
+            return bool(self._records or self._gpu or self._replies or self._inflight
+                        or self._building)
+
+    def flush(self, timeout_ms: Optional[int] = None) -> bool:
+        """Sends everything queued now and waits for its acks; False if the deadline came first."""
+        timeout_ms = self._settings.shutdown_timeout_ms if timeout_ms is None else timeout_ms
+        deadline = time.monotonic() + timeout_ms / 1000
+        self._flush_requested.set()
+        self._wake.set()
+        while self._pending():
+            if time.monotonic() >= deadline or not self._worker.is_alive():
+                return False
+            time.sleep(0.005)
+        return True
+
+    def shutdown(self, timeout_ms: Optional[int] = None) -> bool:
+        """Tries to deliver what is queued, then stops; returns by the deadline. True if all sent."""
+        timeout_ms = self._settings.shutdown_timeout_ms if timeout_ms is None else timeout_ms
+        deadline = time.monotonic() + timeout_ms / 1000
+        atexit.unregister(self._at_exit)
+        self._closing.set()
+        self._wake.set()
+        self._worker.join(max(0.0, deadline - time.monotonic() - 2 * POLL_S))
+        if self._worker.is_alive():
+            self._stop.set()
+            self._wake.set()
+            stream = self._stream
+            if stream is not None:
+                stream.abort("shutdown deadline")
+            self._worker.join(max(0.0, deadline - time.monotonic()))
+        self._commands.put(None)
+        return not self._worker.is_alive() and not self._pending()
+
+    def _at_exit(self) -> None:
+        self.shutdown()
+
+    # -------------------------------------------------------------- replies from the server
+    def _on_reply(self, msg: pb.ControlMessage) -> None:
+        kind = msg.WhichOneof("body")
+        if kind == "ack":
+            self._on_ack(msg.ack.seq, msg.ack.rows_stored)
+        elif kind == "error":
+            self._on_error(msg.error.code, msg.error.message)
+        else:
+            command = wire.command_from_pb(msg)
+            if command is not None:
+                self._commands.put(command)
+
+    def _on_ack(self, seq: int, rows_stored: int) -> None:
+        # Acks are cumulative: the server handles a stream's batches in order.
+        with self._lock:
+            while self._inflight and next(iter(self._inflight)) <= seq:
+                _, done = self._inflight.popitem(last=False)
+                self._stats.c["acked_batches"] += 1
+                self._stats.c["acked_records"] += done.records
+            self._stats.c["acked_rows"] += rows_stored
+        stream = self._stream
+        if stream is not None:
+            stream.acked_any = True
+        self._wake.set()
+
+    def _on_error(self, code: str, message: str) -> None:
+        """The server refused the oldest unacked batch (it answers each batch once, in order)."""
+        log.warning("headroom control plane error %s: %s", code, message)
+        with self._lock:
+            if self._inflight:
+                _, failed = self._inflight.popitem(last=False)
+                self._stats.c["failed_batches"] += 1
+                self._stats.c["lost_records"] += failed.records
+        self._wake.set()
+
+    def _dispatch(self) -> None:
+        """Runs on_control on its own thread, in order, so a slow plan never delays acks."""
+        while True:
+            command = self._commands.get()
+            if command is None:
+                return
+            if self._on_control is None:
+                log.warning("headroom exporter: no on_control handler; ignored %s",
+                            type(command).__name__)
+                continue
+            try:
+                self._on_control(command)
+            except Exception:
+                log.exception("headroom exporter: on_control failed for %s", type(command).__name__)
+
+    # -------------------------------------------------------------- worker: connection loop
+    def _run(self) -> None:
+        backoff_ms = self._settings.backoff_initial_ms
+        connections = 0
+        while not self._stop.is_set() and not (self._closing.is_set() and not self._pending()):
+            stream = self._connect()
+            if stream is None:
+                self._count_connect_failure()
+                self._sleep_backoff(backoff_ms)
+                backoff_ms = min(2 * backoff_ms, self._settings.backoff_max_ms)
+                continue
+            connections += 1
+            if connections > 1:
+                self._count("reconnects")
+            self._pump(stream)
+            self._end_stream(stream)
+            if self._stream_was_healthy(stream):
+                backoff_ms = self._settings.backoff_initial_ms
+            elif not self._stop.is_set() and not self._closing.is_set():
+                self._sleep_backoff(backoff_ms)
+                backoff_ms = min(2 * backoff_ms, self._settings.backoff_max_ms)
+
+    def _connect(self) -> Optional[_Stream]:
+        channel = _open_channel(self._target, self._stop, CONNECT_TIMEOUT_S)
+        if channel is None:
+            return None
+        stream = _Stream(channel, self._hello, self._on_reply, self._wake.set)
+        self._stream = stream
+        self._in_outage = False
+        with self._lock:
+            self._stats.connected = True
+        log.info("headroom exporter: connected to %s", self._target)
+        return stream
+
+    def _stream_was_healthy(self, stream: _Stream) -> bool:
+        lived_s = time.monotonic() - stream.opened_at
+        return stream.acked_any or lived_s * 1000 >= self._settings.backoff_max_ms
+
+    def _sleep_backoff(self, backoff_ms: int) -> None:
+        # Jitter in [backoff/2, backoff]: a fleet of agents does not reconnect in lockstep.
+        delay_s = backoff_ms / 1000 * random.uniform(0.5, 1.0)
+        deadline = time.monotonic() + delay_s
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            if self._closing.is_set() and not self._pending():
+                return
+            self._stop.wait(min(POLL_S, max(0.0, deadline - time.monotonic())))
+
+    def _end_stream(self, stream: _Stream) -> None:
+        """Closes the stream (gracefully if it is alive) and counts unacked batches as lost."""
+        grace_s = 0.0 if self._stop.is_set() or stream.dead.is_set() else 1.0
+        stream.close(grace_s)
+        with self._lock:
+            self._stats.connected = False
+            self._stats.c["failed_batches"] += len(self._inflight)
+            self._stats.c["lost_records"] += sum(f.records for f in self._inflight.values())
+            self._inflight.clear()
+        self._stream = None
+        if stream.error and not self._closing.is_set():
+            log.warning("headroom exporter: stream to %s lost (%s); reconnecting",
+                        self._target, stream.error)
+
+    def _count_connect_failure(self) -> None:
+        self._count("connect_failures")
+        # One line per outage, not one per attempt: a dead control plane must not flood the log.
+        if not self._in_outage:
+            self._in_outage = True
+            log.warning("headroom exporter: cannot reach the control plane at %s; records queue "
+                        "(bounded, oldest dropped) until it is back", self._target)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._stats.c[name] += n
+
+    # -------------------------------------------------------------- worker: one stream
+    def _pump(self, stream: _Stream) -> None:
+        """Sends batches, replies and heartbeats until the stream dies, stop, or closing is done."""
+        last_send = time.monotonic()
+        last_batch = last_send
+        interval_s = self._settings.flush_interval_ms / 1000
+        while not stream.dead.is_set() and not self._stop.is_set():
+            self._wake.clear()
+            if self._closing.is_set() and not self._pending():
+                return
+            if self._ack_overdue():
+                stream.abort(f"no ack for {self._ack_timeout_s:g} s")
+                return
+            now = time.monotonic()
+            if self._send_replies(stream):
+                last_send = now
+            if self._window_open() and self._batch_due(now - last_batch >= interval_s):
+                if self._send_batch(stream):
+                    last_send = last_batch = now
+                continue
+            if now - last_send >= interval_s:
+                stream.send(wire.heartbeat_message(self._agent_id, self.counters()))
+                self._count("heartbeats")
+                last_send = now
+            self._wake.wait(self._idle_wait_s(now, last_send, last_batch, interval_s))
+
+    def _idle_wait_s(self, now: float, last_send: float, last_batch: float,
+                     interval_s: float) -> float:
+        """Until the next heartbeat, or the batch timer if records are waiting and can go.
+
+        With the in-flight window full, only an ack (which sets _wake) lets a batch go: no spin."""
+        with self._lock:
+            can_send = bool(self._records or self._gpu) and len(self._inflight) < MAX_INFLIGHT_BATCHES
+        due = last_batch + interval_s if can_send else last_send + interval_s
+        return min(interval_s, max(0.001, due - now))
+
+    def _window_open(self) -> bool:
+        with self._lock:
+            return len(self._inflight) < MAX_INFLIGHT_BATCHES
+
+    def _ack_overdue(self) -> bool:
+        with self._lock:
+            oldest = next(iter(self._inflight.values()), None)
+        return oldest is not None and time.monotonic() - oldest.sent_at > self._ack_timeout_s
+
+    def _batch_due(self, timer_fired: bool) -> bool:
+        with self._lock:
+            n, gpu = len(self._records), len(self._gpu)
+        if n == 0 and gpu == 0:
+            self._flush_requested.clear()
+            return False
+        urgent = self._flush_requested.is_set() or self._closing.is_set()
+        return urgent or timer_fired or n >= self._settings.batch_max_records
+
+    def _send_replies(self, stream: _Stream) -> bool:
+        sent = False
+        while self._replies:
+            stream.send(wire.reply_message(self._agent_id, self._replies.popleft()))
+            sent = True
+        return sent
+
+    def _take(self) -> tuple[list, list]:
+        with self._lock:
+            n = min(len(self._records), self._settings.batch_max_records)
+            records = [self._records.popleft() for _ in range(n)]
+            gpu = list(self._gpu)
+            self._gpu.clear()
+            self._building = n + len(gpu)
+        return records, gpu
+
+    def _send_batch(self, stream: _Stream) -> bool:
+        records, gpu = self._take()
+        batch, records, gpu = self._encode(records, gpu)
+        with self._lock:
+            self._building = 0
+            if batch is None:
+                return False
+            self._stats.c["sent_batches"] += 1
+            self._stats.c["sent_records"] += len(records)
+            self._inflight[batch.seq] = _Inflight(len(records), time.monotonic())
+        stream.send(wire.batch_message(self._agent_id, batch))
+        return True
+
+    # -------------------------------------------------------------- worker: encoding
+    def _encode(self, records: list, gpu: list):
+        """(batch, records, gpu) with malformed items removed and counted; batch None if empty."""
+        try:
+            return self._build(records, gpu), records, gpu
+        except Exception:
+            records = [r for r in records if self._encodable([r], [])]
+            gpu = [g for g in gpu if self._encodable([], [g])]
+        if not records and not gpu:
+            return None, records, gpu
+        return self._build(records, gpu), records, gpu
+
+    def _encodable(self, records: list, gpu: list) -> bool:
+        try:
+            wire.batch_to_pb(0, records, gpu, wire.ExportCounters())
+            return True
+        except Exception as e:
+            log.warning("headroom exporter: dropped a malformed %s: %s",
+                        "record" if records else "GPU sample", e)
+            self._count("rejected_records" if records else "gpu_dropped")
+            return False
+
+    def _build(self, records: list, gpu: list) -> pb.TelemetryBatch:
+        self._seq += 1
+        return wire.batch_to_pb(self._seq, records, gpu, self.counters())

@@ -1,0 +1,27 @@
+"""Policy engine: YAML policies in git decide approve / reject / needs_human for each plan.
+
+Load a folder with load_policy_set() or keep one in force with PolicyStore; evaluate() returns a
+Decision with every rule's outcome and the policy set's revision. lint, run_tests and replay
+make policy changes reviewable (CLI: controlplane policy lint|test|replay).
+"""
+from controlplane.policy.engine import evaluate
+from controlplane.policy.lint import lint
+from controlplane.policy.loader import load_policy_set, read_policy_set
+from controlplane.policy.plan import PlanError, plan_sha256
+from controlplane.policy.replay import Change, Record, read_records_jsonl, replay
+from controlplane.policy.risk import RiskLevel
+from controlplane.policy.schema import PolicyError, PolicySet, Problem, Rule, RuleKind
+from controlplane.policy.settings import PolicySettings
+from controlplane.policy.store import PolicyStore, ReloadResult
+from controlplane.policy.testing import run_tests
+from controlplane.policy.types import (
+    Context, Decision, DeterminismProbe, Evidence, ModelFacts, Outcome, Revision, RuleOutcome,
+    RuleResult)
+
+__all__ = [
+    "Change", "Context", "Decision", "DeterminismProbe", "Evidence", "ModelFacts", "Outcome",
+    "PlanError", "PolicyError", "PolicySet", "PolicySettings", "PolicyStore", "Problem", "Record",
+    "ReloadResult", "Revision", "RiskLevel", "Rule", "RuleKind", "RuleOutcome", "RuleResult",
+    "evaluate", "lint", "load_policy_set", "plan_sha256", "read_policy_set", "read_records_jsonl",
+    "replay", "run_tests",
+]

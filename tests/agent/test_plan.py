@@ -1,0 +1,95 @@
+"""Plan documents: canonical hash, schema errors that name the place, fit-to-model checks."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agent.plan import (SCHEMA, Plan, PlanError, TransformKind, canonical_json, check_fit,
+                        plan_hash)
+from tests.agent.executor import plan_doc, rig
+from tests.builders import tiny_llama
+
+FP = "a" * 64
+
+
+def _doc(**over):
+    d = plan_doc(FP, {"kind": "skip_layers", "layers": [1]},
+                 {"kind": "prune_heads", "heads": {"0": [1, 0]}})
+    d.update(over)
+    return d
+
+
+def test_hash_is_key_order_independent_and_stable():
+    d = _doc(notes="héllo ✓")
+    shuffled = json.loads(json.dumps(dict(reversed(list(d.items())))))
+    assert plan_hash(d) == plan_hash(shuffled) == Plan.from_doc(shuffled).hash
+    # the rule the control plane uses, spelled out
+    expected = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    assert canonical_json(d) == expected and "héllo ✓".encode() in expected
+    assert Plan.from_json(Plan.from_doc(d).to_json()).hash == plan_hash(d)
+
+
+def test_hash_changes_with_content():
+    assert plan_hash(_doc()) != plan_hash(_doc(version=2))
+
+
+def test_parsed_form():
+    p = Plan.from_doc(_doc())
+    assert [t.kind for t in p.ordered()] == [TransformKind.SKIP_LAYERS, TransformKind.PRUNE_HEADS]
+    assert p.get(TransformKind.PRUNE_HEADS).heads == {0: (0, 1)}
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda d: d.update(schema="x/v0"), "schema: expected"),
+    (lambda d: d.pop("plan_id"), "missing field 'plan_id'"),
+    (lambda d: d.update(extra=1), "unknown field 'extra'"),
+    (lambda d: d.update(version=0), "version"),
+    (lambda d: d.update(model_fingerprint="XYZ"), "model_fingerprint"),
+    (lambda d: d.update(mode="fast"), "mode: 'fast'"),
+    (lambda d: d["transforms"].append({"kind": "quantum"}), "transforms[2]: unknown kind 'quantum'"),
+    (lambda d: d["transforms"][1].update(head=1), "transforms[1] (prune_heads): unknown field 'head'"),
+    (lambda d: d["transforms"].append({"kind": "skip_layers", "layers": [2]}), "duplicate kind"),
+    (lambda d: d["transforms"][0].update(layers=[1, 1]), "duplicate layers [1]"),
+    (lambda d: d["transforms"].append({"kind": "activation_sparsity", "thresholds": {"0": -1}}),
+     "thresholds[0]: must be a finite number >= 0"),
+    (lambda d: d["transforms"].append({"kind": "weight_precision", "layers": {"x": "int8"}}),
+     "layer key 'x'"),
+    (lambda d: d["transforms"].append({"kind": "weight_precision", "layers": {"0": "int3"}}),
+     "layers[0]: 'int3'"),
+    (lambda d: d["transforms"].append({"kind": "execution", "static_kv_cache": False,
+                                       "compile": "cuda_graph"}), "needs static_kv_cache"),
+    (lambda d: d["transforms"][1].update(heads={"0": [1, 1]}), "duplicate head indices [1]"),
+])
+def test_schema_errors_name_the_place(mutate, needle):
+    d = _doc()
+    mutate(d)
+    with pytest.raises(PlanError) as err:
+        Plan.from_doc(d)
+    assert any(needle in p for p in err.value.problems), err.value.problems
+
+
+def test_all_schema_problems_reported_at_once():
+    d = _doc(schema="bad", version=-1, surprise=True)
+    d["transforms"].append({"kind": "nope"})
+    with pytest.raises(PlanError) as err:
+        Plan.from_doc(d)
+    assert len(err.value.problems) == 4
+
+
+def test_not_json():
+    with pytest.raises(PlanError, match="line 1"):
+        Plan.from_json("{nope")
+
+
+def test_fit_notes_skip_and_prune_same_layer():
+    r = rig(tiny_llama())
+    p = Plan.from_doc(plan_doc(r.fingerprint, {"kind": "skip_layers", "layers": [1]},
+                               {"kind": "prune_heads", "heads": {"1": [0], "0": [0, 1, 2, 3]}}))
+    notes = check_fit(p, r.structure, r.fingerprint)
+    assert any("[1] are skipped" in n for n in notes)
+    assert any("layer 0: all 4 heads pruned" in n for n in notes)
+
+
+def test_schema_constant():
+    assert SCHEMA == "headroom.plan/v1"
