@@ -1,0 +1,290 @@
+"""The experiment loop: hypotheses over the plan space, each one measured by a trial.
+
+Order (cheap and safe first): int8 weights on every layer (one trial if it fits), then
+activation sparsity layer by layer (binary search for the largest threshold on the layer's
+ladder), then head pruning (lowest share first, binary search for the batch size), then layer
+skipping (lowest influence first, one layer per trial). Every hypothesis is the kept plan plus
+one change; it is kept if its evidence is within the quality budget.
+
+Binary searches assume that more of one change never costs less quality (a larger threshold,
+more heads). With that, each search keeps the largest prefix that fits in about log2(n) trials.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+from controlplane.plans import (ActivationSparsity, PlanDoc, PlanMode, Precision, PruneHeads,
+                                SkipLayers, WeightPrecision, layer_ranges)
+from controlplane.planner.candidates import Candidates
+from controlplane.planner.settings import PlannerSettings
+
+
+class TrialError(RuntimeError):
+    """The trial could not be measured (agent refused the plan, timed out, ...): the hypothesis is dropped."""
+
+
+class EvidenceKey(str, enum.Enum):
+    """Keys of the evidence dict a trial returns (the agent's TrialResult.evidence_json)."""
+    TOP1 = "top1_agreement"     # fraction of next-token argmax equal to the baseline's
+    PPL_RATIO = "ppl_ratio"     # perplexity with the plan / without
+    MEAN_KL = "mean_kl"         # mean KL(baseline || plan) of next-token distributions, nats
+    EXACT_MATCH = "exact_match" # fraction of greedy continuations identical to the baseline's
+    ERROR = "error"             # non-empty: the trial failed
+
+
+class Phase(str, enum.Enum):
+    INT8 = "int8"
+    SPARSITY = "activation_sparsity"
+    PRUNE_HEADS = "prune_heads"
+    SKIP_LAYERS = "skip_layers"
+
+
+@dataclass(frozen=True)
+class QualityBudget:
+    min_top1: float = 0.97
+    max_ppl_ratio: float = 1.01
+    max_mean_kl: float = 0.02
+    min_exact_match: Optional[float] = None   # None: not checked
+
+    def _checks(self):
+        # (label, key, is_minimum, limit), in a fixed order so reasons read the same every time
+        checks = [("top1", EvidenceKey.TOP1, True, self.min_top1),
+                  ("ppl_ratio", EvidenceKey.PPL_RATIO, False, self.max_ppl_ratio),
+                  ("mean_kl", EvidenceKey.MEAN_KL, False, self.max_mean_kl)]
+        if self.min_exact_match is not None:
+            checks.append(("exact_match", EvidenceKey.EXACT_MATCH, True, self.min_exact_match))
+        return checks
+
+    def check(self, evidence: Mapping[str, Any]) -> tuple[bool, str]:
+        """(within budget, reason): 'kept: top1 0.985 >= 0.97, ...' or 'dropped: <failures>'."""
+        passed, failed = [], []
+        for label, key, is_min, limit in self._checks():
+            value = evidence.get(key.value)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                failed.append(f"evidence has no finite {key.value} (got {value!r})")
+            elif (value >= limit) if is_min else (value <= limit):
+                passed.append(f"{label} {value:.4g} {'>=' if is_min else '<='} {limit:.4g}")
+            else:
+                failed.append(f"{label} {value:.4g} {'<' if is_min else '>'} {limit:.4g}")
+        if failed:
+            return False, "dropped: " + ", ".join(failed)
+        return True, "kept: " + ", ".join(passed)
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    index: int                  # 1-based, in the order trials ran
+    phase: Phase
+    change: str                 # the one change on top of the kept plan, in words
+    plan: dict                  # the full plan document that was trialled
+    evidence: Optional[dict]
+    kept: bool
+    reason: str
+    elapsed_ms: float
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    best: Optional[dict]        # the last kept plan document; None if no change fit
+    best_trial: Optional[TrialRecord]
+    trail: list[TrialRecord]
+    stop_reason: str
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """The kept plan as sets, so one change is one set operation."""
+    int8: frozenset = frozenset()
+    thresholds: tuple = ()          # ((layer, threshold), ...)
+    heads: frozenset = frozenset()  # {(layer, head)}
+    skipped: frozenset = frozenset()
+
+    def with_threshold(self, layer: int, t: float) -> "_Parts":
+        rest = tuple(p for p in self.thresholds if p[0] != layer)
+        return dataclasses.replace(self, thresholds=tuple(sorted(rest + ((layer, t),))))
+
+    def transforms(self) -> tuple:
+        """A skipped layer never runs: its other changes are left out of the document."""
+        keep = lambda layer: layer not in self.skipped
+        out = []
+        if self.int8:
+            out.append(WeightPrecision({l: Precision.INT8 for l in sorted(self.int8) if keep(l)}))
+        if self.thresholds:
+            out.append(ActivationSparsity({l: t for l, t in self.thresholds if keep(l)}))
+        heads: dict[int, list[int]] = {}
+        for layer, head in sorted(self.heads):
+            if keep(layer):
+                heads.setdefault(layer, []).append(head)
+        if heads:
+            out.append(PruneHeads({l: tuple(h) for l, h in heads.items()}))
+        if self.skipped:
+            out.append(SkipLayers(tuple(sorted(self.skipped))))
+        return tuple(t for t in out if t.layers())
+
+
+class _OutOfTrials(Exception):
+    pass
+
+
+Evaluate = Callable[[dict], Mapping[str, Any]]
+Record = Callable[[TrialRecord], None]
+
+
+@dataclass(frozen=True)
+class PlanTarget:
+    """What the plans are for; every hypothesis document carries these."""
+    model_fingerprint: str
+    plan_id_prefix: str             # hypothesis i gets plan_id f"{prefix}-t{i:03d}": make it unique per run
+    query_classes: tuple[str, ...] = ()
+    mode: PlanMode = PlanMode.STRUCTURAL
+
+
+class Planner:
+    """One experiment loop for one model fingerprint and query class.
+
+    `evaluate(plan_doc) -> evidence` runs a trial (in production: a TrialRequest to an agent);
+    it raises TrialError, or returns evidence with a non-empty "error", when the trial failed.
+    `record(TrialRecord)` is called once per hypothesis, after its trial, in order.
+    `propose(plan_doc)`, if given, is called before each trial (e.g. to store the plan first).
+    """
+
+    def __init__(self, evaluate: Evaluate, budget: QualityBudget, max_trials: Optional[int] = None,
+                 record: Optional[Record] = None, settings: Optional[PlannerSettings] = None,
+                 propose: Optional[Callable[[dict], None]] = None):
+        self.settings = settings or PlannerSettings.resolve()
+        self.max_trials = self.settings.max_trials if max_trials is None else max_trials
+        if self.max_trials < 0:
+            raise ValueError(f"max_trials must be >= 0, got {self.max_trials}")
+        self._evaluate, self._budget = evaluate, budget
+        self._record, self._propose = record or (lambda r: None), propose or (lambda d: None)
+
+    def run(self, target: PlanTarget, candidates: Candidates) -> SearchResult:
+        self._target, self._cands = target, candidates
+        self._kept, self._trail, self._best = _Parts(), [], None
+        stop = "every candidate tried"
+        phases = (self._phase_int8, self._phase_sparsity, self._phase_heads, self._phase_skip)
+        if target.mode == PlanMode.DYNAMIC:
+            phases = (self._phase_sparsity,)   # only thresholds can change per request
+        try:
+            for phase in phases:
+                phase()
+        except _OutOfTrials:
+            stop = f"max_trials ({self.max_trials}) reached"
+        best = self._best
+        return SearchResult(best.plan if best else None, best, list(self._trail), stop)
+
+    # ------------------------------------------------------------ phases
+    def _phase_int8(self) -> None:
+        order = self._cands.int8_layers
+        start = self._kept
+
+        def probe(k: int) -> bool:
+            layers = order[:k]
+            return self._trial(Phase.INT8, f"int8 weights on {_layers_word(layers)}",
+                               dataclasses.replace(start, int8=start.int8 | set(layers)))
+        _largest_ok(len(order), probe, try_all_first=True)
+
+    def _phase_sparsity(self) -> None:
+        for cand in self._cands.sparse_layers[:self.settings.max_sparse_layers]:
+            start = self._kept
+
+            def probe(k: int, cand=cand, start=start) -> bool:
+                step = cand.ladder[k - 1]
+                return self._trial(Phase.SPARSITY, f"layer {cand.layer} MLP: zero |a| < "
+                                   f"{step.threshold:g} (~{step.est_zero_fraction:.0%} of activations)",
+                                   start.with_threshold(cand.layer, step.threshold))
+            _largest_ok(len(cand.ladder), probe, try_all_first=False)
+
+    def _phase_heads(self) -> None:
+        order = self._prunable_heads()
+        start = self._kept
+
+        def probe(k: int) -> bool:
+            chosen = order[:k]
+            layers = layer_ranges({l for l, _ in chosen})
+            return self._trial(Phase.PRUNE_HEADS, f"prune the {k} lowest-share heads (layers {layers})",
+                               dataclasses.replace(start, heads=start.heads | set(chosen)))
+        _largest_ok(len(order), probe, try_all_first=False)
+
+    def _phase_skip(self) -> None:
+        last = self._cands.num_layers - 1
+        protected = {0, last} if self.settings.protect_edge_layers else set()
+        order = [c for c in self._cands.layers if c.layer not in protected]
+        for cand in order[:self.settings.skip_candidates]:
+            if len(self._kept.skipped) >= self.settings.max_skip_layers:
+                return
+            self._trial(Phase.SKIP_LAYERS, f"skip layer {cand.layer} "
+                        f"(influence {cand.mean_influence:.3g})",
+                        dataclasses.replace(self._kept, skipped=self._kept.skipped | {cand.layer}))
+
+    def _prunable_heads(self) -> list[tuple[int, int]]:
+        """Lowest share first, leaving every layer at least min_heads_per_layer heads."""
+        taken: dict[int, int] = {}
+        out = []
+        for c in self._cands.heads:
+            cap = self._cands.heads_per_layer.get(c.layer, 0) - self.settings.min_heads_per_layer
+            if (c.layer, c.head) in self._kept.heads or taken.get(c.layer, 0) >= cap:
+                continue
+            taken[c.layer] = taken.get(c.layer, 0) + 1
+            out.append((c.layer, c.head))
+        return out[:self.settings.max_head_candidates]
+
+    # ------------------------------------------------------------ one trial
+    def _trial(self, phase: Phase, change: str, parts: _Parts) -> bool:
+        if len(self._trail) >= self.max_trials:
+            raise _OutOfTrials()
+        index = len(self._trail) + 1
+        t = self._target
+        doc = PlanDoc(f"{t.plan_id_prefix}-t{index:03d}", 1, t.model_fingerprint,
+                      parts.transforms(), t.query_classes, t.mode,
+                      notes=f"planner hypothesis {index}: {change}").to_doc()
+        self._propose(doc)
+        t0 = time.perf_counter()
+        evidence, kept, reason = self._measure(doc)
+        rec = TrialRecord(index, phase, change, doc, evidence, kept, reason,
+                          (time.perf_counter() - t0) * 1e3)
+        self._trail.append(rec)
+        if kept:
+            self._kept, self._best = parts, rec
+        self._record(rec)
+        return kept
+
+    def _measure(self, doc: dict) -> tuple[Optional[dict], bool, str]:
+        try:
+            evidence = dict(self._evaluate(doc))
+        except TrialError as e:
+            return None, False, f"dropped: trial failed: {e}"
+        if evidence.get(EvidenceKey.ERROR.value):
+            return evidence, False, f"dropped: trial failed: {evidence[EvidenceKey.ERROR.value]}"
+        kept, reason = self._budget.check(evidence)
+        return evidence, kept, reason
+
+
+def _largest_ok(n: int, probe: Callable[[int], bool], try_all_first: bool) -> int:
+    """Largest k in [0, n] whose probe(k) is ok; k = 0 is the kept plan (ok by construction).
+
+    try_all_first spends one trial on k = n: right when the whole change usually fits (int8).
+    """
+    lo, hi = 0, n + 1
+    if n == 0:
+        return 0
+    if try_all_first:
+        if probe(n):
+            return n
+        hi = n
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if probe(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _layers_word(layers) -> str:
+    return f"layer{'s' if len(layers) != 1 else ''} {layer_ranges(layers)}"

@@ -1,0 +1,69 @@
+"""The planner's one settings object: argument > HEADROOM_PLANNER_* environment > default."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _env(name: str) -> dict:
+    return {"env": f"HEADROOM_PLANNER_{name}"}
+
+
+@dataclass(frozen=True)
+class PlannerSettings:
+    max_trials: int = field(default=40, metadata=_env("MAX_TRIALS"))
+    # Activation sparsity: layers tried (most sparse first) and the ladder of thresholds.
+    max_sparse_layers: int = field(default=8, metadata=_env("MAX_SPARSE_LAYERS"))
+    # A layer is a candidate when at least this fraction of its MLP activations has |a| < 0.1.
+    min_zero_fraction: float = field(default=0.3, metadata=_env("MIN_ZERO_FRACTION"))
+    # Ladder steps that zero less than this fraction are not worth a trial.
+    min_step_fraction: float = field(default=0.1, metadata=_env("MIN_STEP_FRACTION"))
+    # Head pruning: at most this many (lowest share first); every layer keeps this many heads.
+    max_head_candidates: int = field(default=64, metadata=_env("MAX_HEAD_CANDIDATES"))
+    min_heads_per_layer: int = field(default=1, metadata=_env("MIN_HEADS_PER_LAYER"))
+    # Layer skipping: candidates tried (lowest influence first) and layers kept skipped.
+    skip_candidates: int = field(default=6, metadata=_env("SKIP_CANDIDATES"))
+    max_skip_layers: int = field(default=4, metadata=_env("MAX_SKIP_LAYERS"))
+    # The first and last blocks carry the embedding and the logits: never skip them.
+    protect_edge_layers: bool = field(default=True, metadata=_env("PROTECT_EDGE_LAYERS"))
+
+    def __post_init__(self):
+        problems = [f"{n}={getattr(self, n)} must be >= 0" for n in (
+            "max_trials", "max_sparse_layers", "max_head_candidates", "skip_candidates",
+            "max_skip_layers") if getattr(self, n) < 0]
+        if self.min_heads_per_layer < 1:
+            problems.append(f"min_heads_per_layer={self.min_heads_per_layer} must be >= 1")
+        for n in ("min_zero_fraction", "min_step_fraction"):
+            if not 0.0 <= getattr(self, n) <= 1.0:
+                problems.append(f"{n}={getattr(self, n)} is not in [0, 1]")
+        if problems:
+            raise ValueError("invalid PlannerSettings: " + "; ".join(problems))
+
+    @classmethod
+    def resolve(cls, **overrides: Any) -> "PlannerSettings":
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown planner setting(s): {', '.join(sorted(unknown))}")
+        values = {}
+        for f in dataclasses.fields(cls):
+            if overrides.get(f.name) is not None:
+                values[f.name] = overrides[f.name]
+            elif f.metadata["env"] in os.environ:
+                values[f.name] = _parse(f, os.environ[f.metadata["env"]])
+        return cls(**values)
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if kind == "bool":
+            word = raw.strip().lower()
+            if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(raw)
+            return word in ("1", "true", "yes", "on")
+        return int(raw) if kind == "int" else float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {f.metadata['env']}={raw!r}: "
+                         f"not a valid {kind} for planner setting {f.name}") from None

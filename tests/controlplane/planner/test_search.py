@@ -1,0 +1,241 @@
+"""The search against a synthetic quality model: every change costs a known amount of top-1
+agreement, so the plan that fits the budget is known in advance."""
+import math
+
+import pytest
+
+from controlplane.plans import PlanDoc, PlanMode, TransformKind
+from controlplane.planner.candidates import (Candidates, HeadCandidate, LadderStep, LayerCandidate,
+                                             SparseLayerCandidate)
+from controlplane.planner.search import (Phase, Planner, PlanTarget, QualityBudget, TrialError)
+from controlplane.planner.settings import PlannerSettings
+
+FP = "0f" * 32
+BUDGET = QualityBudget(min_top1=0.97, max_ppl_ratio=1.01, max_mean_kl=0.02)
+TARGET = PlanTarget(model_fingerprint=FP, plan_id_prefix="run1", query_classes=("code",))
+SETTINGS = PlannerSettings(max_trials=40)
+
+# Costs in top-1 agreement. Skipping a layer costs SKIP_COST and makes its other changes moot.
+INT8_COST = 0.0001
+SPARSITY_COST = {2: 0.05, 1: 0.03}        # per unit of threshold
+HEAD_COST = 0.1                           # per unit of out_share
+SKIP_COST = {3: 0.0005, 1: 0.01, 4: 0.0002, 2: 0.05, 0: 0.0, 5: 0.0}
+SHARES = {(1, 0): 0.01, (2, 3): 0.02, (1, 2): 0.03, (2, 0): 0.04, (1, 1): 0.05, (1, 3): 0.06,
+          (2, 1): 0.07, (2, 2): 0.08}
+
+
+def candidates(**over) -> Candidates:
+    c = dict(
+        num_layers=6, heads_per_layer={l: 4 for l in range(6)},
+        heads=tuple(HeadCandidate(l, h, s, 10) for (l, h), s in sorted(SHARES.items(), key=lambda kv: kv[1])),
+        layers=tuple(LayerCandidate(l, i, 1.0) for l, i in
+                     [(0, 0.001), (3, 0.01), (1, 0.02), (4, 0.03), (2, 0.2), (5, 0.5)]),
+        sparse_layers=(
+            SparseLayerCandidate(2, 0.8, tuple(LadderStep(t, f) for t, f in
+                                               [(0.01, 0.3), (0.05, 0.5), (0.1, 0.7), (0.3, 0.9)])),
+            SparseLayerCandidate(1, 0.6, tuple(LadderStep(t, f) for t, f in
+                                               [(0.01, 0.2), (0.1, 0.5), (0.5, 0.9)]))),
+        traced_requests=10)
+    c.update(over)
+    return Candidates(**c)
+
+
+def quality_loss(doc: dict, int8_cost: float = INT8_COST) -> float:
+    plan = PlanDoc.from_doc(doc)     # every hypothesis must be a valid plan document
+    loss = 0.0
+    for t in plan.transforms:
+        if t.kind == TransformKind.WEIGHT_PRECISION:
+            loss += int8_cost * len(t.precisions)
+        elif t.kind == TransformKind.ACTIVATION_SPARSITY:
+            loss += sum(SPARSITY_COST[l] * th for l, th in t.thresholds.items())
+        elif t.kind == TransformKind.PRUNE_HEADS:
+            loss += sum(HEAD_COST * SHARES[(l, h)] for l, hs in t.heads.items() for h in hs)
+        elif t.kind == TransformKind.SKIP_LAYERS:
+            loss += sum(SKIP_COST[l] for l in t.skipped)
+    return loss
+
+
+def evaluator(int8_cost: float = INT8_COST, calls: list | None = None):
+    def evaluate(doc: dict) -> dict:
+        if calls is not None:
+            calls.append(doc)
+        loss = quality_loss(doc, int8_cost)
+        return {"top1_agreement": 1.0 - loss, "ppl_ratio": 1.0 + loss / 4, "mean_kl": loss / 4}
+    return evaluate
+
+
+def kept_transforms(doc: dict) -> dict:
+    return {t["kind"]: {k: v for k, v in t.items() if k != "kind"} for t in doc["transforms"]}
+
+
+def test_keeps_exactly_the_changes_that_fit():
+    result = Planner(evaluator(), BUDGET, record=None, settings=SETTINGS).run(TARGET, candidates())
+    assert kept_transforms(result.best) == {
+        "weight_precision": {"layers": {"0": "int8", "1": "int8", "2": "int8", "5": "int8"}},
+        "activation_sparsity": {"thresholds": {"1": 0.1, "2": 0.3}},
+        "prune_heads": {"heads": {"1": [0, 2], "2": [0, 3]}},
+        "skip_layers": {"layers": [3, 4]},
+    }
+    assert [(r.phase, r.kept) for r in result.trail] == [
+        (Phase.INT8, True),                                                   # all layers at once
+        (Phase.SPARSITY, True), (Phase.SPARSITY, True), (Phase.SPARSITY, True),  # layer 2 -> 0.3
+        (Phase.SPARSITY, True), (Phase.SPARSITY, False),                      # layer 1: 0.1, not 0.5
+        (Phase.PRUNE_HEADS, True), (Phase.PRUNE_HEADS, False), (Phase.PRUNE_HEADS, True),  # 3, 5, 4 of 6
+        (Phase.SKIP_LAYERS, True), (Phase.SKIP_LAYERS, False),                # 3 kept, 1 dropped
+        (Phase.SKIP_LAYERS, True), (Phase.SKIP_LAYERS, False),                # 4 kept, 2 dropped
+    ]
+    assert result.best_trial is result.trail[11]
+    assert result.stop_reason == "every candidate tried"
+    assert 1.0 - quality_loss(result.best) >= BUDGET.min_top1
+
+
+def test_every_hypothesis_is_the_kept_plan_plus_one_change():
+    result = Planner(evaluator(), BUDGET, settings=SETTINGS).run(TARGET, candidates())
+    skips = [r for r in result.trail if r.phase == Phase.SKIP_LAYERS]
+    # "skip layer 1" is tried on top of the plan that kept layer 3 skipped, and nothing else new.
+    assert kept_transforms(skips[1].plan)["skip_layers"] == {"layers": [1, 3]}
+    assert kept_transforms(skips[2].plan)["skip_layers"] == {"layers": [3, 4]}
+    # A skipped layer's other changes leave the document (the layer does not run).
+    assert "1" not in kept_transforms(skips[1].plan)["activation_sparsity"]["thresholds"]
+
+
+def test_records_every_hypothesis_in_order_with_reasons():
+    recorded, proposed = [], []
+    result = Planner(evaluator(), BUDGET, record=recorded.append, settings=SETTINGS,
+                     propose=proposed.append).run(TARGET, candidates())
+    assert recorded == result.trail
+    assert proposed == [r.plan for r in recorded]
+    assert [r.index for r in recorded] == list(range(1, len(recorded) + 1))
+    assert [r.plan["plan_id"] for r in recorded][:2] == ["run1-t001", "run1-t002"]
+    assert all(r.plan["query_classes"] == ["code"] and r.plan["model_fingerprint"] == FP
+               for r in recorded)
+    first, dropped = recorded[0], recorded[5]
+    assert first.reason == "kept: top1 0.9994 >= 0.97, ppl_ratio 1 <= 1.01, mean_kl 0.00015 <= 0.02"
+    assert dropped.reason == "dropped: top1 0.9694 < 0.97"
+    assert dropped.change == "layer 1 MLP: zero |a| < 0.5 (~90% of activations)"
+    assert first.change == "int8 weights on layers 0-5"
+
+
+@pytest.mark.parametrize("max_trials", [0, 1, 6, 12])
+def test_respects_max_trials(max_trials):
+    calls = []
+    result = Planner(evaluator(calls=calls), BUDGET, max_trials=max_trials,
+                     settings=SETTINGS).run(TARGET, candidates())
+    assert len(result.trail) == len(calls) == max_trials
+    assert result.stop_reason == f"max_trials ({max_trials}) reached"
+    kept = [r for r in result.trail if r.kept]
+    assert result.best == (kept[-1].plan if kept else None)
+
+
+def test_max_trials_mid_search_keeps_the_last_plan_that_fit():
+    result = Planner(evaluator(), BUDGET, max_trials=6, settings=SETTINGS).run(TARGET, candidates())
+    assert kept_transforms(result.best)["activation_sparsity"] == {"thresholds": {"1": 0.1, "2": 0.3}}
+    assert "prune_heads" not in kept_transforms(result.best)
+
+
+def test_int8_everywhere_too_costly_keeps_the_largest_prefix_by_influence():
+    # 0.008 per layer: all six layers cost 0.048; three (0.024) fit, four (0.032) do not.
+    cands = candidates(heads=(), sparse_layers=(), layers=candidates().layers)
+    settings = PlannerSettings(max_trials=40, skip_candidates=0)
+    result = Planner(evaluator(int8_cost=0.008), BUDGET, settings=settings).run(TARGET, cands)
+    assert [r.kept for r in result.trail] == [False, True, False]   # all, 3, 4
+    # int8 candidates are ordered by influence: 0, 3, 1 are the least influential
+    assert kept_transforms(result.best)["weight_precision"]["layers"] == {"0": "int8", "1": "int8", "3": "int8"}
+
+
+def test_failed_trials_are_dropped_and_the_search_goes_on():
+    def evaluate(doc):
+        kinds = {t["kind"] for t in doc["transforms"]}
+        if "skip_layers" in kinds and 3 in next(t for t in doc["transforms"] if t["kind"] == "skip_layers")["layers"]:
+            raise TrialError("agent refused: layer 3 holds a hook")
+        if "prune_heads" in kinds:
+            return {"error": "out of memory"}
+        return evaluator()(doc)
+    result = Planner(evaluate, BUDGET, settings=SETTINGS).run(TARGET, candidates())
+    heads = [r for r in result.trail if r.phase == Phase.PRUNE_HEADS]
+    skips = [r for r in result.trail if r.phase == Phase.SKIP_LAYERS]
+    assert heads and all(not r.kept and r.reason == "dropped: trial failed: out of memory" for r in heads)
+    assert skips[0].reason == "dropped: trial failed: agent refused: layer 3 holds a hook"
+    assert skips[0].evidence is None
+    # Without the head savings there is room to skip layer 1 (0.0255 lost), then layer 4.
+    assert kept_transforms(result.best)["skip_layers"] == {"layers": [1, 4]}
+
+
+def everything_fits(doc):
+    return {"top1_agreement": 1.0, "ppl_ratio": 1.0, "mean_kl": 0.0}
+
+
+def test_heads_leave_min_heads_per_layer():
+    settings = PlannerSettings(max_trials=40, min_heads_per_layer=2, skip_candidates=0)
+    result = Planner(everything_fits, BUDGET, settings=settings).run(TARGET, candidates())
+    # 4 heads per layer, 2 must stay: the two lowest-share heads of layers 1 and 2 go.
+    assert kept_transforms(result.best)["prune_heads"] == {"heads": {"1": [0, 2], "2": [0, 3]}}
+
+
+@pytest.mark.parametrize("protect, skipped", [(True, [1, 2, 3, 4]), (False, [0, 1, 3, 4])])
+def test_edge_layers_are_never_skipped_unless_allowed(protect, skipped):
+    settings = PlannerSettings(max_trials=40, max_skip_layers=4, protect_edge_layers=protect)
+    result = Planner(everything_fits, BUDGET, settings=settings).run(TARGET, candidates())
+    assert kept_transforms(result.best)["skip_layers"]["layers"] == skipped
+
+
+def test_search_is_deterministic():
+    runs = [Planner(evaluator(), BUDGET, settings=SETTINGS).run(TARGET, candidates()) for _ in range(2)]
+    assert [(r.plan, r.kept, r.reason, r.change) for r in runs[0].trail] == \
+           [(r.plan, r.kept, r.reason, r.change) for r in runs[1].trail]
+
+
+def test_dynamic_plans_only_search_thresholds():
+    target = PlanTarget(FP, "dyn", ("chat",), PlanMode.DYNAMIC)
+    budget = QualityBudget(min_top1=0.975)    # 0.3 on layer 2 (0.015) + 0.1 on layer 1 (0.003)
+    result = Planner(evaluator(), budget, settings=SETTINGS).run(target, candidates())
+    assert {r.phase for r in result.trail} == {Phase.SPARSITY}
+    assert result.best["mode"] == "dynamic"
+    assert kept_transforms(result.best) == {"activation_sparsity": {"thresholds": {"1": 0.1, "2": 0.3}}}
+
+
+def test_nothing_fits_gives_no_plan():
+    hopeless = lambda doc: {"top1_agreement": 0.5, "ppl_ratio": 2.0, "mean_kl": 1.0}
+    result = Planner(hopeless, BUDGET, settings=SETTINGS).run(TARGET, candidates())
+    assert result.best is None and result.best_trial is None and result.trail
+    assert not any(r.kept for r in result.trail)
+
+
+@pytest.mark.parametrize("evidence, ok, reason", [
+    ({"top1_agreement": 0.985, "ppl_ratio": 1.004, "mean_kl": 0.01}, True,
+     "kept: top1 0.985 >= 0.97, ppl_ratio 1.004 <= 1.01, mean_kl 0.01 <= 0.02"),
+    ({"top1_agreement": 0.985, "ppl_ratio": 1.02, "mean_kl": 0.01}, False,
+     "dropped: ppl_ratio 1.02 > 1.01"),
+    ({"top1_agreement": 0.9, "ppl_ratio": 1.02, "mean_kl": 0.03}, False,
+     "dropped: top1 0.9 < 0.97, ppl_ratio 1.02 > 1.01, mean_kl 0.03 > 0.02"),
+    ({"ppl_ratio": 1.0, "mean_kl": 0.0}, False, "dropped: evidence has no finite top1_agreement (got None)"),
+    ({"top1_agreement": math.nan, "ppl_ratio": 1.0, "mean_kl": 0.0}, False,
+     "dropped: evidence has no finite top1_agreement (got nan)"),
+    ({"top1_agreement": 0.97, "ppl_ratio": 1.01, "mean_kl": 0.02}, True,
+     "kept: top1 0.97 >= 0.97, ppl_ratio 1.01 <= 1.01, mean_kl 0.02 <= 0.02"),
+])
+def test_budget_check(evidence, ok, reason):
+    assert BUDGET.check(evidence) == (ok, reason)
+
+
+def test_budget_with_exact_match():
+    budget = QualityBudget(min_exact_match=0.9)
+    assert budget.check({"top1_agreement": 1, "ppl_ratio": 1, "mean_kl": 0, "exact_match": 0.8}) == \
+        (False, "dropped: exact_match 0.8 < 0.9")
+
+
+@pytest.mark.parametrize("bad", [{"max_trials": -1}, {"min_heads_per_layer": 0},
+                                 {"min_zero_fraction": 1.5}])
+def test_settings_are_validated(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        PlannerSettings(**bad)
+
+
+def test_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("HEADROOM_PLANNER_MAX_TRIALS", "7")
+    monkeypatch.setenv("HEADROOM_PLANNER_PROTECT_EDGE_LAYERS", "no")
+    s = PlannerSettings.resolve(skip_candidates=2)
+    assert (s.max_trials, s.protect_edge_layers, s.skip_candidates) == (7, False, 2)
+    monkeypatch.setenv("HEADROOM_PLANNER_MAX_TRIALS", "many")
+    with pytest.raises(ValueError, match="HEADROOM_PLANNER_MAX_TRIALS"):
+        PlannerSettings.resolve()
