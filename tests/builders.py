@@ -1,7 +1,11 @@
 """Tiny randomly initialised models of every supported architecture, for fast tests."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 def _seeded(seed: int):
@@ -38,13 +42,145 @@ def tiny_mistral(seed: int = 0, layers: int = 3):
 def tiny_gpt2(seed: int = 0, layers: int = 3):
     from transformers import GPT2Config, GPT2LMHeadModel
     _seeded(seed)
-    cfg = GPT2Config(vocab_size=128, n_embd=64, n_layer=layers, n_head=4, n_positions=256)
+    # bos/eos inside the tiny vocabulary (GPT-2's defaults, 50256, are not).
+    cfg = GPT2Config(vocab_size=128, n_embd=64, n_layer=layers, n_head=4, n_positions=256,
+                     bos_token_id=127, eos_token_id=127)
     return GPT2LMHeadModel(cfg).eval()
 
 
 HF_BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "mistral": tiny_mistral, "gpt2": tiny_gpt2}
 
 
+def tiny_plain(seed: int = 0, layers: int = 3, heads: int = 4, kv_heads: int = 2):
+    """A hand-written gpt-fast-style transformer (below), no transformers inside."""
+    _seeded(seed)
+    cfg = PlainConfig(vocab_size=128, n_layer=layers, n_head=heads, n_local_heads=kv_heads,
+                      dim=64, intermediate_size=128, block_size=256)
+    return PlainTransformer(cfg).eval()
+
+
+ALL_BUILDERS = {**HF_BUILDERS, "plain": tiny_plain}
+
+
 def token_ids(n: int = 12, batch: int = 1, vocab: int = 128, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, n), generator=g)
+
+
+# --- A plain PyTorch transformer laid out like gpt-fast's model.py (no KV cache: full forwards) ---
+
+@dataclass
+class PlainConfig:
+    vocab_size: int = 128
+    n_layer: int = 3
+    n_head: int = 4
+    n_local_heads: int = 2          # KV heads (grouped-query attention)
+    dim: int = 64
+    intermediate_size: int = 128
+    block_size: int = 256           # longest sequence RoPE tables cover
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def precompute_freqs_cis(seq_len: int, head_dim: int, base: float) -> torch.Tensor:
+    freqs = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)   # [D/2]
+    angles = torch.outer(torch.arange(seq_len).float(), freqs)                # [T, D/2]
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)                  # [T, D/2, 2]
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D] rotated pairwise by freqs_cis [T, D/2, 2] (gpt-fast's real-valued RoPE)."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)                              # [B, T, H, D/2, 2]
+    fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)
+    out = torch.stack([xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1],
+                       xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1]], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: PlainConfig):
+        super().__init__()
+        self.n_head, self.n_local_heads, self.head_dim = cfg.n_head, cfg.n_local_heads, cfg.head_dim
+        self.dim = cfg.dim
+        total = (cfg.n_head + 2 * cfg.n_local_heads) * cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, total, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        kv_size = self.n_local_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([self.dim, kv_size, kv_size], dim=-1)
+        q = apply_rotary_emb(q.view(bsz, seqlen, self.n_head, self.head_dim), freqs_cis)
+        k = apply_rotary_emb(k.view(bsz, seqlen, self.n_local_heads, self.head_dim), freqs_cis)
+        v = v.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))                     # [B, H, T, D]
+        group = self.n_head // self.n_local_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)           # [B, H, T, D]
+        return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, self.dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: PlainConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: PlainConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class PlainTransformer(nn.Module):
+    def __init__(self, cfg: PlainConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.register_buffer("freqs_cis", precompute_freqs_cis(cfg.block_size, cfg.head_dim,
+                                                               cfg.rope_base), persistent=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx [B, T] token ids -> logits [B, T, vocab]."""
+        freqs_cis = self.freqs_cis[: idx.size(1)]
+        x = self.tok_embeddings(idx)
+        for layer in self.layers:
+            x = layer(x, freqs_cis)
+        return self.output(self.norm(x))
+
+
+def greedy_plain(model: nn.Module, idx: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy decoding by full forwards (the plain model has no cache): [B, T + new_tokens]."""
+    for _ in range(new_tokens):
+        nxt = model(idx)[:, -1].argmax(-1, keepdim=True)
+        idx = torch.cat([idx, nxt], dim=1)
+    return idx
