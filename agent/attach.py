@@ -1,0 +1,85 @@
+"""`attach(model)`: adapters, observation, export and (without an address) an embedded control plane."""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Optional
+
+from torch import nn
+
+from agent import wire
+from agent.adapters import resolve_structure
+from agent.embedded import EmbeddedControlPlane, start_embedded
+from agent.exporter import make_exporter
+from agent.fingerprint import model_info
+from agent.gpu import gpu_status, start_gpu_sampler
+from agent.handle import AgentHandle
+from agent.settings import AgentSettings
+
+
+class _SharedEmbedded:
+    """One embedded control plane per DuckDB file per process (DuckDB allows one writer
+    process), shared by every handle that needs it and stopped when the last one detaches."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running: dict[str, tuple[EmbeddedControlPlane, int]] = {}
+
+    def acquire(self, db_path: str) -> EmbeddedControlPlane:
+        key = os.path.abspath(db_path)
+        with self._lock:
+            cp, users = self._running.get(key, (None, 0))
+            if cp is None or not cp.alive():
+                cp, users = start_embedded(key), 0
+            self._running[key] = (cp, users + 1)
+            return cp
+
+    def release(self, cp: EmbeddedControlPlane) -> None:
+        with self._lock:
+            for key, (running, users) in list(self._running.items()):
+                if running is cp:
+                    if users > 1:
+                        self._running[key] = (running, users - 1)
+                    else:
+                        del self._running[key]
+                        cp.stop()
+
+
+_EMBEDDED = _SharedEmbedded()
+
+
+def attach(model: nn.Module, *, address: Optional[str] = None,
+           settings: Optional[AgentSettings] = None, tracer_provider=None,
+           **overrides) -> AgentHandle:
+    """Starts observing `model`; returns a handle whose detach() undoes everything.
+
+    address: "host:port" of a running control plane; None starts an embedded one on localhost
+    (DuckDB file: settings.embedded_db_path). Other keyword arguments are AgentSettings fields.
+    """
+    if settings is None:
+        settings = AgentSettings.resolve(address=address, **overrides)
+    elif address is not None or overrides:
+        raise TypeError("pass either settings or individual setting arguments, not both")
+    structure = resolve_structure(model)
+    info = model_info(model, structure)
+    embedded = None
+    target = settings.address
+    if settings.export_enabled and target is None:
+        embedded = _EMBEDDED.acquire(settings.embedded_db_path)
+        target = embedded.address
+    status = gpu_status()
+    hello = wire.make_hello(wire.default_agent_id(settings), info, status, settings)
+    exporter = make_exporter(settings, hello, target)
+    sampler = start_gpu_sampler(exporter.submit_gpu, settings.gpu_sample_interval_ms)
+
+    def on_detach() -> None:
+        sampler.stop()
+        exporter.shutdown(settings.shutdown_timeout_ms)
+        if embedded is not None:
+            _EMBEDDED.release(embedded)
+
+    handle = AgentHandle(model, structure, settings, sink=exporter.submit, on_detach=on_detach,
+                         tracer_provider=tracer_provider)
+    handle.exporter, handle.model_info, handle.agent_id = exporter, info, hello.agent_id
+    handle.gpu_status, handle.target = status, target
+    return handle

@@ -1,0 +1,215 @@
+"""TelemetryBatch -> validated Arrow tables, ready for one INSERT ... SELECT each.
+
+Everything in a batch is checked before anything is stored, so a bad table or column rejects
+the whole batch and the error names the table and the column.
+"""
+from __future__ import annotations
+
+import enum
+import queue
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from controlplane.schema import TELEMETRY_COLUMNS
+from proto import columnar
+from proto import headroom_pb2 as pb
+
+if TYPE_CHECKING:
+    from controlplane.store import BatchJob, Store, StoredBatch
+
+_POLL_S = 0.2   # how often a blocked submit looks at whether its stream is still alive
+
+
+class ErrorCode(str, enum.Enum):
+    """ErrorReply.code values the control plane sends."""
+    HELLO_REQUIRED = "HELLO_REQUIRED"
+    AGENT_ID_REQUIRED = "AGENT_ID_REQUIRED"
+    AGENT_ID_MISMATCH = "AGENT_ID_MISMATCH"
+    DUPLICATE_HELLO = "DUPLICATE_HELLO"
+    MALFORMED_MESSAGE = "MALFORMED_MESSAGE"
+    EMPTY_MESSAGE = "EMPTY_MESSAGE"
+    UNKNOWN_TABLE = "UNKNOWN_TABLE"
+    DUPLICATE_TABLE = "DUPLICATE_TABLE"
+    UNKNOWN_COLUMN = "UNKNOWN_COLUMN"
+    MISSING_COLUMN = "MISSING_COLUMN"
+    COLUMN_TYPE = "COLUMN_TYPE"
+    BAD_COLUMN = "BAD_COLUMN"
+    STORE_FAILED = "STORE_FAILED"
+    INTERNAL = "INTERNAL"
+
+
+class IngestError(ValueError):
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def reply(self) -> pb.ControlMessage:
+        return pb.ControlMessage(error=pb.ErrorReply(code=self.code.value, message=self.message))
+
+
+@dataclass
+class DecodedBatch:
+    seq: int
+    sent_at_us: int
+    tables: dict[str, pa.Table]   # only tables with rows
+    num_rows: int
+    num_bytes: int                # serialized size of the batch's tables
+
+
+def _dtype_name(code: int) -> str:
+    return pb.DType.Name(code) if code in pb.DType.values() else str(code)
+
+
+def _check_columns(table: pb.Table) -> None:
+    expected = TELEMETRY_COLUMNS[table.name]
+    seen = set()
+    for col in table.columns:
+        if col.name not in expected:
+            raise IngestError(ErrorCode.UNKNOWN_COLUMN,
+                              f"table {table.name!r}: unknown column {col.name!r} "
+                              f"(expected {', '.join(expected)})")
+        if col.name in seen:
+            raise IngestError(ErrorCode.BAD_COLUMN,
+                              f"table {table.name!r}: duplicate column {col.name!r}")
+        seen.add(col.name)
+        if col.dtype != expected[col.name]:
+            raise IngestError(ErrorCode.COLUMN_TYPE,
+                              f"table {table.name!r} column {col.name!r}: dtype "
+                              f"{_dtype_name(col.dtype)}, expected {_dtype_name(expected[col.name])}")
+    missing = [name for name in expected if name not in seen]
+    if missing:
+        raise IngestError(ErrorCode.MISSING_COLUMN,
+                          f"table {table.name!r}: missing column(s) {', '.join(map(repr, missing))}")
+
+
+def _arrow_column(table: pb.Table, col: pb.Column) -> pa.Array:
+    """One column as Arrow; numerics stay a zero-copy view of the message bytes."""
+    if col.dtype == pb.STRING:
+        if len(col.strings) != table.num_rows:
+            raise IngestError(ErrorCode.BAD_COLUMN,
+                              f"table {table.name!r} column {col.name!r}: {len(col.strings)} "
+                              f"values, expected {table.num_rows}")
+        values = pa.array(col.strings, type=pa.string())
+    else:
+        try:
+            values = pa.array(columnar.decode_column(table.name, table.num_rows, col))
+        except columnar.ColumnError as e:
+            raise IngestError(ErrorCode.BAD_COLUMN, str(e)) from None
+    if not col.null_mask:
+        return values
+    if len(col.null_mask) != table.num_rows:
+        raise IngestError(ErrorCode.BAD_COLUMN,
+                          f"table {table.name!r} column {col.name!r}: null_mask has "
+                          f"{len(col.null_mask)} bytes, expected {table.num_rows}")
+    mask = pa.array(np.frombuffer(col.null_mask, dtype=np.uint8) != 0)
+    return pc.if_else(mask, pa.scalar(None, values.type), values)
+
+
+def decode_table(table: pb.Table) -> pa.Table:
+    """Validates one telemetry table against the schema and returns it as Arrow, schema order."""
+    if table.name not in TELEMETRY_COLUMNS:
+        raise IngestError(ErrorCode.UNKNOWN_TABLE,
+                          f"unknown table {table.name!r} (expected one of "
+                          f"{', '.join(TELEMETRY_COLUMNS)})")
+    _check_columns(table)
+    by_name = {col.name: _arrow_column(table, col) for col in table.columns}
+    names = list(TELEMETRY_COLUMNS[table.name])
+    return pa.table([by_name[n] for n in names], names=names)
+
+
+def decode_batch(batch: pb.TelemetryBatch) -> DecodedBatch:
+    tables: dict[str, pa.Table] = {}
+    num_bytes = 0
+    for table in batch.tables:
+        if table.name in tables:
+            raise IngestError(ErrorCode.DUPLICATE_TABLE,
+                              f"table {table.name!r} appears twice in batch seq={batch.seq}")
+        tables[table.name] = decode_table(table)
+        num_bytes += table.ByteSize()
+    tables = {name: t for name, t in tables.items() if t.num_rows > 0}
+    return DecodedBatch(seq=batch.seq, sent_at_us=batch.sent_at_us, tables=tables,
+                        num_rows=sum(t.num_rows for t in tables.values()), num_bytes=num_bytes)
+
+
+# ---------------------------------------------------------------------- the writer thread
+# Done callback: the StoredBatch, or the exception that kept the job from being stored.
+DoneCallback = Callable[[Union["StoredBatch", Exception]], None]
+
+
+@dataclass
+class _Pending:
+    job: "BatchJob"
+    done: DoneCallback
+
+
+class IngestWriter:
+    """The one thread that writes telemetry: it takes whatever batches are waiting (from every
+    stream), stores them in one transaction, and reports each outcome through its callback.
+
+    Stream readers keep parsing and validating while DuckDB writes, and a busy server commits
+    (and checkpoints) once per group instead of once per batch.
+    """
+
+    def __init__(self, store: "Store", max_pending: int, group_max_rows: int):
+        self.store = store
+        self.group_max_rows = group_max_rows
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._thread = threading.Thread(target=self._run, name="headroom-ingest-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: "BatchJob", done: DoneCallback, alive: Callable[[], bool]) -> bool:
+        """Queues a job; blocks while the queue is full (backpressure), False if `alive()` turns false."""
+        while alive():
+            try:
+                self._queue.put(_Pending(job, done), timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stores what is queued, then stops the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    def _take_group(self, first: _Pending) -> tuple[list[_Pending], bool]:
+        group, rows = [first], _rows(first)
+        while rows < self.group_max_rows:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return group, False
+            if item is None:
+                return group, True
+            group.append(item)
+            rows += _rows(item)
+        return group, False
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                return
+            group, stopping = self._take_group(first)
+            for item, outcome in zip(group, self._store(group)):
+                item.done(outcome)
+
+    def _store(self, group: list[_Pending]) -> list:
+        try:
+            return self.store.store_batches([p.job for p in group])
+        except Exception as e:
+            if len(group) == 1:
+                return [e]
+        # One failing batch must not sink the others: store them one by one.
+        return [self._store([p])[0] for p in group]
+
+
+def _rows(item: _Pending) -> int:
+    return item.job.batch.num_rows if item.job.batch is not None else 0

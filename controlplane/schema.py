@@ -1,0 +1,102 @@
+"""The store's tables. Telemetry column names and wire dtypes are agent/records.py's to_tables()
+contract; the store adds `agent_id` and `received_at` in front of them."""
+from __future__ import annotations
+
+from proto import headroom_pb2 as pb
+
+SCHEMA_VERSION = 1
+
+# Wire dtype -> DuckDB type.
+DUCKDB_TYPES = {
+    pb.FLOAT32: "FLOAT", pb.FLOAT64: "DOUBLE", pb.INT32: "INTEGER", pb.INT64: "BIGINT",
+    pb.UINT16: "USMALLINT", pb.UINT32: "UINTEGER", pb.UINT64: "UBIGINT", pb.BOOL: "BOOLEAN",
+    pb.STRING: "VARCHAR",
+}
+
+_PER_LAYER = {"request_id": pb.UINT64, "layer": pb.UINT16}
+
+# table -> column -> wire dtype, in the order to_tables() produces them.
+TELEMETRY_COLUMNS: dict[str, dict[str, int]] = {
+    "requests": {
+        "request_id": pb.UINT64, "start_us": pb.INT64, "tenant": pb.STRING, "route": pb.STRING,
+        "query_class": pb.STRING, "traced": pb.BOOL, "batch_size": pb.UINT32,
+        "prompt_tokens": pb.UINT32, "output_tokens": pb.UINT32, "ttft_ms": pb.FLOAT32,
+        "tpot_ms": pb.FLOAT32, "latency_ms": pb.FLOAT32,
+    },
+    "head_stats": {
+        **_PER_LAYER, "head": pb.UINT16,
+        "entropy": pb.FLOAT32, "max_weight": pb.FLOAT32, "out_share": pb.FLOAT32,
+    },
+    "layer_stats": {
+        **_PER_LAYER, "influence": pb.FLOAT32, "attn_ms": pb.FLOAT32, "mlp_ms": pb.FLOAT32,
+    },
+    "mlp_stats": {
+        **_PER_LAYER,
+        "frac_below_1e3": pb.FLOAT32, "frac_below_1e2": pb.FLOAT32, "frac_below_1e1": pb.FLOAT32,
+        "q50": pb.FLOAT32, "q90": pb.FLOAT32, "q99": pb.FLOAT32,
+    },
+    "gpu_samples": {
+        "ts_us": pb.INT64, "device_index": pb.UINT32, "available": pb.BOOL,
+        "mem_used_bytes": pb.UINT64, "mem_total_bytes": pb.UINT64, "util_pct": pb.FLOAT32,
+        "power_w": pb.FLOAT32, "sm_clock_mhz": pb.FLOAT32,
+    },
+}
+
+# ExportCounters fields, as the agents table stores the latest of them.
+COUNTER_COLUMNS = ("enqueued_records", "dropped_records", "sent_records", "sent_batches",
+                   "failed_batches", "reconnects", "queue_len")
+
+# ModelInfo field -> agents column (name/dtype/device get a model_ prefix to stay unambiguous).
+MODEL_COLUMNS = {
+    "fingerprint": ("fingerprint", "VARCHAR"), "name": ("model_name", "VARCHAR"),
+    "architecture": ("architecture", "VARCHAR"), "num_layers": ("num_layers", "UINTEGER"),
+    "num_heads": ("num_heads", "UINTEGER"), "num_kv_heads": ("num_kv_heads", "UINTEGER"),
+    "head_dim": ("head_dim", "UINTEGER"), "hidden_size": ("hidden_size", "UINTEGER"),
+    "intermediate_size": ("intermediate_size", "UINTEGER"),
+    "num_parameters": ("num_parameters", "UBIGINT"), "dtype": ("model_dtype", "VARCHAR"),
+    "device": ("model_device", "VARCHAR"),
+}
+
+HELLO_COLUMNS = {"hostname": "VARCHAR", "pid": "UINTEGER", "agent_version": "VARCHAR",
+                 "gpu_status": "VARCHAR", "settings_json": "VARCHAR"}
+
+
+def _agents_ddl() -> str:
+    cols = ["agent_id VARCHAR PRIMARY KEY"]
+    cols += [f"{col} {sql_type}" for col, sql_type in MODEL_COLUMNS.values()]
+    cols += [f"{col} {sql_type}" for col, sql_type in HELLO_COLUMNS.items()]
+    cols += ["first_seen TIMESTAMP NOT NULL", "last_seen TIMESTAMP NOT NULL",
+             "connected BOOLEAN NOT NULL"]
+    cols += [f"{col} {'UINTEGER' if col == 'queue_len' else 'UBIGINT'} NOT NULL DEFAULT 0"
+             for col in COUNTER_COLUMNS]
+    return "CREATE TABLE IF NOT EXISTS agents (\n  " + ",\n  ".join(cols) + "\n)"
+
+
+def _telemetry_ddl(table: str, columns: dict[str, int]) -> str:
+    cols = ["agent_id VARCHAR NOT NULL", "received_at TIMESTAMP NOT NULL"]
+    cols += [f"{name} {DUCKDB_TYPES[code]}" for name, code in columns.items()]
+    return f"CREATE TABLE IF NOT EXISTS {table} (\n  " + ",\n  ".join(cols) + "\n)"
+
+
+# One row per stored TelemetryBatch: ingest accounting, and the key that makes a resend a no-op.
+_BATCHES_DDL = """CREATE TABLE IF NOT EXISTS batches (
+  agent_id VARCHAR NOT NULL,
+  pid UINTEGER NOT NULL,
+  seq UBIGINT NOT NULL,
+  received_at TIMESTAMP NOT NULL,
+  sent_at_us BIGINT,
+  rows_stored UBIGINT NOT NULL,
+  bytes UBIGINT NOT NULL,
+  PRIMARY KEY (agent_id, pid, seq)
+)"""
+
+_VERSION_DDL = """CREATE TABLE IF NOT EXISTS schema_version (
+  version INTEGER NOT NULL,
+  applied_at TIMESTAMP NOT NULL
+)"""
+
+
+def ddl_statements() -> list[str]:
+    out = [_VERSION_DDL, _agents_ddl(), _BATCHES_DDL]
+    out += [_telemetry_ddl(t, cols) for t, cols in TELEMETRY_COLUMNS.items()]
+    return out

@@ -1,0 +1,94 @@
+"""The control plane server's one settings object: argument > HEADROOM_CP_* env > default, validated."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    # The DuckDB file; this process is its only writer.
+    db_path: str = field(default=".headroom/headroom.duckdb", metadata={"env": "HEADROOM_CP_DB"})
+    host: str = field(default="127.0.0.1", metadata={"env": "HEADROOM_CP_HOST"})
+    # 0 picks a free port; RunningServer.port tells which.
+    port: int = field(default=50051, metadata={"env": "HEADROOM_CP_PORT"})
+    # Largest gRPC message either way (telemetry batches, query replies).
+    max_message_bytes: int = field(default=64 * 1024 * 1024,
+                                   metadata={"env": "HEADROOM_CP_MAX_MESSAGE_BYTES"})
+    # Query RPC: rows returned when the request asks for 0, and the most it may ask for.
+    query_default_rows: int = field(default=10_000, metadata={"env": "HEADROOM_CP_QUERY_DEFAULT_ROWS"})
+    query_max_rows: int = field(default=1_000_000, metadata={"env": "HEADROOM_CP_QUERY_MAX_ROWS"})
+    # A query running longer is interrupted and answered DEADLINE_EXCEEDED.
+    query_timeout_s: float = field(default=30.0, metadata={"env": "HEADROOM_CP_QUERY_TIMEOUT_S"})
+    # gRPC worker threads; each connected agent holds one for its stream's lifetime.
+    max_workers: int = field(default=64, metadata={"env": "HEADROOM_CP_MAX_WORKERS"})
+    # Messages waiting to go to one agent (acks, plans, trials); a full queue slows its reader.
+    outbound_queue_max: int = field(default=1024, metadata={"env": "HEADROOM_CP_OUTBOUND_QUEUE_MAX"})
+    # A batch whose (agent_id, pid, seq) was already stored is acked with rows_stored=0.
+    dedupe_batches: bool = field(default=True, metadata={"env": "HEADROOM_CP_DEDUPE_BATCHES"})
+    # Ingest: batches waiting for the writer thread (a full queue slows the agents' streams),
+    # and the most rows one write transaction groups.
+    ingest_queue_batches: int = field(default=64, metadata={"env": "HEADROOM_CP_INGEST_QUEUE_BATCHES"})
+    ingest_group_max_rows: int = field(default=1_000_000,
+                                       metadata={"env": "HEADROOM_CP_INGEST_GROUP_MAX_ROWS"})
+    # DuckDB checkpoints once this much WAL has accumulated.
+    checkpoint_mb: int = field(default=128, metadata={"env": "HEADROOM_CP_CHECKPOINT_MB"})
+    # DuckDB threads for the store (0 = DuckDB's default: all cores).
+    duckdb_threads: int = field(default=0, metadata={"env": "HEADROOM_CP_DUCKDB_THREADS"})
+
+    def __post_init__(self):
+        problems = []
+        if not self.db_path:
+            problems.append("db_path is empty")
+        if not self.host:
+            problems.append("host is empty")
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port={self.port} is not in [0, 65535]")
+        for name in ("max_message_bytes", "query_default_rows", "query_max_rows", "max_workers",
+                     "outbound_queue_max", "ingest_queue_batches", "ingest_group_max_rows",
+                     "checkpoint_mb"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name}={getattr(self, name)} must be > 0")
+        if self.query_timeout_s <= 0:
+            problems.append(f"query_timeout_s={self.query_timeout_s} must be > 0")
+        if self.query_default_rows > self.query_max_rows:
+            problems.append(f"query_default_rows={self.query_default_rows} exceeds "
+                            f"query_max_rows={self.query_max_rows}")
+        if self.duckdb_threads < 0:
+            problems.append(f"duckdb_threads={self.duckdb_threads} must be >= 0")
+        if problems:
+            raise ValueError("invalid ServerSettings: " + "; ".join(problems))
+
+    @classmethod
+    def resolve(cls, **overrides: Any) -> "ServerSettings":
+        """Arguments (not None) win, then HEADROOM_CP_* environment variables, then defaults."""
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown server setting(s): {', '.join(sorted(unknown))}")
+        values = {}
+        for f in dataclasses.fields(cls):
+            if overrides.get(f.name) is not None:
+                values[f.name] = overrides[f.name]
+            elif f.metadata["env"] in os.environ:
+                values[f.name] = _parse(f, os.environ[f.metadata["env"]])
+        return cls(**values)
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if kind == "bool":
+            text = raw.strip().lower()
+            if text in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return text in ("1", "true", "yes", "on")
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {f.metadata['env']}={raw!r}: "
+                         f"not a valid {kind} for setting {f.name}") from None
+    return raw

@@ -1,0 +1,278 @@
+"""The control plane's DuckDB file: one writer (this process), any number of readers.
+
+Writes go through one lock on one writer cursor, one transaction per telemetry batch;
+reads get their own cursor each (DuckDB: one connection per thread), so a slow query never
+holds up ingestion.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    from controlplane.ingest import DecodedBatch
+from controlplane.schema import (COUNTER_COLUMNS, HELLO_COLUMNS, MODEL_COLUMNS, SCHEMA_VERSION,
+                                 TELEMETRY_COLUMNS, ddl_statements)
+
+
+class StoreError(RuntimeError):
+    """The database cannot be opened or written; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class Counters:
+    """ExportCounters, cumulative since the agent started."""
+    enqueued_records: int = 0
+    dropped_records: int = 0
+    sent_records: int = 0
+    sent_batches: int = 0
+    failed_batches: int = 0
+    reconnects: int = 0
+    queue_len: int = 0
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What an AgentHello says; `model` is keyed by ModelInfo field name."""
+    agent_id: str
+    model: dict = field(default_factory=dict)
+    hostname: str = ""
+    pid: int = 0
+    agent_version: str = ""
+    gpu_status: str = ""
+    settings_json: str = ""
+
+
+@dataclass(frozen=True)
+class StoredBatch:
+    rows_stored: int
+    duplicate: bool   # the same (agent_id, pid, seq) was stored before: nothing written
+
+
+def utc_now() -> datetime:
+    """Naive UTC, as the TIMESTAMP columns hold it."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _insert_sql(table: str) -> str:
+    cols = ", ".join(TELEMETRY_COLUMNS[table])
+    return (f"INSERT INTO {table} (agent_id, received_at, {cols}) "
+            f"SELECT agent_id, $received_at, {cols} FROM _incoming")
+
+
+_INSERT_SQL = {table: _insert_sql(table) for table in TELEMETRY_COLUMNS}
+_COUNTERS_SQL = ("UPDATE agents SET last_seen = ?, "
+                 + ", ".join(f"{c} = ?" for c in COUNTER_COLUMNS) + " WHERE agent_id = ?")
+
+
+def _upsert_agent_sql() -> str:
+    cols = ["agent_id", *(c for c, _ in MODEL_COLUMNS.values()), *HELLO_COLUMNS,
+            "first_seen", "last_seen", "connected"]
+    updates = ", ".join(f"{c} = excluded.{c}" for c in cols[1:] if c != "first_seen")
+    return (f"INSERT INTO agents ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+            f"ON CONFLICT (agent_id) DO UPDATE SET {updates}")
+
+
+_UPSERT_AGENT_SQL = _upsert_agent_sql()
+
+
+class Store:
+    def __init__(self, db_path: str, *, duckdb_threads: int = 0, dedupe_batches: bool = True,
+                 checkpoint_mb: int = 128):
+        self.db_path = str(db_path)
+        self.dedupe_batches = dedupe_batches
+        Path(self.db_path).parent.mkdir(parents=True, exist_ok=True)
+        # The store reads and writes only its own file; SQL that names other files is refused.
+        # A larger WAL before each checkpoint: fewer, bigger checkpoints under steady ingest.
+        config = {"enable_external_access": False, "checkpoint_threshold": f"{checkpoint_mb}MB"}
+        if duckdb_threads:
+            config["threads"] = duckdb_threads
+        try:
+            self._con = duckdb.connect(self.db_path, config=config)
+        except duckdb.Error as e:
+            raise StoreError(f"cannot open DuckDB file {self.db_path}: {e}") from None
+        self._lock = threading.RLock()
+        self._cursor_lock = threading.Lock()
+        self._writer = self._con.cursor()
+        self._closed = False
+        self._migrate()
+        self.mark_all_disconnected()   # nobody is connected to a server that just started
+
+    # ------------------------------------------------------------------ lifecycle
+    def _migrate(self) -> None:
+        with self.transaction() as cur:
+            for ddl in ddl_statements():
+                cur.execute(ddl)
+            versions = [v for (v,) in cur.execute("SELECT version FROM schema_version").fetchall()]
+            if not versions:
+                cur.execute("INSERT INTO schema_version VALUES (?, ?)", [SCHEMA_VERSION, utc_now()])
+            elif max(versions) != SCHEMA_VERSION:
+                raise StoreError(f"{self.db_path}: schema version {max(versions)}, this control "
+                                 f"plane expects {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self.mark_all_disconnected()
+            self._writer.close()
+            self._con.close()
+            self._closed = True
+
+    # ------------------------------------------------------------------ access
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The writer cursor, under the write lock, in one transaction (rolled back on error)."""
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"store {self.db_path} is closed")
+            self._writer.begin()
+            try:
+                yield self._writer
+            except BaseException:
+                self._writer.rollback()
+                raise
+            self._writer.commit()
+
+    @contextmanager
+    def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A fresh cursor of this database for one read; close it by leaving the block."""
+        with self._cursor_lock:
+            if self._closed:
+                raise StoreError(f"store {self.db_path} is closed")
+            cur = self._con.cursor()
+        try:
+            yield cur
+        finally:
+            cur.close()
+
+    # ------------------------------------------------------------------ agents
+    def register_agent(self, reg: Registration) -> None:
+        now = utc_now()
+        model = [reg.model.get(f) for f in MODEL_COLUMNS]
+        hello = [reg.hostname, reg.pid, reg.agent_version, reg.gpu_status, reg.settings_json]
+        with self.transaction() as cur:
+            cur.execute(_UPSERT_AGENT_SQL, [reg.agent_id, *model, *hello, now, now, True])
+
+    def set_connected(self, agent_id: str, connected: bool) -> None:
+        with self.transaction() as cur:
+            cur.execute("UPDATE agents SET connected = ?, last_seen = ? WHERE agent_id = ?",
+                        [connected, utc_now(), agent_id])
+
+    def mark_all_disconnected(self) -> None:
+        with self.transaction() as cur:
+            cur.execute("UPDATE agents SET connected = false WHERE connected")
+
+    def update_counters(self, agent_id: str, counters: Optional[Counters]) -> None:
+        """The latest ExportCounters and last_seen; None refreshes last_seen only."""
+        with self.transaction() as cur:
+            self._write_counters(cur, agent_id, counters, utc_now())
+
+    @staticmethod
+    def _write_counters(cur, agent_id: str, counters: Optional[Counters], now: datetime) -> None:
+        if counters is None:
+            cur.execute("UPDATE agents SET last_seen = ? WHERE agent_id = ?", [now, agent_id])
+            return
+        values = [getattr(counters, c) for c in COUNTER_COLUMNS]
+        cur.execute(_COUNTERS_SQL, [now, *values, agent_id])
+
+    # ------------------------------------------------------------------ telemetry
+    def store_batch(self, agent_id: str, pid: int, batch: "DecodedBatch",
+                    counters: Optional[Counters] = None) -> StoredBatch:
+        """All of the batch's tables in one transaction: every row is stored, or none."""
+        return self.store_batches([BatchJob(agent_id, pid, batch, counters)])[0]
+
+    def store_batches(self, jobs: Sequence[BatchJob]) -> list[StoredBatch]:
+        """Several agents' batches in one transaction and one INSERT per table (group commit)."""
+        now = utc_now()
+        try:
+            with self.transaction() as cur:
+                fresh = self._fresh(cur, jobs)
+                tables = _group_tables([j for j, new in zip(jobs, fresh) if new])
+                for name, table in tables.items():
+                    self._insert(cur, name, table, now)
+                self._record_batches(cur, [j for j, new in zip(jobs, fresh) if new], now)
+                for agent_id, counters in _latest_counters(jobs).items():
+                    self._write_counters(cur, agent_id, counters, now)
+        except duckdb.Error as e:
+            seqs = ", ".join(f"{j.agent_id}/{j.batch.seq}" for j in jobs if j.batch is not None)
+            raise StoreError(f"storing batches {seqs} in {self.db_path}: {e}") from None
+        return [StoredBatch(rows_stored=j.batch.num_rows if new and j.batch else 0,
+                            duplicate=j.batch is not None and not new)
+                for j, new in zip(jobs, fresh)]
+
+    def _fresh(self, cur, jobs: Sequence[BatchJob]) -> list[bool]:
+        """Per job: True if its batch is to be stored (not seen before, not a repeat in `jobs`)."""
+        keys = {(j.agent_id, j.pid, j.batch.seq) for j in jobs if j.batch is not None}
+        stored = set()
+        if self.dedupe_batches and keys:
+            stored = {tuple(r) for r in cur.execute(
+                "SELECT agent_id, pid, seq FROM batches WHERE agent_id IN (SELECT unnest(?)) "
+                "AND seq BETWEEN ? AND ?",
+                [sorted({k[0] for k in keys}), min(k[2] for k in keys),
+                 max(k[2] for k in keys)]).fetchall()}
+        out = []
+        for j in jobs:
+            key = None if j.batch is None else (j.agent_id, j.pid, j.batch.seq)
+            out.append(key is not None and key not in stored)
+            if key is not None and self.dedupe_batches:
+                stored.add(key)
+        return out
+
+    @staticmethod
+    def _record_batches(cur, jobs: Sequence[BatchJob], now: datetime) -> None:
+        if jobs:
+            cur.executemany("INSERT OR IGNORE INTO batches VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            [[j.agent_id, j.pid, j.batch.seq, now, j.batch.sent_at_us,
+                              j.batch.num_rows, j.batch.num_bytes] for j in jobs])
+
+    @staticmethod
+    def _insert(cur, name: str, table: pa.Table, now: datetime) -> None:
+        # Columnar: DuckDB scans the Arrow table in one INSERT ... SELECT.
+        cur.register("_incoming", table)
+        try:
+            cur.execute(_INSERT_SQL[name], {"received_at": now})
+        finally:
+            cur.unregister("_incoming")
+
+
+@dataclass
+class BatchJob:
+    """One agent message's worth of writes: a decoded batch and/or its latest counters."""
+    agent_id: str
+    pid: int
+    batch: Optional["DecodedBatch"] = None
+    counters: Optional[Counters] = None
+
+
+def _agent_column(agent_id: str, num_rows: int) -> pa.DictionaryArray:
+    # One dictionary entry per batch: no per-row string is built.
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(num_rows, dtype=np.int32)),
+                                          pa.array([agent_id], type=pa.string()))
+
+
+def _group_tables(jobs: Sequence[BatchJob]) -> dict[str, pa.Table]:
+    """table name -> all jobs' rows of it, with an agent_id column in front."""
+    parts: dict[str, list[pa.Table]] = {}
+    for job in jobs:
+        for name, table in job.batch.tables.items():
+            tagged = table.add_column(0, "agent_id", _agent_column(job.agent_id, table.num_rows))
+            parts.setdefault(name, []).append(tagged)
+    return {name: pa.concat_tables(tables) for name, tables in parts.items()}
+
+
+def _latest_counters(jobs: Sequence[BatchJob]) -> dict[str, Optional[Counters]]:
+    """Per agent, the last counters in `jobs` (None: only last_seen is refreshed)."""
+    out: dict[str, Optional[Counters]] = {}
+    for job in jobs:
+        if job.counters is not None or job.agent_id not in out:
+            out[job.agent_id] = job.counters
+    return out
