@@ -215,7 +215,9 @@ class BatchExporter:
         self._stats = _Stats()
         self._inflight: "collections.OrderedDict[int, _Inflight]" = collections.OrderedDict()
         self._building = 0              # records popped but not yet in a sent batch
-        self._seq = 0
+        # The control plane drops a batch whose (agent_id, pid, seq) it already stored, so seq
+        # must never repeat in this process, even for a re-attach under the same agent_id.
+        self._seq = time.time_ns() // 1000
         self._wake, self._closing, self._stop = threading.Event(), threading.Event(), threading.Event()
         self._flush_requested = threading.Event()
         self._stream: Optional[_Stream] = None
