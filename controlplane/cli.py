@@ -40,7 +40,91 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--db", help="open this DuckDB file read-only instead (no server)")
     query.add_argument("--format", choices=("table", "csv", "json"), default="table")
     query.add_argument("--max-rows", type=int, default=0, help="0 = the server's default")
+    _add_admin_commands(sub)
+    from controlplane.policy.cli import add_policy_commands
+    add_policy_commands(sub)
     return p
+
+
+# ---------------------------------------------------------------------- plan, audit (Admin RPC)
+def _admin_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--address", default=None,
+                   help="host:port of the control plane (env HEADROOM_ADDRESS, default 127.0.0.1:50051)")
+    p.add_argument("--as", dest="actor", default=None,
+                   help="your operator identity, recorded in the audit log (env HEADROOM_OPERATOR)")
+    return p
+
+
+def _add_admin_commands(sub) -> None:
+    plan = sub.add_parser("plan", help="plans: list, show, trigger planning, approve, reject, "
+                                       "roll back").add_subparsers(dest="admin_command", required=True)
+    p = _admin_parser(plan, "list", "plans, newest first")
+    p.add_argument("--status", default=None)
+    p.add_argument("--limit", type=int, default=50)
+    p = _admin_parser(plan, "show", "a plan: document, diff, trials, decisions, applications")
+    p.add_argument("plan_id")
+    p = _admin_parser(plan, "trigger", "start a planning run on an agent's traces")
+    p.add_argument("--agent", default=None, help="agent id (trials run on it)")
+    p.add_argument("--fingerprint", default=None, help="model fingerprint (any of its agents)")
+    p.add_argument("--query-class", default=None)
+    p.add_argument("--max-trials", type=int, default=None)
+    p = _admin_parser(plan, "status", "planning and rollout jobs")
+    p.add_argument("job_id", nargs="?", default=None)
+    for name, help in (("approve", "approve a needs_human plan (starts its rollout)"),
+                       ("reject", "reject a needs_human plan"),
+                       ("rollback", "roll an applied plan back on every agent")):
+        p = _admin_parser(plan, name, help)
+        p.add_argument("plan_id")
+        p.add_argument("--reason", required=True)
+    audit = sub.add_parser("audit", help="the hash-chained audit log").add_subparsers(
+        dest="admin_command", required=True)
+    _admin_parser(audit, "verify", "walk the hash chain")
+    p = _admin_parser(audit, "list", "audit rows, newest first")
+    p.add_argument("--subject", default=None)
+    p.add_argument("--kind", default=None)
+    p.add_argument("--limit", type=int, default=50)
+
+
+def _admin_call(args: argparse.Namespace) -> tuple[str, dict]:
+    """(Admin command, its JSON args) for `plan ...` / `audit ...`."""
+    c = args.admin_command
+    if args.command == "audit":
+        if c == "verify":
+            return "audit.verify", {}
+        return "audit.list", _present(subject=args.subject, kind=args.kind, limit=args.limit)
+    if c == "list":
+        return "plan.list", _present(status=args.status, limit=args.limit)
+    if c == "show":
+        return "plan.show", {"plan_id": args.plan_id}
+    if c == "trigger":
+        return "plan.trigger", _present(agent_id=args.agent, fingerprint=args.fingerprint,
+                                        query_class=args.query_class, max_trials=args.max_trials)
+    if c == "status":
+        return "plan.status", _present(job_id=args.job_id)
+    return f"plan.{c}", {"plan_id": args.plan_id, "reason": args.reason}
+
+
+def _present(**kw) -> dict:
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _admin(args: argparse.Namespace) -> int:
+    import grpc
+    from controlplane.admin import DEFAULT_ADDRESS, AdminClient
+    address = args.address or os.environ.get("HEADROOM_ADDRESS") or DEFAULT_ADDRESS
+    actor = args.actor or os.environ.get("HEADROOM_OPERATOR", "")
+    command, payload = _admin_call(args)
+    try:
+        with AdminClient(address, actor=actor) as client:
+            result = client.call(command, payload)
+    except grpc.RpcError as e:
+        raise CliError(f"{e.code().name}: {e.details()}") from None
+    json.dump(result, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+    if command == "audit.verify" and not result.get("ok"):
+        return 1
+    return 0
 
 
 # ---------------------------------------------------------------------- serve
@@ -135,6 +219,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "policy":
+            return args.handler(args, sys.stdout)
+        if args.command in ("plan", "audit"):
+            return _admin(args)
         return _serve(args) if args.command == "serve" else _query(args)
     except (CliError, QueryError, StoreError, ValueError, OSError) as e:
         message = " ".join(str(e).split())   # one line, whatever DuckDB or gRPC said

@@ -14,7 +14,7 @@ import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -25,6 +25,9 @@ from controlplane.schema import COUNTER_COLUMNS, MODEL_COLUMNS
 from controlplane.settings import ServerSettings
 from controlplane.store import BatchJob, Counters, Registration, Store, StoreError
 from proto import headroom_pb2 as pb
+
+if TYPE_CHECKING:
+    from controlplane.admin import ControlSettings
 
 log = logging.getLogger("controlplane.server")
 
@@ -126,6 +129,7 @@ class ServerState:
         self._sessions: dict[str, _Session] = {}
         self._callbacks: dict[InboundKind, list[InboundCallback]] = {k: [] for k in InboundKind}
         self._readers: set[threading.Thread] = set()
+        self.control = None   # controlplane.admin.ControlPlane, set by start_server
 
     # ------------------------------------------------------------------ public API
     def send_to_agent(self, agent_id: str, message: pb.ControlMessage) -> bool:
@@ -205,6 +209,8 @@ class HeadroomService:
                 self.connect, response_serializer=pb.ControlMessage.SerializeToString),
             "Query": grpc.unary_unary_rpc_method_handler(
                 self.query, response_serializer=pb.QueryReply.SerializeToString),
+            "Admin": grpc.unary_unary_rpc_method_handler(
+                self.admin, response_serializer=pb.AdminReply.SerializeToString),
         })
 
     # ------------------------------------------------------------------ Connect
@@ -366,6 +372,11 @@ class HeadroomService:
         return reply
 
 
+    # ------------------------------------------------------------------ Admin
+    def admin(self, raw: bytes, context: grpc.ServicerContext) -> pb.AdminReply:
+        return self.state.control.rpc(raw, context)
+
+
 _STATUS_BY_KIND = {QueryErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
                    QueryErrorKind.FAILED: grpc.StatusCode.INVALID_ARGUMENT,
                    QueryErrorKind.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -393,6 +404,8 @@ class RunningServer:
         self.server.stop(grace_s).wait()
         self.state.join_readers(timeout_s=5.0)
         self.state.writer.close()
+        if self.state.control is not None:
+            self.state.control.close()
         self.store.close()
 
 
@@ -400,13 +413,17 @@ def _bind_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def start_server(settings: ServerSettings) -> RunningServer:
-    """Opens the store and serves on settings.host:settings.port (0 = a free port)."""
+def start_server(settings: ServerSettings, control: Optional["ControlSettings"] = None) -> RunningServer:
+    """Opens the store and serves on settings.host:settings.port (0 = a free port).
+
+    control: the closed loop's settings (policies, planner, rollout); None resolves them."""
+    from controlplane.admin import ControlPlane   # admin -> trials -> server: import late
     store = Store(settings.db_path, duckdb_threads=settings.duckdb_threads,
                   dedupe_batches=settings.dedupe_batches, checkpoint_mb=settings.checkpoint_mb)
     writer = IngestWriter(store, max_pending=settings.ingest_queue_batches,
                           group_max_rows=settings.ingest_group_max_rows)
     state = ServerState(store, settings, writer)
+    state.control = ControlPlane(store, state, control)
     options = [("grpc.max_receive_message_length", settings.max_message_bytes),
                ("grpc.max_send_message_length", settings.max_message_bytes),
                ("grpc.so_reuseport", 0)]   # a second server on the same port must fail, not share
@@ -423,6 +440,7 @@ def start_server(settings: ServerSettings) -> RunningServer:
         reason = "address in use or not available"
     if not port:
         writer.close()
+        state.control.close()
         store.close()
         raise OSError(f"control plane cannot listen on {target}: {reason}")
     server.start()

@@ -142,6 +142,14 @@ class Store:
                 raise
             self._writer.commit()
 
+    def control_cursor(self) -> tuple[duckdb.DuckDBPyConnection, threading.RLock]:
+        """A cursor for the plan store and the audit log, and the write lock they share with
+        ingest (one writer at a time on this file); the caller closes the cursor."""
+        with self._cursor_lock:
+            if self._closed:
+                raise StoreError(f"store {self.db_path} is closed")
+            return self._con.cursor(), self._lock
+
     @contextmanager
     def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A fresh cursor of this database for one read; close it by leaving the block."""

@@ -1,0 +1,139 @@
+"""What a trial measures on: held-out text (or token ids) and the counts of TrialRequest.eval_json.
+
+The agent builds its EvalSet from this JSON (agent/trial.py). Text comes from the held-out
+split of Python's own documentation (workloads/text.py), so the planner never measures on
+what calibration looked at. A model without a tokenizer (tests' tiny models) gets token ids:
+`token_sequences` / `token_prompts` win over `texts` when given.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+from workloads.text import Split, texts
+
+# Characters of held-out text sent per evaluated token: English/code runs ~4 chars per token,
+# so 8 leaves room for the agent to cut every sequence and prompt it was asked for.
+_CHARS_PER_TOKEN = 8
+
+_KNOWN_KEYS = ("token_sequences", "token_prompts", "texts", "seq_len", "max_sequences", "prompts",
+               "prompt_tokens", "new_tokens", "latency_repeats")
+
+
+def _env(name: str) -> dict:
+    return {"env": f"HEADROOM_EVAL_{name}"}
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    # Teacher-forced held-out sequences: this many, of this many tokens each.
+    seq_len: int = field(default=64, metadata=_env("SEQ_LEN"))
+    max_sequences: int = field(default=4, metadata=_env("MAX_SEQUENCES"))
+    # Prompts greedily continued (exact match, decode latency), cut after the sequences.
+    prompts: int = field(default=2, metadata=_env("PROMPTS"))
+    prompt_tokens: int = field(default=16, metadata=_env("PROMPT_TOKENS"))
+    new_tokens: int = field(default=12, metadata=_env("NEW_TOKENS"))
+    latency_repeats: int = field(default=3, metadata=_env("LATENCY_REPEATS"))
+
+    def __post_init__(self):
+        bad = [f"{f.name}={getattr(self, f.name)} must be > 0" for f in dataclasses.fields(self)
+               if f.name != "prompts" and getattr(self, f.name) <= 0]
+        if self.prompts < 0:
+            bad.append(f"prompts={self.prompts} must be >= 0")
+        if self.prompt_tokens > self.seq_len:
+            bad.append(f"prompt_tokens={self.prompt_tokens} exceeds seq_len={self.seq_len}")
+        if bad:
+            raise ValueError("invalid EvalSettings: " + "; ".join(bad))
+
+    @classmethod
+    def resolve(cls, **overrides: Any) -> "EvalSettings":
+        """Arguments (not None) win, then HEADROOM_EVAL_* environment variables, then defaults."""
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown eval setting(s): {', '.join(sorted(unknown))}")
+        values = {}
+        for f in dataclasses.fields(cls):
+            if overrides.get(f.name) is not None:
+                values[f.name] = overrides[f.name]
+            elif f.metadata["env"] in os.environ:
+                raw = os.environ[f.metadata["env"]]
+                try:
+                    values[f.name] = int(raw)
+                except ValueError:
+                    raise ValueError(f"environment variable {f.metadata['env']}={raw!r}: "
+                                     f"not an integer for eval setting {f.name}") from None
+        return cls(**values)
+
+    @property
+    def eval_tokens(self) -> int:
+        return self.max_sequences * self.seq_len + self.prompts * self.prompt_tokens
+
+
+def held_out_texts(settings: EvalSettings) -> list[str]:
+    """Enough held-out documentation for the sequences and prompts the settings ask for."""
+    max_chars = (settings.max_sequences + settings.prompts) * settings.seq_len * _CHARS_PER_TOKEN
+    return texts(Split.HELD_OUT, max_chars=max_chars)
+
+
+def _token_lists(value: Any, name: str) -> list[list[int]]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"eval.{name}: expected a non-empty list of token-id lists")
+    out = []
+    for i, seq in enumerate(value):
+        if not isinstance(seq, (list, tuple)) or not seq or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in seq):
+            raise ValueError(f"eval.{name}[{i}]: expected a non-empty list of token ids >= 0")
+        out.append([int(t) for t in seq])
+    return out
+
+
+def eval_spec(settings: EvalSettings, overrides: Optional[Mapping[str, Any]] = None) -> dict:
+    """The eval_json document: the settings' counts, held-out texts unless token ids are given.
+
+    overrides: keys of the eval_json contract (e.g. token_sequences from plan.trigger's args).
+    """
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(_KNOWN_KEYS))
+    if unknown:
+        raise ValueError(f"eval: unknown field(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(_KNOWN_KEYS)}")
+    counts = {f.name: overrides.pop(f.name) for f in dataclasses.fields(EvalSettings)
+              if f.name in overrides and not isinstance(overrides[f.name], list)}
+    spec = dataclasses.asdict(EvalSettings.resolve(**{**dataclasses.asdict(settings), **counts}))
+    for name in ("token_sequences", "token_prompts"):
+        if name in overrides:
+            spec[name] = _token_lists(overrides.pop(name), name)
+    if isinstance(overrides.get("prompts"), list):
+        spec["prompts"] = [str(p) for p in overrides.pop("prompts")]
+    if "token_sequences" not in spec:
+        spec["texts"] = [str(t) for t in overrides.pop("texts", None) or held_out_texts(settings)]
+    return spec
+
+
+def byte_token_ids(text: str, vocab_size: int) -> list[int]:
+    """Real text as token ids for a model without a tokenizer: UTF-8 bytes, folded into the vocabulary."""
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size={vocab_size} must be > 0")
+    return [b % vocab_size for b in text.encode("utf-8")]
+
+
+def token_eval(settings: EvalSettings, vocab_size: int,
+               source: Optional[Sequence[str]] = None) -> dict:
+    """token_sequences / token_prompts cut from held-out text, for a model without a tokenizer."""
+    ids = byte_token_ids("\n\n".join(source or held_out_texts(settings)), vocab_size)
+    need = settings.max_sequences * settings.seq_len + settings.prompts * settings.prompt_tokens
+    if len(ids) < need:
+        raise ValueError(f"held-out text gives {len(ids)} tokens; the eval settings need {need}")
+    seqs = [ids[i * settings.seq_len:(i + 1) * settings.seq_len]
+            for i in range(settings.max_sequences)]
+    start = settings.max_sequences * settings.seq_len
+    prompts = [ids[start + i * settings.prompt_tokens:start + (i + 1) * settings.prompt_tokens]
+               for i in range(settings.prompts)]
+    return {"token_sequences": seqs, **({"token_prompts": prompts} if prompts else {})}
+
+
+def eval_json(settings: EvalSettings, overrides: Optional[Mapping[str, Any]] = None) -> str:
+    return json.dumps(eval_spec(settings, overrides), sort_keys=True)

@@ -1,0 +1,408 @@
+"""The closed loop: traces -> candidates -> trials on an agent -> best plan -> policy -> rollout.
+
+One planning job per model fingerprint at a time, each on its own thread; the Admin RPC starts
+them (plan.trigger) and reads their progress (plan.status). A decision is recorded with every
+rule's outcome, value and threshold and the policy revision, in the plan store and the audit
+log; approve goes straight to rollout, needs_human waits for an operator's approve/reject.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from controlplane.audit import AuditKind, AuditLog
+from controlplane.evalsets import EvalSettings, eval_json
+from controlplane.planner import (CandidateScope, Planner, PlannerSettings, QualityBudget,
+                                  load_candidates)
+from controlplane.planner.recorder import StoreRecorder, json_safe
+from controlplane.planner.search import PlanTarget
+from controlplane.plans import Decision, DecisionOutcome, PlanStatus, PlanStore
+from controlplane.policy import (Context, Evidence, ModelFacts, PolicyError, PolicyStore,
+                                 Revision)
+from controlplane.rollout import Fleet, Rollout, RolloutResult, _resolve
+from controlplane.trials import TrialClient
+
+log = logging.getLogger("controlplane.loop")
+
+PLANNER_ACTOR = "planner"
+POLICY_ACTOR = "policy-engine"
+
+
+def _env(name: str) -> dict:
+    return {"env": f"HEADROOM_LOOP_{name}"}
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    # One trial (baseline + plan on the eval set) must answer within this.
+    trial_timeout_s: float = field(default=600.0, metadata=_env("TRIAL_TIMEOUT_S"))
+    # Trials per planning run when plan.trigger does not say (0: the planner's own default).
+    max_trials: int = field(default=0, metadata=_env("MAX_TRIALS"))
+    # Finished jobs kept for plan.status.
+    jobs_kept: int = field(default=100, metadata=_env("JOBS_KEPT"))
+
+    def __post_init__(self):
+        bad = [f"{n}={getattr(self, n)} must be > 0" for n in ("trial_timeout_s", "jobs_kept")
+               if getattr(self, n) <= 0]
+        if self.max_trials < 0:
+            bad.append(f"max_trials={self.max_trials} must be >= 0")
+        if bad:
+            raise ValueError("invalid LoopSettings: " + "; ".join(bad))
+
+    @classmethod
+    def resolve(cls, **overrides: Any) -> "LoopSettings":
+        return _resolve(cls, overrides, "loop")
+
+
+class LoopError(ValueError):
+    """A request the loop cannot act on (no agent, job already running, ...): says why."""
+
+
+class IdentityError(LoopError):
+    """A command that changes something came without the caller's identity."""
+
+
+class JobState(str, enum.Enum):
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Stage(str, enum.Enum):
+    PLANNING = "planning"
+    DECIDING = "deciding"
+    ROLLING_OUT = "rolling_out"
+    FINISHED = "finished"
+
+
+@dataclass
+class Job:
+    job_id: str
+    kind: str                       # "plan" or "rollout"
+    fingerprint: str
+    agent_id: str
+    query_class: str
+    actor: str
+    state: JobState = JobState.RUNNING
+    stage: Stage = Stage.PLANNING
+    started_at_s: float = field(default_factory=time.time)
+    finished_at_s: Optional[float] = None
+    trials: int = 0
+    plan_id: Optional[str] = None   # the best plan (planning) or the plan rolled out
+    decision: Optional[str] = None
+    plan_status: Optional[str] = None
+    message: str = ""
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(state=self.state.value, stage=self.stage.value)
+        return d
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What plan.trigger asks for; everything but the target is optional."""
+    agent_id: Optional[str] = None
+    fingerprint: Optional[str] = None
+    query_class: Optional[str] = None
+    max_trials: Optional[int] = None
+    budget: QualityBudget = QualityBudget()
+    eval: Mapping[str, Any] = field(default_factory=dict)       # eval_json overrides
+    tenant: str = ""
+    route: str = ""
+    requires_determinism: bool = False
+
+
+class Policies:
+    """The policy set in force, or, when the folder never loaded, why not (telemetry goes on)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self._lock = threading.Lock()
+        self.store: Optional[PolicyStore] = None
+        self.problems: list[str] = []
+        self.reload()
+
+    def reload(self) -> dict:
+        with self._lock:
+            if self.store is None:
+                try:
+                    self.store = PolicyStore(self.folder)
+                    self.problems = []
+                    return {"ok": True, "changed": True, "problems": []}
+                except PolicyError as e:
+                    self.problems = [str(p) for p in e.problems]
+                    return {"ok": False, "changed": False, "problems": self.problems}
+            result = self.store.reload()
+            self.problems = [str(p) for p in result.problems]
+            return {"ok": result.ok, "changed": result.changed, "problems": self.problems}
+
+    def show(self) -> dict:
+        with self._lock:
+            store, problems = self.store, list(self.problems)
+        out = {"folder": self.folder, "loaded": store is not None, "problems": problems}
+        if store is not None:
+            current = store.current
+            out.update(revision=current.revision.to_dict(), files=list(current.files),
+                       rules=[{"id": r.id, "kind": r.kind.value, "file": r.file, "line": r.line}
+                              for r in current.rules])
+        return out
+
+    def require(self) -> PolicyStore:
+        with self._lock:
+            if self.store is None:
+                raise LoopError(f"no policy set is loaded from {self.folder}: "
+                                + "; ".join(self.problems))
+            return self.store
+
+
+def operator_actor(actor: str) -> str:
+    """'alice' -> 'operator:alice'; 'operator:alice' stays; empty is refused."""
+    actor = (actor or "").strip()
+    if not actor:
+        raise IdentityError("this command needs the caller's identity (--as or HEADROOM_OPERATOR)")
+    return actor if ":" in actor else f"operator:{actor}"
+
+
+def _revision_name(rev: Revision) -> str:
+    if rev.git_commit:
+        return rev.git_commit + ("+dirty" if rev.git_dirty else "")
+    return f"sha256:{rev.content_sha256}"
+
+
+class ControlLoop:
+    def __init__(self, store, state, plans: PlanStore, audit: AuditLog, policies: Policies,
+                 client: TrialClient, rollout: Rollout, settings: Optional[LoopSettings] = None,
+                 eval_settings: Optional[EvalSettings] = None,
+                 planner_settings: Optional[PlannerSettings] = None):
+        self.store, self.state = store, state
+        self.plans, self.audit, self.policies = plans, audit, policies
+        self.client, self.rollout = client, rollout
+        self.fleet = rollout.fleet
+        self.settings = settings or LoopSettings.resolve()
+        self.eval_settings = eval_settings or EvalSettings.resolve()
+        self.planner_settings = planner_settings or PlannerSettings.resolve()
+        self._lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}
+        self._threads: dict[str, threading.Thread] = {}
+
+    # ------------------------------------------------------------------ jobs
+    def trigger(self, request: PlanRequest, actor: str = PLANNER_ACTOR) -> Job:
+        """Starts a planning job on its own thread; LoopError if it cannot start."""
+        fingerprint, agent_id = self._target(request)
+        spec = eval_json(self.eval_settings, request.eval)   # bad eval args fail here, not later
+        job = Job(f"job-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}", "plan",
+                  fingerprint, agent_id, request.query_class or "", actor)
+        self._start(job, lambda: self._plan_job(job, request, spec))
+        return job
+
+    def _start(self, job: Job, body) -> None:
+        with self._lock:
+            busy = [j for j in self._jobs.values()
+                    if j.fingerprint == job.fingerprint and j.state is JobState.RUNNING]
+            if busy:
+                raise LoopError(f"job {busy[0].job_id} is still running for model "
+                                f"{job.fingerprint[:12]}; one at a time per model")
+            self._jobs[job.job_id] = job
+            thread = threading.Thread(target=self._run_job, args=(job, body), daemon=True,
+                                      name=f"headroom-{job.job_id}")
+            self._threads[job.job_id] = thread
+            self._forget_old()
+        thread.start()
+
+    def _run_job(self, job: Job, body) -> None:
+        try:
+            body()
+            job.state = JobState.DONE
+        except Exception as e:   # the job's status says what failed; the server goes on
+            log.exception("job %s failed", job.job_id)
+            job.state, job.message = JobState.FAILED, f"{type(e).__name__}: {e}"
+        finally:
+            job.finished_at_s = time.time()
+            job.stage = Stage.FINISHED
+            if job.plan_id is not None:
+                plan = self.plans.get(job.plan_id)
+                job.plan_status = plan.status.value if plan else None
+
+    def _forget_old(self) -> None:
+        done = [j for j in self._jobs.values() if j.state is not JobState.RUNNING]
+        for j in sorted(done, key=lambda j: j.started_at_s)[:max(0, len(done) - self.settings.jobs_kept)]:
+            self._jobs.pop(j.job_id, None)
+            self._threads.pop(j.job_id, None)
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return sorted(self._jobs.values(), key=lambda j: j.started_at_s, reverse=True)
+
+    def job(self, job_id: str) -> Job:
+        with self._lock:
+            if job_id not in self._jobs:
+                raise KeyError(f"no job {job_id!r}")
+            return self._jobs[job_id]
+
+    def wait(self, job_id: str, timeout_s: float) -> Job:
+        with self._lock:
+            thread = self._threads.get(job_id)
+        if thread is not None:
+            thread.join(timeout_s)
+        return self.job(job_id)
+
+    # ------------------------------------------------------------------ planning
+    def _target(self, request: PlanRequest) -> tuple[str, str]:
+        """(fingerprint, the connected agent that runs the trials)."""
+        if request.agent_id:
+            agent = self.fleet.agent(request.agent_id)
+            if agent is None:
+                raise LoopError(f"no agent {request.agent_id!r} has ever connected")
+            if request.fingerprint and request.fingerprint != agent["fingerprint"]:
+                raise LoopError(f"agent {request.agent_id} runs model {agent['fingerprint'][:12]}, "
+                                f"not {request.fingerprint[:12]}")
+            if not self.client.connected(request.agent_id):
+                raise LoopError(f"agent {request.agent_id} is not connected")
+            return agent["fingerprint"], request.agent_id
+        if not request.fingerprint:
+            raise LoopError("give agent_id or fingerprint")
+        agents = self.fleet.agents(request.fingerprint)
+        if not agents:
+            raise LoopError(f"no connected agent runs model {request.fingerprint[:12]}")
+        return request.fingerprint, agents[0]
+
+    def _plan_job(self, job: Job, request: PlanRequest, spec: str) -> None:
+        scope = CandidateScope(agent_ids=None, query_class=request.query_class)
+        with self.store.reader() as cur:
+            candidates = load_candidates(cur, self._scope(job.fingerprint, scope),
+                                         self.planner_settings)
+        if candidates.traced_requests == 0:
+            raise LoopError(f"no traced requests for model {job.fingerprint[:12]}"
+                            + (f" and query class {request.query_class!r}" if request.query_class
+                               else "") + "; raise the agents' sample_rate or wait")
+        result = self._search(job, request, spec, candidates)
+        job.message = result.stop_reason
+        if result.best is None:
+            job.message = f"no hypothesis fit the quality budget ({result.stop_reason})"
+            return
+        job.plan_id = result.best["plan_id"]
+        context = Context(tenant=request.tenant, route=request.route,
+                          query_class=request.query_class or "",
+                          requires_determinism=request.requires_determinism)
+        job.stage = Stage.DECIDING
+        outcome = self.decide(job.plan_id, result.best_trial.evidence, context)
+        job.decision = outcome.value
+        if outcome is DecisionOutcome.APPROVE:
+            job.stage = Stage.ROLLING_OUT
+            job.message = self.rollout.run(job.plan_id).message
+
+    def _scope(self, fingerprint: str, scope: CandidateScope) -> CandidateScope:
+        with self.store.reader() as cur:
+            ids = tuple(a for (a,) in cur.execute(
+                "SELECT agent_id FROM agents WHERE fingerprint = ? ORDER BY agent_id",
+                [fingerprint]).fetchall())
+        return dataclasses.replace(scope, agent_ids=ids)
+
+    def _search(self, job: Job, request: PlanRequest, spec: str, candidates):
+        recorder = StoreRecorder(self.plans, self.audit, job.agent_id, actor=PLANNER_ACTOR)
+
+        def evaluate(doc: dict) -> dict:
+            job.trials += 1
+            return self.client.request(job.agent_id, doc, spec, self.settings.trial_timeout_s)
+
+        max_trials = request.max_trials
+        if max_trials is None and self.settings.max_trials:
+            max_trials = self.settings.max_trials
+        planner = Planner(evaluate, request.budget, max_trials=max_trials, record=recorder.record,
+                          settings=self.planner_settings, propose=recorder.propose)
+        target = PlanTarget(job.fingerprint, job.job_id,
+                            (request.query_class,) if request.query_class else ())
+        return planner.run(target, candidates)
+
+    # ------------------------------------------------------------------ deciding
+    def decide(self, plan_id: str, evidence: Mapping[str, Any], context: Context) -> DecisionOutcome:
+        """Policy evaluation of a trialled plan, recorded; the plan moves to the outcome's status."""
+        policy = self.policies.require()
+        plan = self.plans.get(plan_id)
+        facts = self.fleet.model_facts(plan.fingerprint)
+        if facts is None:
+            raise LoopError(f"model facts for {plan.fingerprint[:12]} are unknown (agents table)")
+        context = dataclasses.replace(context, recent_applies_s=self._recent_applies(plan.fingerprint))
+        decision = policy.evaluate(plan.doc, Evidence.from_dict(json_safe(dict(evidence)), strict=False),
+                                   ModelFacts(facts["num_layers"], facts["num_heads"]), context)
+        rules = [json_safe(r.to_dict()) for r in decision.results]
+        outcome = DecisionOutcome(decision.outcome.value)
+        reason = "; ".join(f"{r.rule_id}: {r.message}" for r in decision.failing()) or \
+            f"every rule passed or did not apply ({len(rules)} rules)"
+        self.plans.record_decision(Decision(plan_id, outcome, rules, _revision_name(decision.revision),
+                                            decision.revision.content_sha256, POLICY_ACTOR, reason))
+        self.audit.append(AuditKind.POLICY_EVALUATED, POLICY_ACTOR, plan_id, {
+            "outcome": outcome.value, "risk": decision.risk, "risk_score": decision.risk_score,
+            "revision": decision.revision.to_dict(), "rules": rules,
+            "context": json_safe(dataclasses.asdict(context))})
+        self.plans.transition(plan_id, _STATUS_OF[outcome], POLICY_ACTOR, reason)
+        self.audit.append(_AUDIT_OF[outcome], POLICY_ACTOR, plan_id, {"reason": reason})
+        return outcome
+
+    def _recent_applies(self, fingerprint: str) -> tuple[float, ...]:
+        """Unix seconds of each plan's first successful apply on this model (rate limits)."""
+        with self.store.reader() as cur:
+            rows = cur.execute(
+                "SELECT min(a.ts_us) FROM applications a JOIN plans p USING (plan_id) "
+                "WHERE p.fingerprint = ? AND a.state = 'applied' GROUP BY a.plan_id "
+                "ORDER BY 1", [fingerprint]).fetchall()
+        return tuple(ts / 1e6 for (ts,) in rows)
+
+    # ------------------------------------------------------------------ operators
+    def approve(self, plan_id: str, actor: str, reason: str) -> Job:
+        """An operator approves a needs_human plan; its rollout starts on a job thread."""
+        actor = operator_actor(actor)
+        plan = self._needs_human(plan_id)
+        self.plans.record_decision(Decision(plan_id, DecisionOutcome.APPROVE, [], "", "", actor,
+                                            reason))
+        self.plans.transition(plan_id, PlanStatus.APPROVED, actor, reason)
+        self.audit.append(AuditKind.APPROVED, actor, plan_id, {"reason": reason})
+        job = Job(f"job-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}", "rollout",
+                  plan.fingerprint, "", ",".join(plan.query_classes), actor,
+                  stage=Stage.ROLLING_OUT, plan_id=plan_id, decision="approve")
+        self._start(job, lambda: self._rollout_job(job))
+        return job
+
+    def _rollout_job(self, job: Job) -> RolloutResult:
+        result = self.rollout.run(job.plan_id)
+        job.message = result.message
+        return result
+
+    def reject(self, plan_id: str, actor: str, reason: str) -> dict:
+        actor = operator_actor(actor)
+        self._needs_human(plan_id)
+        self.plans.record_decision(Decision(plan_id, DecisionOutcome.REJECT, [], "", "", actor,
+                                            reason))
+        record = self.plans.transition(plan_id, PlanStatus.REJECTED, actor, reason)
+        self.audit.append(AuditKind.REJECTED, actor, plan_id, {"reason": reason})
+        return {"plan_id": plan_id, "status": record.status.value}
+
+    def rollback(self, plan_id: str, actor: str, reason: str) -> RolloutResult:
+        return self.rollout.rollback(plan_id, operator_actor(actor), reason)
+
+    def _needs_human(self, plan_id: str):
+        plan = self.plans.get(plan_id)
+        if plan is None:
+            raise KeyError(f"no plan {plan_id!r}")
+        if plan.status is not PlanStatus.NEEDS_HUMAN:
+            raise LoopError(f"plan {plan_id} is {plan.status.value}; operators approve or "
+                            "reject only needs_human plans")
+        return plan
+
+
+_STATUS_OF = {DecisionOutcome.APPROVE: PlanStatus.APPROVED, DecisionOutcome.REJECT: PlanStatus.REJECTED,
+              DecisionOutcome.NEEDS_HUMAN: PlanStatus.NEEDS_HUMAN}
+_AUDIT_OF = {DecisionOutcome.APPROVE: AuditKind.APPROVED, DecisionOutcome.REJECT: AuditKind.REJECTED,
+             DecisionOutcome.NEEDS_HUMAN: AuditKind.NEEDS_HUMAN}
+
+
+def default_policy_folder() -> str:
+    return os.environ.get("HEADROOM_POLICIES", "policies")

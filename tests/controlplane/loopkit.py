@@ -1,0 +1,134 @@
+"""Builders for the closed-loop tests: a real server with a policy folder, a real attached agent
+on a tiny Llama, traced requests, and token-id eval sets (the tiny model has no tokenizer).
+
+The agent is the real one: attach() answers trials, plans and rollbacks (agent/control.py).
+"""
+from __future__ import annotations
+
+import textwrap
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from agent import attach
+from controlplane.admin import ControlSettings
+from controlplane.evalsets import EvalSettings, token_eval
+from controlplane.loop import LoopSettings
+from controlplane.planner import PlannerSettings
+from controlplane.policy import PolicySettings
+from controlplane.rollout import RolloutSettings
+from controlplane.server import start_server
+from controlplane.settings import ServerSettings
+from tests.builders import tiny_llama, token_ids
+
+EVAL = EvalSettings(seq_len=24, max_sequences=2, prompts=1, prompt_tokens=8, new_tokens=4,
+                    latency_repeats=1)
+# The tiny random model's quality numbers mean nothing: a budget every hypothesis meets.
+LOOSE_BUDGET = {"min_top1": 0.0, "max_ppl_ratio": 1e6, "max_mean_kl": 1e6}
+
+PERMISSIVE = """\
+schema: headroom.policy/v1
+description: Permissive bounds for a tiny random model.
+rules:
+  - id: quality.top1
+    kind: metric_bound
+    metric: top1_agreement
+    min: 0.0
+    description: measured, any value
+  - id: structure.layers-cap
+    kind: removal_cap
+    unit: layers
+    max_fraction: 0.5
+    description: at most half the blocks
+  - id: process.rate-limit
+    kind: rate_limit
+    max_applies: 100
+    window_s: 3600
+    description: generous
+"""
+
+REVIEW = """\
+  - id: review.exact-match
+    kind: metric_bound
+    metric: exact_match
+    min: 1.5
+    on_fail: needs_human
+    description: unreachable, so an operator always reads the continuations
+"""
+
+
+def write_policies(folder: Path, needs_human: bool = False) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "loop.yaml").write_text(PERMISSIVE + (REVIEW if needs_human else ""))
+    return str(folder)
+
+
+def control_settings(policies: str, canary_s: float = 0.3, canary_requests: int = 0,
+                     max_trials: int = 2) -> ControlSettings:
+    return ControlSettings(
+        policy=PolicySettings(folder=policies), loop=LoopSettings(trial_timeout_s=60.0,
+                                                                  max_trials=max_trials),
+        rollout=RolloutSettings(canary_s=canary_s, canary_requests=canary_requests,
+                                apply_timeout_s=30.0, poll_s=0.05),
+        eval=EVAL, planner=PlannerSettings(max_sparse_layers=1, skip_candidates=1))
+
+
+def start(tmp_path: Path, needs_human: bool = False, **kw):
+    policies = write_policies(tmp_path / "policies", needs_human)
+    return start_server(ServerSettings(db_path=str(tmp_path / "cp.duckdb"), port=0),
+                        control_settings(policies, **kw))
+
+
+def token_eval_args(vocab: int = 128) -> dict:
+    return token_eval(EVAL, vocab)
+
+
+class LiveAgent:
+    """A tiny Llama attached to the server, tracing every request."""
+
+    def __init__(self, address: str, agent_id: str, seed: int = 0, **settings):
+        self.model = tiny_llama(seed=seed)
+        self.handle = attach(self.model, address=address, sample_rate=1.0, agent_id=agent_id,
+                             flush_interval_ms=50, **settings)
+        self.agent_id = agent_id
+        self.fingerprint = self.handle.model_info.fingerprint
+
+    def serve(self, n: int, query_class: str = "qa") -> None:
+        for i in range(n):
+            with self.handle.request(tenant="acme", route="/chat", query_class=query_class):
+                self.model.generate(token_ids(8, seed=i), attention_mask=torch.ones(1, 8, dtype=torch.long),
+                                    max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+    @torch.no_grad()
+    def logits(self) -> torch.Tensor:
+        return self.model(token_ids(16, seed=99)).logits
+
+    def close(self) -> None:
+        self.handle.detach()
+
+
+def wait_for(predicate, timeout_s: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def traced_rows(server, agent_id: str) -> int:
+    with server.store.reader() as cur:
+        return cur.execute("SELECT count(DISTINCT request_id) FROM layer_stats WHERE agent_id = ?",
+                           [agent_id]).fetchone()[0]
+
+
+def connected(server, agent_id: str) -> bool:
+    return agent_id in server.state.connected_agents()
+
+
+def audit_kinds(control, subject: Optional[str] = None) -> list[str]:
+    rows = control.audit.rows(subject=subject, limit=10_000, newest_first=False)
+    return [r.kind.value for r in rows]

@@ -1,0 +1,122 @@
+"""ControlLoop against a real server, DuckDB file and attached agent: needs_human then an
+operator's approval or rejection, refusals to start, and a policy folder that does not load."""
+import pytest
+
+from controlplane.loop import LoopError, PlanRequest
+from controlplane.planner import QualityBudget
+from controlplane.plans import PlanStatus
+from tests.controlplane.loopkit import (LOOSE_BUDGET, LiveAgent, audit_kinds, connected, start,
+                                        token_eval_args, traced_rows, wait_for, write_policies)
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module")
+def review(tmp_path_factory):
+    """Policies that always ask a human (an unreachable exact_match, on_fail needs_human)."""
+    server = start(tmp_path_factory.mktemp("loop"), needs_human=True, canary_s=0.1)
+    agent = LiveAgent(server.address, "agent-l")
+    wait_for(lambda: connected(server, "agent-l"), what="agent")
+    agent.serve(3)
+    agent.handle.exporter.flush(5_000)
+    wait_for(lambda: traced_rows(server, "agent-l") >= 3, what="traces")
+    yield server, agent
+    agent.close()
+    server.stop(grace_s=0.5)
+
+
+def _plan(server, agent, **kw):
+    loop = server.state.control.loop
+    request = PlanRequest(agent_id=agent.agent_id, max_trials=1, budget=QualityBudget(**LOOSE_BUDGET),
+                          eval=token_eval_args(), **kw)
+    job = loop.wait(loop.trigger(request).job_id, timeout_s=60)
+    assert job.state.value == "done", job.message
+    return job
+
+
+def test_needs_human_then_operator_approval_rolls_out(review):
+    server, agent = review
+    control = server.state.control
+    job = _plan(server, agent)
+    assert job.decision == "needs_human" and job.plan_status == "needs_human"
+    (decision,) = control.plans.decisions(job.plan_id)
+    review_rule = next(r for r in decision.rules if r["rule_id"] == "review.exact-match")
+    assert review_rule["outcome"] == "needs_human" and review_rule["threshold"] == {"min": 1.5}
+    assert "review.exact-match" in decision.reason
+
+    with pytest.raises(LoopError, match="identity"):
+        control.loop.approve(job.plan_id, "", "no one")
+    rollout = control.loop.approve(job.plan_id, "bob", "read the continuations")
+    rollout = control.loop.wait(rollout.job_id, timeout_s=30)
+    assert rollout.state.value == "done" and rollout.plan_status == "applied", rollout.message
+    approvals = control.audit.rows(kind="APPROVED", subject=job.plan_id)
+    assert approvals[0].actor == "operator:bob" and approvals[0].details["reason"] == \
+        "read the continuations"
+    assert audit_kinds(control, job.plan_id)[-5:] == [
+        "POLICY_EVALUATED", "NEEDS_HUMAN", "APPROVED", "APPLY_REQUESTED", "APPLIED"]
+    control.loop.rollback(job.plan_id, "bob", "cleanup")
+
+
+def test_operator_rejection_and_rate_limit_context(review):
+    server, agent = review
+    control = server.state.control
+    job = _plan(server, agent, tenant="acme", route="/chat")
+    # The plan approved in the test before was applied once on this model: the rate limit saw it.
+    (decision,) = control.plans.decisions(job.plan_id)
+    rate = next(r for r in decision.rules if r["rule_id"] == "process.rate-limit")
+    assert rate["measured"] == 1
+    result = control.loop.reject(job.plan_id, "bob", "not now")
+    assert result["status"] == "rejected"
+    with pytest.raises(LoopError, match="rejected; operators approve"):
+        control.loop.approve(job.plan_id, "bob", "changed my mind")
+    assert audit_kinds(control, job.plan_id)[-2:] == ["NEEDS_HUMAN", "REJECTED"]
+
+
+def test_trigger_refusals(review):
+    server, agent = review
+    loop = server.state.control.loop
+    with pytest.raises(LoopError, match="no agent 'ghost'"):
+        loop.trigger(PlanRequest(agent_id="ghost"))
+    with pytest.raises(LoopError, match="no connected agent runs model 000000000000"):
+        loop.trigger(PlanRequest(fingerprint="0" * 64))
+    with pytest.raises(ValueError, match="eval: unknown field"):
+        loop.trigger(PlanRequest(agent_id="agent-l", eval={"sequences": 3}))
+
+
+def test_no_traces_fails_the_job_with_the_reason(review):
+    server, agent = review
+    loop = server.state.control.loop
+    job = loop.wait(loop.trigger(PlanRequest(agent_id="agent-l", query_class="never-seen",
+                                             eval=token_eval_args())).job_id, 30)
+    assert job.state.value == "failed" and "no traced requests" in job.message
+    assert "'never-seen'" in job.message
+
+
+def test_policy_folder_that_does_not_load_keeps_telemetry_and_reports(tmp_path):
+    server = start(tmp_path)
+    folder = tmp_path / "policies"
+    (folder / "loop.yaml").write_text("schema: headroom.policy/v1\nrules:\n  - id: x\n    kind: nope\n")
+    server.stop(grace_s=0.5)
+    server = start_with_folder(tmp_path, str(folder))
+    try:
+        policies = server.state.control.policies
+        assert policies.store is None and any("loop.yaml" in p for p in policies.problems)
+        with pytest.raises(LoopError, match="no policy set is loaded"):
+            policies.require()
+        agent = LiveAgent(server.address, "agent-p")
+        agent.serve(1)
+        agent.handle.exporter.flush(5_000)
+        wait_for(lambda: traced_rows(server, "agent-p") >= 1, what="telemetry still stored")
+        agent.close()
+        write_policies(folder)
+        assert policies.reload()["ok"] and policies.show()["loaded"]
+    finally:
+        server.stop(grace_s=0.5)
+
+
+def start_with_folder(tmp_path, folder: str):
+    from controlplane.server import start_server
+    from controlplane.settings import ServerSettings
+    from tests.controlplane.loopkit import control_settings
+    return start_server(ServerSettings(db_path=str(tmp_path / "cp2.duckdb"), port=0),
+                        control_settings(folder))
