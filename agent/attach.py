@@ -1,4 +1,5 @@
-"""`attach(model)`: adapters, observation, export and (without an address) an embedded control plane."""
+"""`attach(model)`: adapters, observation, export, the executor and its control handler, and
+(without an address) an embedded control plane."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,9 @@ from torch import nn
 
 from agent import wire
 from agent.adapters import resolve_structure
+from agent.control import ControlHandler
 from agent.embedded import EmbeddedControlPlane, start_embedded
+from agent.executor import Executor
 from agent.exporter import make_exporter
 from agent.fingerprint import model_info
 from agent.gpu import gpu_status, start_gpu_sampler
@@ -48,20 +51,24 @@ class _SharedEmbedded:
 _EMBEDDED = _SharedEmbedded()
 
 
-def attach(model: nn.Module, *, address: Optional[str] = None,
+def attach(model: nn.Module, *, tokenizer=None, address: Optional[str] = None,
            settings: Optional[AgentSettings] = None, tracer_provider=None,
            **overrides) -> AgentHandle:
     """Starts observing `model`; returns a handle whose detach() undoes everything.
 
-    address: "host:port" of a running control plane; None starts an embedded one on localhost
-    (DuckDB file: settings.embedded_db_path). Other keyword arguments are AgentSettings fields.
+    tokenizer: turns text eval sets of trials into token ids (optional: token-id eval sets
+    need none). address: "host:port" of a running control plane; None starts an embedded one
+    on localhost (DuckDB file: settings.embedded_db_path). Other keyword arguments are
+    AgentSettings fields. Plans and trials pushed by the control plane run between requests.
     """
     if settings is None:
         settings = AgentSettings.resolve(address=address, **overrides)
     elif address is not None or overrides:
         raise TypeError("pass either settings or individual setting arguments, not both")
     structure = resolve_structure(model)
-    info = model_info(model, structure)
+    info = model_info(model, structure)       # before any plan: names the unoptimised model
+    executor = Executor(model, structure, info.fingerprint)
+    control = ControlHandler(model, structure, executor, settings, tokenizer=tokenizer)
     embedded = None
     target = settings.address
     if settings.export_enabled and target is None:
@@ -69,7 +76,7 @@ def attach(model: nn.Module, *, address: Optional[str] = None,
         target = embedded.address
     status = gpu_status()
     hello = wire.make_hello(wire.default_agent_id(settings), info, status, settings)
-    exporter = make_exporter(settings, hello, target)
+    exporter = make_exporter(settings, hello, target, on_control=control.handle)
     sampler = start_gpu_sampler(exporter.submit_gpu, settings.gpu_sample_interval_ms)
 
     def on_detach() -> None:
@@ -78,8 +85,7 @@ def attach(model: nn.Module, *, address: Optional[str] = None,
         if embedded is not None:
             _EMBEDDED.release(embedded)
 
-    handle = AgentHandle(model, structure, settings, sink=exporter.submit, on_detach=on_detach,
-                         tracer_provider=tracer_provider)
-    handle.exporter, handle.model_info, handle.agent_id = exporter, info, hello.agent_id
-    handle.gpu_status, handle.target = status, target
-    return handle
+    return AgentHandle(model, structure, settings, sink=exporter.submit, on_detach=on_detach,
+                       tracer_provider=tracer_provider, executor=executor, control=control,
+                       exporter=exporter, model_info=info, agent_id=hello.agent_id,
+                       gpu_status=status, target=target)

@@ -1,4 +1,5 @@
-"""What `agent.attach(model)` returns: the observation hooks on one model, and their removal.
+"""What `agent.attach(model)` returns: the observation hooks on one model, its executor and
+control handler, and their removal.
 
     handle = AgentHandle(model, resolve_structure(model), AgentSettings.resolve(), sink=records.append)
     with handle.request(tenant="acme", route="/chat", query_class="qa"):
@@ -9,37 +10,114 @@ Thread-safety: one request at a time per model (the usual single serving loop pe
 Concurrent requests on one model from several threads are merged into whichever is open.
 No hook ever raises into the model: a failure is counted in `errors` and the request goes on
 untraced.
+
+Plans and trials (apply_plan, rollback, run_trial, and the same commands from the control
+plane) run only between requests: called while a request is open on another thread they wait
+for it to end; called from inside a request on its own thread they raise RuntimeError.
 """
 from __future__ import annotations
 
-from typing import Callable, ContextManager, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Callable, ContextManager, Mapping, Optional
 
 from torch import nn
 
 from agent.adapters.base import ModelStructure
+from agent.control import ControlHandler, ControlStats, EvalSpec, build_evalset, vocab_size
+from agent.executor import ApplyReport, Executor
+from agent.fingerprint import ModelInfo
+from agent.guard import GuardStats
 from agent.observe.requests import ErrorCount, RequestTracker, Sink
+from agent.plan import Plan
 from agent.settings import AgentSettings
+from agent.trial import EvalSet, Evidence
+from agent import wire
+
+PlanInput = Plan | Mapping[str, Any] | str | bytes
+
+
+@dataclass(frozen=True)
+class HandleStats:
+    requests_seen: int
+    errors: int
+    boundary_waits: int            # control work that waited for a request to end
+    traces_paused_skipped: int     # sampled requests not traced because a plan was active
+    guard: GuardStats
+    control: ControlStats
 
 
 class AgentHandle:
     def __init__(self, model: nn.Module, structure: ModelStructure, settings: AgentSettings,
                  sink: Sink, on_detach: Optional[Callable[[], None]] = None, *,
-                 tracer_provider=None):
-        """tracer_provider: an OpenTelemetry TracerProvider for request spans; None = global."""
+                 tracer_provider=None, executor: Optional[Executor] = None,
+                 control: Optional[ControlHandler] = None, exporter=None,
+                 model_info: Optional[ModelInfo] = None, agent_id: str = "",
+                 gpu_status: str = "", target: Optional[str] = None):
+        """tracer_provider: an OpenTelemetry TracerProvider for request spans; None = global.
+        control: bound here to this handle's request boundaries; replies go to exporter."""
         self.model = model
         self.structure = structure
         self.settings = settings
+        self.executor = executor
+        self.control = control
+        self.exporter = exporter
+        self.model_info = model_info
+        self.agent_id = agent_id
+        self.gpu_status = gpu_status
+        self.target = target
         self._on_detach = on_detach
         self._errors = ErrorCount()
         self._tracker = RequestTracker(model, structure, settings, sink, self._errors,
                                        tracer_provider=tracer_provider)
         self._tracker.attach()
+        if control is not None:
+            control.bind(self._tracker, exporter.send_reply if exporter is not None else None)
         self._attached = True
 
     def request(self, tenant: str = "", route: str = "", query_class: str = "") -> ContextManager[None]:
         """Bounds and labels one request; generate/forward calls inside it belong to it."""
         return self._tracker.request(tenant=tenant, route=route, query_class=query_class)
 
+    # ------------------------------------------------------------ plans, locally
+    def _control(self) -> ControlHandler:
+        if self.control is None:
+            raise RuntimeError("this handle has no executor (use agent.attach to get one)")
+        return self.control
+
+    def apply_plan(self, plan: PlanInput) -> ApplyReport:
+        """Validates and applies `plan` (a Plan, its document, or its JSON) at the next request
+        boundary, rolling back an active plan first. The control plane gets the PlanStatus
+        reports too. Raises PlanError (refused; nothing touched) or the apply's error."""
+        return self._control().apply_local(plan)
+
+    def rollback(self, reason: str = "") -> wire.PlanStatusReport:
+        """Rolls back the active plan at the next boundary (bitwise original); reported."""
+        control = self._control()
+        report = control.rollback(reason=reason)
+        control.reply(report)
+        return report
+
+    def run_trial(self, plan: PlanInput, evalset: EvalSet | Mapping[str, Any],
+                  latency_repeats: int = 3) -> Evidence:
+        """Measures `plan` against the unoptimised model at the next boundary; the model ends
+        as it was. evalset: an EvalSet, or an eval_json document (its latency_repeats wins)."""
+        control = self._control()
+        if not isinstance(evalset, EvalSet):
+            spec = EvalSpec.from_doc(evalset)
+            evalset = build_evalset(spec, control.tokenizer, vocab_size(self.model))
+            latency_repeats = spec.latency_repeats
+        return control.run_trial(plan, evalset, latency_repeats)
+
+    @property
+    def control_waiting(self) -> bool:
+        """A plan, trial or guard check is waiting for the open request to end."""
+        return self._tracker.control_waiting
+
+    @property
+    def active_plan(self) -> Optional[Plan]:
+        return self.executor.active_plan if self.executor is not None else None
+
+    # ------------------------------------------------------------ counters
     @property
     def requests_seen(self) -> int:
         """Requests completed and handed to the sink (those with at least one forward)."""
@@ -50,15 +128,28 @@ class AgentHandle:
         """Failures inside observation (hooks, sink), each caught and counted."""
         return self._errors.count
 
+    def stats(self) -> HandleStats:
+        c = self.control
+        guard = c.guard.stats if c is not None and c.guard is not None else GuardStats()
+        return HandleStats(requests_seen=self.requests_seen, errors=self.errors,
+                           boundary_waits=self._tracker.boundary_waits,
+                           traces_paused_skipped=self._tracker.traces_paused_skipped,
+                           guard=replace(guard),
+                           control=replace(c.stats) if c is not None else ControlStats())
+
     @property
     def attached(self) -> bool:
         return self._attached
 
     def detach(self) -> None:
-        """Removes every hook and the generate wrapper; idempotent."""
+        """Removes every hook and the generate wrapper, rolls back an active plan; idempotent."""
         if not self._attached:
             return
         self._attached = False
         self._tracker.detach()
-        if self._on_detach is not None:
-            self._on_detach()
+        try:
+            if self.control is not None:
+                self.control.close()
+        finally:
+            if self._on_detach is not None:
+                self._on_detach()

@@ -28,6 +28,15 @@ class AgentSettings:
     shutdown_timeout_ms: int = field(default=5_000, metadata={"env": "HEADROOM_SHUTDOWN_TIMEOUT_MS"})
     gpu_sample_interval_ms: int = field(default=1_000, metadata={"env": "HEADROOM_GPU_SAMPLE_INTERVAL_MS"})
     agent_id: Optional[str] = field(default=None, metadata={"env": "HEADROOM_AGENT_ID"})
+    # Live quality guard while a plan is active: every Nth finished request (0 = off) is re-run
+    # teacher-forced with and without the plan at the next boundary; top-1 agreement below
+    # guard_min_top1 rolls the plan back. At most guard_max_tokens (the last ones) are checked.
+    guard_every_n_requests: int = field(default=8, metadata={"env": "HEADROOM_GUARD_EVERY_N_REQUESTS"})
+    guard_min_top1: float = field(default=0.9, metadata={"env": "HEADROOM_GUARD_MIN_TOP1"})
+    guard_max_tokens: int = field(default=128, metadata={"env": "HEADROOM_GUARD_MAX_TOKENS"})
+    # Trials: unoptimised-side measurements kept per eval set (host memory: eval_tokens * vocab * 4 B each).
+    trial_baseline_cache_entries: int = field(default=2,
+                                              metadata={"env": "HEADROOM_TRIAL_BASELINE_CACHE_ENTRIES"})
 
     def __post_init__(self):
         problems = []
@@ -38,6 +47,14 @@ class AgentSettings:
                      "shutdown_timeout_ms", "gpu_sample_interval_ms"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)} must be > 0")
+        if not 0.0 <= self.guard_min_top1 <= 1.0:
+            problems.append(f"guard_min_top1={self.guard_min_top1} is not in [0, 1]")
+        if self.guard_every_n_requests < 0:
+            problems.append(f"guard_every_n_requests={self.guard_every_n_requests} must be >= 0 (0 = off)")
+        if self.guard_max_tokens < 2:
+            problems.append(f"guard_max_tokens={self.guard_max_tokens} must be >= 2")
+        if self.trial_baseline_cache_entries < 0:
+            problems.append(f"trial_baseline_cache_entries={self.trial_baseline_cache_entries} must be >= 0")
         if self.backoff_max_ms < self.backoff_initial_ms:
             problems.append("backoff_max_ms must be >= backoff_initial_ms")
         if problems:

@@ -2,6 +2,8 @@
 
 Order: baseline (unoptimised), apply, measure, rollback; the model ends as it started (an
 active plan is rolled back for the trial and re-applied after), unless `keep_applied`.
+`trial_with_baseline` skips the baseline step when given one measured earlier on the same
+eval set (a planner's search trials many plans against one eval set).
 
 - Teacher-forced held-out sequences: top-1 agreement, mean KL(base || plan), perplexity ratio.
   Baseline log-probs are kept on the host, fp32: eval_tokens * vocab * 4 bytes.
@@ -179,18 +181,47 @@ def _ppl(m: _Measured, seqs: list[torch.Tensor]) -> float:
     return math.exp(nll / max(n, 1))
 
 
+@dataclass
+class Baseline:
+    """The unoptimised side of a trial, reusable for later trials on the same eval set."""
+    measured: _Measured
+    weight_bytes: int
+    latency_repeats: int
+
+    def check_fits(self, ev: EvalSet, latency_repeats: int) -> None:
+        lens = [lp.shape[0] + 1 for lp in self.measured.logprobs]
+        if lens != [len(s) for s in ev.sequences] or len(self.measured.continuations) != len(ev.prompts) \
+                or self.latency_repeats != latency_repeats:
+            raise ValueError("baseline was measured on another eval set (sequence lengths, prompt "
+                             "count or latency_repeats differ)")
+
+
 def run_trial(model: nn.Module, structure: ModelStructure, executor: Executor, plan: Plan,
               eval: EvalSet, *, latency_repeats: int = 3, keep_applied: bool = False) -> Evidence:
+    return trial_with_baseline(model, structure, executor, plan, eval,
+                               latency_repeats=latency_repeats, keep_applied=keep_applied)[0]
+
+
+def trial_with_baseline(model: nn.Module, structure: ModelStructure, executor: Executor,
+                        plan: Plan, eval: EvalSet, *, latency_repeats: int = 3,
+                        keep_applied: bool = False,
+                        baseline: Baseline | None = None) -> tuple[Evidence, Baseline]:
+    """run_trial that reuses a `baseline` measured earlier on the same eval set (it is not
+    measured again) and returns the baseline it used, for the next trial."""
     executor.validate(plan)                      # refuse before spending a baseline
     vocab = model.get_output_embeddings().weight.shape[0] if hasattr(model, "get_output_embeddings") else 0
     if eval.eval_tokens * vocab * 4 > _MAX_BASELINE_BYTES:
         raise ValueError(f"eval set too large: {eval.eval_tokens} tokens x {vocab} vocab fp32 "
                          f"baseline log-probs exceed {_MAX_BASELINE_BYTES >> 30} GiB")
+    if baseline is not None:
+        baseline.check_fits(eval, latency_repeats)
     prior = executor.active_plan
     if prior is not None:
         executor.rollback()
     try:
-        base, bytes_base = _measure(model, eval, latency_repeats), weight_bytes(model)
+        if baseline is None:
+            baseline = Baseline(_measure(model, eval, latency_repeats), weight_bytes(model),
+                                latency_repeats)
         report = executor.apply(plan)
         try:
             planned, bytes_plan = _measure(model, eval, latency_repeats), weight_bytes(model)
@@ -200,7 +231,8 @@ def run_trial(model: nn.Module, structure: ModelStructure, executor: Executor, p
     finally:
         if prior is not None and not keep_applied:
             executor.apply(prior)
-    return _evidence(plan, structure, eval, base, planned, bytes_base, bytes_plan, report)
+    return _evidence(plan, structure, eval, baseline.measured, planned, baseline.weight_bytes,
+                     bytes_plan, report), baseline
 
 
 def _evidence(plan, s: ModelStructure, ev: EvalSet, base: _Measured, planned: _Measured,

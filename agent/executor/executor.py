@@ -4,6 +4,8 @@
     with ex.lock:                                      # the caller's request boundary
         report = ex.apply(plan)                        # PlanError: refused, model untouched
     ex.rollback()                                      # bitwise-identical original again
+    with ex.baseline():                                # the original for a moment, plan kept
+        reference = model(ids)
 
 Transforms run in `APPLY_ORDER`. Each records its changes in one UndoLog; if any transform
 fails, the log is undone before the error propagates, so a plan is all or nothing.
@@ -12,12 +14,13 @@ so a later transform (int8) rewrites what an earlier one (pruning) left in place
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from torch import nn
 
@@ -147,6 +150,23 @@ class Executor:
         with self.lock:
             self._rollback_locked()
 
+    @contextlib.contextmanager
+    def baseline(self) -> Iterator[None]:
+        """The unoptimised model inside the block (original module objects, bitwise); the plan's
+        own modules come back on exit without re-running its transforms. `active_plan` stays
+        set. Holds `lock`: do not apply or roll back inside the block."""
+        with self.lock:
+            if self._log is None:
+                yield
+                return
+            compiled = _stash_compiled(self.model)   # traced with the plan's modules
+            try:
+                with self._log.reverted():
+                    yield
+            finally:
+                _drop_compiled(self.model)
+                self.model.__dict__.update(compiled)
+
     def _rollback_locked(self) -> None:
         if self._log is not None:
             self._log.undo()
@@ -174,9 +194,16 @@ def _skipped(plan: Plan) -> set[int]:
     return set(skip.layers) if skip else set()
 
 
+_COMPILED_ATTRS = ("_compiled_call", "_last_compile_config")
+
+
+def _stash_compiled(model: nn.Module) -> dict[str, Any]:
+    return {n: model.__dict__.pop(n) for n in _COMPILED_ATTRS if n in model.__dict__}
+
+
 def _drop_compiled(model: nn.Module) -> None:
     """A compiled decode cached by generate() belongs to the modules it was traced with."""
-    for name in ("_compiled_call", "_last_compile_config"):
+    for name in _COMPILED_ATTRS:
         if name in model.__dict__:
             delattr(model, name)
 

@@ -4,11 +4,15 @@ Rollback restores the original module objects themselves (not copies), so the re
 model computes with the very same tensors and is bitwise identical to the unoptimised one.
 Originals that a swap removes from the live model are parked on the host CPU, where they
 take no accelerator memory, and moved back (an exact copy) on rollback.
+
+`reverted()` undoes every step for the duration of a block and redoes it on exit, with the
+same objects both ways, so the applied state comes back without re-running the transforms.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -77,3 +81,43 @@ class UndoLog:
                     delattr(step.obj, step.name)
             else:
                 setattr(step.obj, step.name, step.old)
+
+    @contextlib.contextmanager
+    def reverted(self) -> Iterator[None]:
+        """The state before every step inside the block; the steps' own objects back on exit."""
+        redo: list[tuple[_Swap | _SetAttr, Any, bool]] = []
+        try:
+            for step in reversed(self._steps):
+                redo.append(_revert(step))
+            yield
+        finally:
+            for step, current, unparked in reversed(redo):
+                _reapply(step, current, unparked, self.park_device)
+
+
+def _revert(step: _Swap | _SetAttr) -> tuple[_Swap | _SetAttr, Any, bool]:
+    """Puts `step.old` back; returns (step, what was there, whether `old` left the park)."""
+    current = getattr(step.obj if isinstance(step, _SetAttr) else step.parent, step.name, _MISSING)
+    unparked = False
+    if isinstance(step, _Swap):
+        if step.old_device is not None and module_device(step.old) != step.old_device:
+            step.old.to(step.old_device)
+            unparked = True
+        setattr(step.parent, step.name, step.old)
+    elif step.old is _MISSING:
+        if hasattr(step.obj, step.name):
+            delattr(step.obj, step.name)
+    else:
+        setattr(step.obj, step.name, step.old)
+    return step, current, unparked
+
+
+def _reapply(step: _Swap | _SetAttr, current: Any, unparked: bool, park: torch.device) -> None:
+    obj = step.obj if isinstance(step, _SetAttr) else step.parent
+    if current is _MISSING:
+        if hasattr(obj, step.name):
+            delattr(obj, step.name)
+    else:
+        setattr(obj, step.name, current)
+    if unparked:
+        step.old.to(park)

@@ -7,6 +7,16 @@ forward hook); per-layer hooks exist only while a sampled request runs (see trac
 
 Not thread-safe: one request at a time per model. Forwards from another thread while a
 request is open are counted into that request.
+
+Request boundaries (the executor's only windows): every request holds `_boundary` from open to
+close. A control thread (plan apply, rollback, trial, quality guard) takes it with
+`boundary()`, so it changes or runs the model only between requests. The serving thread never
+waits on network or disk because of this: the control side parses, tokenises and replies
+outside the boundary and holds it only for model work. A turnstile makes the handoff fair: a
+control thread waiting for the boundary gets it at the next request end, and a serving loop
+then waits at its next request open for at most that one trial / apply / guard check.
+Model calls made by the thread holding the boundary are not requests: they are neither
+recorded nor traced.
 """
 from __future__ import annotations
 
@@ -17,6 +27,7 @@ import itertools
 import logging
 import math
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
@@ -63,16 +74,38 @@ class _Request:
     prompt_tokens: int = 0
     first_end_ns: int = 0
     last_end_ns: int = 0
+    # Token ids for the quality guard, captured only while `capture_ids` is on: references,
+    # no copies: generate()'s return value, else the first and last top-level forward inputs.
+    output: object = None
+    first_input: Optional[torch.Tensor] = None
+    last_input: Optional[torch.Tensor] = None
+
+    def token_ids(self):
+        """generate()'s output, else the longer of the first and last forward inputs."""
+        if self.output is not None:
+            return self.output
+        first, last = self.first_input, self.last_input
+        if last is not None and (first is None or last.shape[-1] >= first.shape[-1]):
+            return last
+        return first
+
+
+def _input_ids(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    x = kwargs.get("input_ids", kwargs.get("idx", args[0] if args else None))
+    return x if isinstance(x, torch.Tensor) else None
 
 
 def _input_shape(args: tuple, kwargs: dict) -> tuple[int, int]:
     """(batch, tokens) of a forward's input ids (or embeddings); (1, 0) if neither is found."""
-    x = kwargs.get("input_ids", kwargs.get("idx", args[0] if args else None))
-    if not isinstance(x, torch.Tensor):
+    x = _input_ids(args, kwargs)
+    if x is None:
         x = kwargs.get("inputs_embeds")
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         return 1, 0
     return int(x.shape[0]), int(x.shape[1])
+
+
+FinishedCallback = Callable[[int, object], None]
 
 
 @dataclass
@@ -101,6 +134,18 @@ class RequestTracker:
         self._hooks: list = []
         self._saved_generate = None     # an instance attribute `generate` that was there before
         self.requests_seen = 0
+        # Boundaries (module docstring). Lock, not RLock: a request may close on another thread.
+        self._turnstile, self._boundary = threading.Lock(), threading.Lock()
+        self._control_thread: Optional[int] = None    # holder of boundary(), if any
+        self._request_thread: Optional[int] = None    # thread that opened the active request
+        self._control_waiting = 0
+        self.boundary_waits = 0         # boundary() calls that found the model busy (request or control)
+        # While a plan is active the adapter's structure no longer matches the swapped modules:
+        # sampled requests get cheap metrics only, counted in traces_paused_skipped.
+        self.traces_paused = False
+        self.traces_paused_skipped = 0
+        self.capture_ids = False        # keep token id references for on_finished (guard)
+        self.on_finished: Optional[FinishedCallback] = None   # (request_id, token ids)
 
     # --- attach / detach ------------------------------------------------------------------
 
@@ -112,6 +157,11 @@ class RequestTracker:
         if callable(original):
             self._saved_generate = m.__dict__.get("generate")
             m.generate = self._wrap_generate(original)
+
+    def _note_output(self, req: Optional[_Request], out):
+        if self.capture_ids and req is not None:
+            req.output = out
+        return out
 
     def detach(self) -> None:
         for h in self._hooks:
@@ -128,22 +178,70 @@ class RequestTracker:
     def _wrap_generate(self, original: Callable) -> Callable:
         @functools.wraps(original)
         def generate(*args, **kwargs):
-            if self._active is not None:
+            if self._bypass():
                 return original(*args, **kwargs)
+            if self._active is not None:
+                return self._note_output(self._active, original(*args, **kwargs))
             req = self._open(Owner.GENERATE, Labels())
             try:
-                return original(*args, **kwargs)
+                return self._note_output(req, original(*args, **kwargs))
             finally:
                 self._close(req)
         generate.__headroom_wrapper__ = True
         return generate
+
+    # --- control boundaries ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def boundary(self) -> Iterator[None]:
+        """Holds the model between two requests (waits for the open one to end). Re-entrant
+        for its holder; raises on the thread of an open request, which would wait for itself."""
+        me = threading.get_ident()
+        if self._control_thread == me:
+            yield
+            return
+        if self._active is not None and self._request_thread == me:
+            raise RuntimeError("headroom: plans and trials run between requests; this thread is "
+                               "inside a request (call it after the request ends)")
+        self._control_waiting += 1
+        try:
+            with self._turnstile:
+                if not self._boundary.acquire(blocking=False):
+                    self.boundary_waits += 1
+                    self._boundary.acquire()
+        finally:
+            self._control_waiting -= 1
+        self._control_thread = me
+        try:
+            yield
+        finally:
+            self._control_thread = None
+            self._boundary.release()
+
+    @property
+    def control_waiting(self) -> bool:
+        """A control thread is waiting for the open request to end."""
+        return self._control_waiting > 0
+
+    def _bypass(self) -> bool:
+        """This thread holds boundary(): its model calls are control work, not requests."""
+        return self._control_thread is not None and self._control_thread == threading.get_ident()
+
+    def _enter_boundary(self) -> None:
+        with self._turnstile:
+            self._boundary.acquire()
+        self._request_thread = threading.get_ident()
+
+    def _leave_boundary(self) -> None:
+        self._request_thread = None
+        self._boundary.release()
 
     # --- request boundaries ---------------------------------------------------------------
 
     @contextlib.contextmanager
     def request(self, tenant: str = "", route: str = "", query_class: str = "") -> Iterator[None]:
         """Labels and bounds one request; a nested call joins the open request (labels ignored)."""
-        if self._active is not None:
+        if self._active is not None or self._bypass():
             yield
             return
         req = self._open(Owner.CONTEXT, Labels(tenant, route, query_class))
@@ -153,8 +251,12 @@ class RequestTracker:
             self._close(req)
 
     def _open(self, owner: Owner, labels: Labels) -> Optional[_Request]:
+        self._enter_boundary()
         try:
             traced = self._rng.random() < self._settings.sample_rate
+            if traced and self.traces_paused:
+                traced = False
+                self.traces_paused_skipped += 1
             trace = TraceCollector(self._structure, self._device, self._settings.attn_decode_stride,
                                    self._errors) if traced else None
             self._active = _Request(next(self._ids), owner, labels, time.perf_counter_ns(),
@@ -162,6 +264,7 @@ class RequestTracker:
         except Exception as exc:  # noqa: BLE001 - never raise into the caller's model call
             self._errors(exc)
             self._active = None
+            self._leave_boundary()
         return self._active
 
     def _close(self, req: Optional[_Request], emit: bool = True) -> None:
@@ -170,17 +273,29 @@ class RequestTracker:
         self._active = None
         try:
             end_ns = time.perf_counter_ns()
+            # Before the boundary opens: trace hooks sit on modules a plan may swap out.
             trace = req.trace.finish() if req.trace is not None else None
-            if emit and req.forwards > 0:
-                self._emit(req, end_ns, trace)
         except Exception as exc:  # noqa: BLE001
             if req.trace is not None:
                 req.trace.remove_hooks()
+            self._errors(exc)
+            return
+        finally:
+            self._leave_boundary()
+        if not (emit and req.forwards > 0):
+            return
+        try:
+            self._emit(req, end_ns, trace)
+            if self.on_finished is not None:
+                self.on_finished(req.request_id, req.token_ids())
+        except Exception as exc:  # noqa: BLE001
             self._errors(exc)
 
     # --- top-level hooks (always on: a few attribute updates per forward) -----------------
 
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._control_thread is not None and self._bypass():
+            return None
         self._depth += 1
         if self._depth != 1:
             return None
@@ -190,6 +305,11 @@ class RequestTracker:
                 return None
             if req.started_forwards == 0:
                 req.batch_size, req.prompt_tokens = _input_shape(args, kwargs)
+            if self.capture_ids:
+                ids = _input_ids(args, kwargs)
+                if req.started_forwards == 0:
+                    req.first_input = ids
+                req.last_input = ids
             if req.trace is not None:
                 req.trace.begin_forward(req.started_forwards)
             req.started_forwards += 1
@@ -199,6 +319,8 @@ class RequestTracker:
 
     def _post_forward(self, module: nn.Module, args: tuple, output) -> None:
         # always_call: runs even when forward raised, with output None, so the depth stays right.
+        if self._control_thread is not None and self._bypass():
+            return None
         self._depth = max(0, self._depth - 1)
         req = self._active
         if self._depth != 0 or req is None:

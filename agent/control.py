@@ -1,0 +1,473 @@
+"""The agent's side of the closed loop: ApplyPlan, TrialRequest and Rollback from the control
+plane, answered with PlanStatusReport and TrialResultReport.
+
+`ControlHandler.handle` is the exporter's on_control: it runs on the exporter's control thread,
+one command at a time, in order. Parsing, validation, tokenising and replies happen outside the
+request boundary; only model work (apply, rollback, trial) holds it (observe/requests.py), so a
+plan changes the model between two requests and never inside one. Nothing here raises into the
+model or the exporter: every failure becomes a reply (and a log line).
+
+While a plan is active: cheap request metrics go on; full traces are paused (the adapter's
+structure points at the modules the plan swapped out; counted in the tracker's
+`traces_paused_skipped`) and resume on rollback; the live quality guard (guard.py) re-checks
+served requests. The model fingerprint stays the unoptimised model's.
+
+PlanStatusReport.detail is JSON:
+- APPLIED: the ApplyReport's fields; "already_active": true when that very plan was active.
+- REFUSED: {"problems": [...]} (every reason; no weight was touched).
+- FAILED: {"error": "..."} (apply is atomic: the model is left unoptimised).
+- ROLLED_BACK: {"cause": Cause, ...}; "replaced" (by "by"), "control_plane" ("reason",
+  "was_active": false when the plan named was not the active one), "quality_guard" ("top1",
+  "threshold", "request_id"), "trial" (a trial could not re-apply it), "detach".
+
+eval_json of a TrialRequest (every field optional; defaults shown):
+    {"token_sequences": [[ids]], "token_prompts": [[ids]], "texts": [str], "seq_len": 64,
+     "max_sequences": 4, "prompts": 2 (count cut from texts) or [str], "prompt_tokens": 16,
+     "new_tokens": 12, "latency_repeats": 3}
+Token ids win over texts (controlplane/evalsets.py sends either): held-out sequences are
+token_sequences, else up to max_sequences seq_len-token chunks of the texts; prompts are
+token_prompts, else prompt strings, else `prompts` chunks cut from the texts after the
+sequences, else the first prompt_tokens of the first `prompts` token_sequences. Texts and
+prompt strings need the tokenizer given to attach(). At least one sequence (>= 2 tokens) and
+one prompt are required.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from agent import wire
+from agent.adapters.base import ModelStructure
+from agent.executor import ApplyReport, Executor
+from agent.guard import GuardResult, QualityGuard
+from agent.observe.requests import RequestTracker
+from agent.plan import Plan, PlanError
+from agent.settings import AgentSettings
+from agent.trial import Baseline, EvalSet, Evidence, trial_with_baseline
+
+log = logging.getLogger("headroom.control")
+
+BIND_TIMEOUT_S = 30.0      # a command arriving while attach() is still wiring up waits this long
+HISTORY_MAX = 256          # replies kept on the handle for inspection
+
+
+class Cause(str, enum.Enum):
+    """Why a plan stopped serving (ROLLED_BACK detail "cause")."""
+    CONTROL_PLANE = "control_plane"
+    REPLACED = "replaced"
+    QUALITY_GUARD = "quality_guard"
+    TRIAL = "trial"
+    DETACH = "detach"
+    LOCAL = "local"
+
+
+# ---------------------------------------------------------------------------- eval sets
+class EvalSpecError(ValueError):
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("eval_json refused: " + "; ".join(self.problems))
+
+
+_TokenLists = tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    token_sequences: _TokenLists = ()
+    token_prompts: _TokenLists = ()
+    texts: tuple[str, ...] = ()
+    seq_len: int = 64
+    max_sequences: int = 4
+    prompts: int | tuple[str, ...] = 2
+    prompt_tokens: int = 16
+    new_tokens: int = 12
+    latency_repeats: int = 3
+
+    @staticmethod
+    def from_json(text: str) -> "EvalSpec":
+        try:
+            doc = json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError as e:
+            raise EvalSpecError([f"not JSON: line {e.lineno}, column {e.colno}: {e.msg}"]) from e
+        if not isinstance(doc, dict):
+            raise EvalSpecError([f"must be a JSON object, got {type(doc).__name__}"])
+        return EvalSpec.from_doc(doc)
+
+    @staticmethod
+    def from_doc(doc: Mapping[str, Any]) -> "EvalSpec":
+        problems: list[str] = []
+        names = {f.name for f in dataclasses.fields(EvalSpec)}
+        problems += [f"unknown field {k!r}" for k in sorted(doc.keys() - names)]
+        values = {k: _token_lists(doc[k], k, problems) for k in ("token_sequences", "token_prompts")
+                  if k in doc}
+        if "texts" in doc:
+            values["texts"] = _strings(doc["texts"], "texts", problems)
+        for k in ("seq_len", "max_sequences", "prompt_tokens", "new_tokens", "latency_repeats"):
+            if k in doc:
+                values[k] = _positive_int(doc[k], k, problems, minimum=2 if k == "seq_len" else 1)
+        if "prompts" in doc:
+            p = doc["prompts"]
+            values["prompts"] = (_positive_int(p, "prompts", problems, minimum=0)
+                                 if not isinstance(p, list) else _strings(p, "prompts", problems))
+        if problems:
+            raise EvalSpecError(problems)
+        return EvalSpec(**values)
+
+
+def _positive_int(v: Any, where: str, problems: list[str], minimum: int) -> int:
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= minimum):
+        problems.append(f"{where}: must be an integer >= {minimum}, got {v!r}")
+        return minimum
+    return v
+
+
+def _strings(v: Any, where: str, problems: list[str]) -> tuple[str, ...]:
+    if not (isinstance(v, list) and all(isinstance(s, str) for s in v)):
+        problems.append(f"{where}: must be a list of strings")
+        return ()
+    return tuple(v)
+
+
+def _token_lists(v: Any, where: str, problems: list[str]) -> _TokenLists:
+    if not isinstance(v, list):
+        problems.append(f"{where}: must be a list of token id lists")
+        return ()
+    out = []
+    for i, ids in enumerate(v):
+        if not (isinstance(ids, list) and ids and all(isinstance(t, int) and not isinstance(t, bool)
+                                                      and t >= 0 for t in ids)):
+            problems.append(f"{where}[{i}]: must be a non-empty list of token ids (integers >= 0)")
+            continue
+        out.append(tuple(ids))
+    return tuple(out)
+
+
+def vocab_size(model: nn.Module) -> Optional[int]:
+    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return int(emb.weight.shape[0])
+    return getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def build_evalset(spec: EvalSpec, tokenizer, vocab: Optional[int]) -> EvalSet:
+    """The EvalSet a spec describes (token ids win over texts); EvalSpecError otherwise."""
+    seqs = [torch.tensor(s) for s in spec.token_sequences]
+    prompts = [torch.tensor(p) for p in spec.token_prompts]
+    text_prompts = isinstance(spec.prompts, tuple) and bool(spec.prompts)
+    need_texts = bool(spec.texts) and (not seqs or (not prompts and not text_prompts))
+    if (need_texts or (text_prompts and not prompts)) and tokenizer is None:
+        raise EvalSpecError(["texts / prompt strings need a tokenizer: attach(model, tokenizer=...)"])
+    if need_texts or (text_prompts and not prompts and spec.texts):
+        try:
+            ev = EvalSet.from_texts(tokenizer, spec.texts, spec.seq_len,
+                                    0 if prompts else spec.prompts, spec.new_tokens,
+                                    spec.max_sequences, spec.prompt_tokens)
+        except ValueError as e:
+            raise EvalSpecError([f"texts: {e}"]) from e
+        seqs, prompts = seqs or ev.sequences, prompts or ev.prompts
+    elif text_prompts and not prompts:
+        prompts = [torch.tensor(tokenizer(p)["input_ids"]) for p in spec.prompts]
+    if not prompts and isinstance(spec.prompts, int):
+        prompts = [s[:spec.prompt_tokens] for s in seqs[:spec.prompts]]
+    problems = _check_ids(seqs, "sequences", vocab, 2) + _check_ids(prompts, "prompts", vocab, 1)
+    if not seqs:
+        problems.append("no held-out sequences: give token_sequences or texts")
+    if not prompts:
+        problems.append("no prompts: give token_prompts, prompt strings, or prompts > 0")
+    if problems:
+        raise EvalSpecError(problems)
+    return EvalSet(sequences=seqs, prompts=prompts, new_tokens=spec.new_tokens)
+
+
+def _check_ids(ts: list[torch.Tensor], where: str, vocab: Optional[int], min_len: int) -> list[str]:
+    problems = []
+    for i, t in enumerate(ts):
+        if len(t) < min_len:
+            problems.append(f"{where}[{i}]: {len(t)} token(s), needs at least {min_len}")
+        elif vocab is not None and int(t.max()) >= vocab:
+            problems.append(f"{where}[{i}]: token id {int(t.max())} out of range (model vocab {vocab})")
+    return problems
+
+
+def evalset_hash(ev: EvalSet, latency_repeats: int) -> str:
+    """Identity of an eval set's token ids and settings: the baseline cache's key."""
+    h = hashlib.sha256(f"{ev.new_tokens}|{latency_repeats}|{len(ev.sequences)}|".encode())
+    for t in list(ev.sequences) + ["|"] + list(ev.prompts):
+        h.update(b"|" if isinstance(t, str) else
+                 f"{len(t)}:".encode() + t.to(torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- plans
+def parse_plan(msg: wire.PlanMessage) -> Plan:
+    """The plan a message carries; PlanError if the document, its hash or its id disagree."""
+    plan = Plan.from_json(msg.document_json)
+    problems = []
+    if msg.sha256 and msg.sha256 != plan.hash:
+        problems.append(f"sha256: the message says {msg.sha256[:12]}…, the document hashes to "
+                        f"{plan.hash[:12]}… (altered in transit, or another canonical form)")
+    if msg.plan_id and msg.plan_id != plan.plan_id:
+        problems.append(f"plan_id: the message says {msg.plan_id!r}, the document {plan.plan_id!r}")
+    if msg.version and msg.version != plan.version:
+        problems.append(f"version: the message says {msg.version}, the document {plan.version}")
+    if problems:
+        raise PlanError(problems, plan.plan_id)
+    return plan
+
+
+def as_plan(plan: Plan | Mapping[str, Any] | str | bytes) -> Plan:
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, Mapping):
+        return Plan.from_doc(dict(plan))
+    return Plan.from_json(plan)
+
+
+def plan_message(plan: Plan | Mapping[str, Any] | str | bytes) -> wire.PlanMessage:
+    p = as_plan(plan)
+    return wire.PlanMessage(p.plan_id, p.version, p.to_json(), p.hash)
+
+
+# ---------------------------------------------------------------------------- the handler
+@dataclass
+class ControlStats:
+    commands: int = 0
+    applied: int = 0
+    refused: int = 0
+    failed: int = 0
+    rolled_back: int = 0
+    trials: int = 0
+    trial_errors: int = 0
+    baseline_cache_hits: int = 0
+    errors: int = 0          # exceptions caught outside the expected paths (bugs); logged
+
+
+@dataclass
+class ApplyOutcome:
+    reports: list[wire.PlanStatusReport]
+    report: Optional[ApplyReport] = None
+    error: Optional[Exception] = None
+
+
+def _detail(d: Mapping[str, Any]) -> str:
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+class ControlHandler:
+    """See the module docstring. bind() must be called (attach does) before commands run."""
+
+    def __init__(self, model: nn.Module, structure: ModelStructure, executor: Executor,
+                 settings: AgentSettings, *, tokenizer=None):
+        self.model, self.structure, self.executor = model, structure, executor
+        self.settings, self.tokenizer = settings, tokenizer
+        self.stats = ControlStats()
+        self.history: collections.deque = collections.deque(maxlen=HISTORY_MAX)
+        self.guard: Optional[QualityGuard] = None
+        self._tracker: Optional[RequestTracker] = None
+        self._send = None
+        self._bound = threading.Event()
+        self._closed = False
+        self._last_apply: Optional[ApplyReport] = None
+        self._baselines: "collections.OrderedDict[tuple, Baseline]" = collections.OrderedDict()
+
+    def bind(self, tracker: RequestTracker, send) -> None:
+        """Wires the request boundaries, the guard and the reply channel (send(Reply))."""
+        self._tracker, self._send = tracker, send
+        self.guard = QualityGuard(self.model, self.executor, self.settings, tracker.boundary,
+                                  self._guard_breach)
+        tracker.on_finished = self.guard.on_request_finished
+        self._bound.set()
+
+    # ------------------------------------------------------------ exporter thread entry
+    def handle(self, command: wire.ControlCommand) -> None:
+        """on_control: runs the command and sends its replies; never raises."""
+        self.stats.commands += 1
+        try:
+            if not self._bound.wait(BIND_TIMEOUT_S):
+                raise RuntimeError("control handler was never bound to a request tracker")
+            for reply in self._run(command):
+                self.reply(reply)
+        except Exception:  # noqa: BLE001 - the model keeps serving whatever happens
+            self.stats.errors += 1
+            log.exception("headroom control: %s failed", type(command).__name__)
+
+    def _run(self, command: wire.ControlCommand) -> list[wire.Reply]:
+        if self._closed:
+            raise RuntimeError(f"agent detached; {type(command).__name__} ignored")
+        if isinstance(command, wire.TrialRequest):
+            return [self.trial(command)]
+        if isinstance(command, wire.ApplyPlan):
+            return list(self.apply(command.plan).reports)
+        if isinstance(command, wire.Rollback):
+            return [self.rollback(command.plan_id, command.reason, Cause.CONTROL_PLANE)]
+        raise TypeError(f"unknown control command {type(command).__name__}")
+
+    def reply(self, reply: wire.Reply) -> None:
+        self.history.append(reply)
+        try:
+            if self._send is not None:
+                self._send(reply)
+        except Exception:  # noqa: BLE001
+            self.stats.errors += 1
+            log.exception("headroom control: sending %s failed", type(reply).__name__)
+
+    # ------------------------------------------------------------ apply
+    def apply(self, msg: wire.PlanMessage) -> ApplyOutcome:
+        try:
+            plan = parse_plan(msg)
+            self.executor.validate(plan)      # outside the boundary: reads the structure only
+        except PlanError as e:
+            self.stats.refused += 1
+            return ApplyOutcome([wire.PlanStatusReport(msg.plan_id, msg.sha256, wire.PlanState.REFUSED,
+                                                       _detail({"problems": e.problems}))], error=e)
+        with self._tracker.boundary():
+            return self._apply_at_boundary(plan)
+
+    def _apply_at_boundary(self, plan: Plan) -> ApplyOutcome:
+        active = self.executor.active_plan
+        if active is not None and active.hash == plan.hash and self._last_apply is not None:
+            detail = {**dataclasses.asdict(self._last_apply), "already_active": True}
+            return ApplyOutcome([self._status(plan, wire.PlanState.APPLIED, detail)], self._last_apply)
+        reports = []
+        if active is not None:
+            reports.append(self._rollback_at_boundary(active, {"cause": Cause.REPLACED.value,
+                                                               "by": plan.plan_id}))
+        try:
+            report = self.executor.apply(plan)
+        except Exception as e:  # noqa: BLE001 - TransformError etc.: apply restored the model
+            self.stats.failed += 1
+            reports.append(self._status(plan, wire.PlanState.FAILED,
+                                        {"error": f"{type(e).__name__}: {e}"}))
+            return ApplyOutcome(reports, error=e)
+        finally:
+            self._sync()
+        self.stats.applied += 1
+        self._last_apply = report
+        reports.append(self._status(plan, wire.PlanState.APPLIED, dataclasses.asdict(report)))
+        return ApplyOutcome(reports, report)
+
+    def apply_local(self, plan: Plan | Mapping[str, Any] | str | bytes) -> ApplyReport:
+        """apply() for a plan given in process; reports go to the control plane as well.
+        Raises PlanError (refused) or the apply's error (model left unoptimised)."""
+        outcome = self.apply(plan_message(plan))
+        for r in outcome.reports:
+            self.reply(r)
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.report
+
+    # ------------------------------------------------------------ rollback
+    def rollback(self, plan_id: str = "", reason: str = "", cause: Cause = Cause.LOCAL
+                 ) -> wire.PlanStatusReport:
+        """Rolls back the active plan (if `plan_id` is given, only if it is that plan)."""
+        with self._tracker.boundary():
+            active = self.executor.active_plan
+            if active is None or (plan_id and active.plan_id != plan_id):
+                return wire.PlanStatusReport(plan_id, "", wire.PlanState.ROLLED_BACK, _detail(
+                    {"cause": cause.value, "reason": reason, "was_active": False,
+                     "active_plan": active.plan_id if active else None}))
+            return self._rollback_at_boundary(active, {"cause": cause.value, "reason": reason,
+                                                       "was_active": True})
+
+    def _rollback_at_boundary(self, plan: Plan, detail: dict) -> wire.PlanStatusReport:
+        try:
+            self.executor.rollback()
+        except Exception as e:  # noqa: BLE001
+            self.stats.failed += 1
+            return self._status(plan, wire.PlanState.FAILED,
+                                {**detail, "error": f"rollback failed: {type(e).__name__}: {e}"})
+        finally:
+            self._sync()
+        self.stats.rolled_back += 1
+        return self._status(plan, wire.PlanState.ROLLED_BACK, detail)
+
+    def _guard_breach(self, plan: Plan, result: GuardResult) -> None:
+        """Called by the guard while it holds the boundary."""
+        if self.executor.active_plan is plan:
+            self.reply(self._rollback_at_boundary(plan, {
+                "cause": Cause.QUALITY_GUARD.value, "top1": result.top1,
+                "threshold": result.threshold, "request_id": result.request_id}))
+
+    def _sync(self) -> None:
+        """Traces, token capture and the guard follow whichever plan is active now."""
+        plan = self.executor.active_plan
+        self._tracker.traces_paused = self._tracker.capture_ids = plan is not None
+        if self.guard is not None:
+            self.guard.watch(plan)
+
+    def _status(self, plan: Plan, state: int, detail: Mapping[str, Any]) -> wire.PlanStatusReport:
+        return wire.PlanStatusReport(plan.plan_id, plan.hash, state, _detail(detail))
+
+    # ------------------------------------------------------------ trials
+    def trial(self, cmd: wire.TrialRequest) -> wire.TrialResultReport:
+        self.stats.trials += 1
+        try:
+            plan = parse_plan(cmd.plan)
+            spec = EvalSpec.from_json(cmd.eval_json)
+            ev = build_evalset(spec, self.tokenizer, vocab_size(self.model))
+            evidence = self.run_trial(plan, ev, spec.latency_repeats)
+            return wire.TrialResultReport(cmd.trial_id, evidence_json=evidence.to_json())
+        except Exception as e:  # noqa: BLE001 - PlanError, EvalSpecError, model errors: all replied
+            self.stats.trial_errors += 1
+            if not isinstance(e, (PlanError, EvalSpecError)):
+                log.warning("headroom control: trial %s failed", cmd.trial_id, exc_info=True)
+            msg = str(e) if isinstance(e, (PlanError, EvalSpecError)) else f"{type(e).__name__}: {e}"
+            return wire.TrialResultReport(cmd.trial_id, error=msg)
+
+    def run_trial(self, plan: Plan | Mapping[str, Any] | str | bytes, ev: EvalSet,
+                  latency_repeats: int = 3) -> Evidence:
+        """One trial at the next boundary, reusing the baseline of an earlier trial on the same
+        eval set while the same plan (or none) is active."""
+        plan = as_plan(plan)
+        ev_hash = evalset_hash(ev, latency_repeats)
+        with self._tracker.boundary():
+            before = self.executor.active_plan
+            key = (ev_hash, before.hash if before is not None else None)
+            cached = self._baselines.get(key)
+            try:
+                evidence, base = trial_with_baseline(self.model, self.structure, self.executor, plan,
+                                                     ev, latency_repeats=latency_repeats,
+                                                     baseline=cached)
+            finally:
+                self._after_trial(before)
+            self._remember(key, base)
+        if cached is not None:
+            self.stats.baseline_cache_hits += 1
+            evidence.notes.append("baseline: reused from an earlier trial on the same eval set")
+        return evidence
+
+    def _after_trial(self, before: Optional[Plan]) -> None:
+        if before is not None and self.executor.active_plan is not before:
+            self.reply(self._status(before, wire.PlanState.ROLLED_BACK, {
+                "cause": Cause.TRIAL.value, "reason": "the trial could not re-apply it"}))
+        self._sync()
+
+    def _remember(self, key: tuple, base: Baseline) -> None:
+        limit = self.settings.trial_baseline_cache_entries
+        self._baselines[key] = base
+        self._baselines.move_to_end(key)
+        while len(self._baselines) > limit:
+            self._baselines.popitem(last=False)
+
+    # ------------------------------------------------------------ detach
+    def close(self) -> None:
+        """Stops the guard and rolls back an active plan (detach leaves the model as it was)."""
+        self._closed = True
+        if self.guard is not None:
+            self.guard.close()
+        if self._tracker is None:
+            return
+        with self._tracker.boundary():
+            active = self.executor.active_plan
+            if active is not None:
+                self.reply(self._rollback_at_boundary(active, {"cause": Cause.DETACH.value}))

@@ -1,0 +1,179 @@
+"""The demo's second half: the control plane plans, decides and rolls out; then a rollback.
+
+Every figure printed is measured in this run: trials report the agent's own side-by-side
+measurements (unoptimised and with the plan, same prompts, same held-out text).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from controlplane.admin import AdminClient
+from workloads import report
+from workloads.prompts import PROMPTS, chat_ids
+
+# Held-out evaluation sent with every trial: 16 x 128 teacher-forced tokens (the default
+# policy asks for at least 2048), 2 prompts greedily continued for exact match and latency.
+EVAL = {"seq_len": 129, "max_sequences": 16, "prompts": 2, "prompt_tokens": 16,
+        "new_tokens": 12, "latency_repeats": 3}
+POLL_S = 2.0
+
+
+def static_int8_plan(handle) -> dict:
+    """What a user would do today without headroom: int8 weights everywhere."""
+    layers = {str(i): "int8" for i in range(handle.structure.num_layers)}
+    return {"schema": "headroom.plan/v1", "plan_id": "static-int8", "version": 1,
+            "model_fingerprint": handle.model_info.fingerprint, "query_classes": [],
+            "mode": "structural", "notes": "static int8 baseline",
+            "transforms": [{"kind": "weight_precision", "layers": layers}]}
+
+
+def wait_job(admin: AdminClient, job_id: str, serve=None, timeout_s: float = 1800) -> dict:
+    """Polls a control-plane job; `serve()` runs between polls (requests the canary watches)."""
+    deadline, seen = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        job = admin.call("plan.status", {"job_id": job_id})
+        progress = (job["stage"], job["trials"], job["state"])
+        if progress != seen:
+            print(f"  job {job_id}: stage={job['stage']} trials={job['trials']} state={job['state']}")
+            seen = progress
+        if job["state"] != "running":
+            return job
+        if serve is not None and job["stage"] == "rolling_out":
+            serve()
+        else:
+            time.sleep(POLL_S)
+    raise TimeoutError(f"job {job_id} still running after {timeout_s:.0f} s")
+
+
+def greedy_probe(model, tok) -> torch.Tensor:
+    ids = chat_ids(tok, PROMPTS[0].text)
+    return model.generate(ids, max_new_tokens=16, do_sample=False)
+
+
+def serve_some(handle, model, tok, n: int = 2) -> None:
+    for prompt in PROMPTS[:n]:
+        with handle.request(tenant="demo", route="/chat", query_class=prompt.query_class.value):
+            model.generate(chat_ids(tok, prompt.text), max_new_tokens=12, do_sample=False)
+
+
+def run_loop(handle, model, tok, args, operator: str) -> None:
+    before = greedy_probe(model, tok)
+    print("\n== static int8 baseline (trial on the agent, same held-out eval) ==")
+    rows = []
+    int8 = handle.run_trial(static_int8_plan(handle), EVAL)
+    rows.append(("unoptimised", _base_side(int8)))
+    rows.append(("static int8 (all layers)", _plan_side(int8)))
+    with AdminClient(handle.target, actor=operator, timeout_s=120) as admin:
+        job = _plan(admin, handle, model, tok, args)
+        best = job.get("plan_id")
+        if best:
+            rows += _decide_and_apply(admin, handle, model, tok, job)
+            _rollback(admin, handle, model, tok, best, before)
+        _print_decisions(admin)
+        verdict = admin.call("audit.verify", {})
+        print(f"\naudit chain: {'verified' if verdict['ok'] else 'BROKEN'} "
+              f"({verdict['rows_checked']} rows)" + ("" if verdict["ok"] else f": {verdict['reason']}"))
+    _print_table(rows)
+
+
+def _plan(admin: AdminClient, handle, model, tok, args) -> dict:
+    print(f"\n== planning: up to {args.max_trials} trials, budget top-1 >= {args.min_top1}, "
+          f"perplexity ratio <= {args.max_ppl_ratio} ==")
+    job = admin.call("plan.trigger", {
+        "agent_id": handle.agent_id, "max_trials": args.max_trials, "eval": EVAL,
+        "budget": {"min_top1": args.min_top1, "max_ppl_ratio": args.max_ppl_ratio},
+        "tenant": "demo", "route": "/chat"})
+    return wait_job(admin, job["job_id"], serve=lambda: serve_some(handle, model, tok))
+
+
+def _decide_and_apply(admin: AdminClient, handle, model, tok, job: dict) -> list:
+    plan_id = job["plan_id"]
+    shown = admin.call("plan.show", {"plan_id": plan_id})
+    print(f"\nbest plan {plan_id}: decision {job['decision']}")
+    for line in shown["diff"]:
+        print(f"  {line}")
+    if job["decision"] == "needs_human":
+        print(f"  needs a human: {operator_reason(shown)}; approving as {admin.actor}")
+        rollout = admin.call("plan.approve", {"plan_id": plan_id,
+                                              "reason": "demo: evidence reviewed within budget"})
+        job = wait_job(admin, rollout["job_id"], serve=lambda: serve_some(handle, model, tok))
+    status = admin.call("plan.show", {"plan_id": plan_id})["plan"]["status"]
+    print(f"  rollout: {job['message']} -> plan status {status}; agent active plan: "
+          f"{handle.active_plan.plan_id if handle.active_plan else None}")
+    evidence = _best_evidence(shown)
+    return [(f"headroom plan {plan_id}", _plan_side(evidence))] if evidence else []
+
+
+def operator_reason(shown: dict) -> str:
+    decisions = shown.get("decisions") or []
+    return decisions[-1]["reason"] if decisions else "(no reason recorded)"
+
+
+def _rollback(admin: AdminClient, handle, model, tok, plan_id: str, before: torch.Tensor) -> None:
+    if handle.active_plan is None:
+        return
+    applied = greedy_probe(model, tok)
+    print(f"\n== rollback of {plan_id} by {admin.actor} ==")
+    result = admin.call("plan.rollback", {"plan_id": plan_id, "reason": "demo: end of the run"})
+    print(f"  {result.get('message', result)}")
+    after = greedy_probe(model, tok)
+    print(f"  greedy output with the plan {'equals' if torch.equal(applied, before) else 'differs from'}"
+          f" the unoptimised one; after rollback it is "
+          f"{'bitwise identical' if torch.equal(after, before) else 'DIFFERENT'}")
+
+
+def _best_evidence(shown: dict) -> Any:
+    trials = [t for t in shown.get("trials", []) if t.get("evidence")]
+    return trials[-1]["evidence"] if trials else None
+
+
+def _base_side(ev) -> dict:
+    return {"latency": ev.latency_ms_per_token_base, "bytes": ev.weight_bytes_base,
+            "top1": 1.0, "kl": 0.0, "ppl": 1.0, "em": 1.0, "base_latency": ev.latency_ms_per_token_base,
+            "base_bytes": ev.weight_bytes_base}
+
+
+def _plan_side(ev) -> dict:
+    get = (lambda k: ev[k]) if isinstance(ev, dict) else (lambda k: getattr(ev, k))
+    return {"latency": get("latency_ms_per_token_plan"), "bytes": get("weight_bytes_plan"),
+            "top1": get("top1_agreement"), "kl": get("mean_kl"), "ppl": get("ppl_ratio"),
+            "em": get("exact_match"), "base_latency": get("latency_ms_per_token_base"),
+            "base_bytes": get("weight_bytes_base")}
+
+
+def _print_decisions(admin: AdminClient) -> None:
+    plans = admin.call("plan.list", {"limit": 100})
+    print("\n== every hypothesis the planner tried, and what became of it ==")
+    print(report.table(["plan", "status", "notes"],
+                       [[p["plan_id"], p["status"], p["notes"][:70]] for p in reversed(plans)]))
+    for p in plans:
+        if p["status"] in ("applied", "approved", "needs_human", "rolled_back", "rejected") \
+                and p["plan_id"] != "static-int8":
+            shown = admin.call("plan.show", {"plan_id": p["plan_id"]})
+            for d in shown.get("decisions", []):
+                _print_rules(p["plan_id"], d)
+
+
+def _print_rules(plan_id: str, decision: dict) -> None:
+    rules = decision.get("rules") or []
+    if not rules:
+        print(f"\n{plan_id}: {decision['outcome']} by {decision['actor']}: {decision['reason']}")
+        return
+    print(f"\n{plan_id}: {decision['outcome']} under policy revision {decision['policy_revision']}")
+    print(report.table(["rule", "kind", "value", "threshold", "outcome"],
+                       [[r["rule_id"], r["kind"], r.get("value"), r.get("threshold"), r["outcome"]]
+                        for r in rules if r["outcome"] != "not_applicable"]))
+
+
+def _print_table(rows: list) -> None:
+    print("\n== unoptimised vs static int8 vs headroom, measured in this run (decode, batch 1, CPU) ==")
+    out = []
+    for name, s in rows:
+        out.append([name, s["latency"], f"{100 * (1 - s['latency'] / s['base_latency']):.1f}%",
+                    s["bytes"] / 2**20, f"{100 * (1 - s['bytes'] / s['base_bytes']):.1f}%",
+                    s["top1"], s["kl"], s["ppl"], s["em"]])
+    print(report.table(["configuration", "ms/token", "latency cut", "weight MiB", "memory cut",
+                        "top-1", "mean KL", "ppl ratio", "exact match"], out))
