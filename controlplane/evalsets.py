@@ -102,14 +102,16 @@ def eval_spec(settings: EvalSettings, overrides: Optional[Mapping[str, Any]] = N
                          f"{', '.join(_KNOWN_KEYS)}")
     counts = {f.name: overrides.pop(f.name) for f in dataclasses.fields(EvalSettings)
               if f.name in overrides and not isinstance(overrides[f.name], list)}
-    spec = dataclasses.asdict(EvalSettings.resolve(**{**dataclasses.asdict(settings), **counts}))
+    resolved = EvalSettings.resolve(**{**dataclasses.asdict(settings), **counts})
+    spec = dataclasses.asdict(resolved)
     for name in ("token_sequences", "token_prompts"):
         if name in overrides:
             spec[name] = _token_lists(overrides.pop(name), name)
     if isinstance(overrides.get("prompts"), list):
         spec["prompts"] = [str(p) for p in overrides.pop("prompts")]
     if "token_sequences" not in spec:
-        spec["texts"] = [str(t) for t in overrides.pop("texts", None) or held_out_texts(settings)]
+        # Enough text for the counts asked for here, not only for the defaults.
+        spec["texts"] = [str(t) for t in overrides.pop("texts", None) or held_out_texts(resolved)]
     return spec
 
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -67,7 +68,11 @@ def main() -> int:
     shutil.rmtree(db.with_suffix(".duckdb.wal"), ignore_errors=True)
     print("loading SmolLM2-135M-Instruct ...")
     model, tok = load_smollm2()
-    handle = agent.attach(model, tokenizer=tok, sample_rate=1.0, embedded_db_path=str(db))
+    # The embedded control plane inherits these: a short canary watch for a demo.
+    os.environ.setdefault("HEADROOM_ROLLOUT_CANARY_REQUESTS", "4")
+    os.environ.setdefault("HEADROOM_ROLLOUT_CANARY_S", "120")
+    handle = agent.attach(model, tokenizer=tok, sample_rate=1.0, embedded_db_path=str(db),
+                          guard_every_n_requests=2)
     print(f"agent {handle.agent_id} attached; control plane at {handle.target}; "
           f"GPU: {handle.gpu_status}")
     try:

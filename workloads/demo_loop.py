@@ -6,11 +6,13 @@ measurements (unoptimised and with the plan, same prompts, same held-out text).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from controlplane.admin import AdminClient
+from controlplane.evalsets import EvalSettings, eval_spec
 from workloads import report
 from workloads.prompts import PROMPTS, chat_ids
 
@@ -63,7 +65,8 @@ def run_loop(handle, model, tok, args, operator: str) -> None:
     before = greedy_probe(model, tok)
     print("\n== static int8 baseline (trial on the agent, same held-out eval) ==")
     rows = []
-    int8 = handle.run_trial(static_int8_plan(handle), EVAL)
+    # The same eval_json document the control plane sends with its trials.
+    int8 = handle.run_trial(static_int8_plan(handle), eval_spec(EvalSettings.resolve(), EVAL))
     rows.append(("unoptimised", _base_side(int8)))
     rows.append(("static int8 (all layers)", _plan_side(int8)))
     with AdminClient(handle.target, actor=operator, timeout_s=120) as admin:
@@ -163,9 +166,20 @@ def _print_rules(plan_id: str, decision: dict) -> None:
         print(f"\n{plan_id}: {decision['outcome']} by {decision['actor']}: {decision['reason']}")
         return
     print(f"\n{plan_id}: {decision['outcome']} under policy revision {decision['policy_revision']}")
-    print(report.table(["rule", "kind", "value", "threshold", "outcome"],
-                       [[r["rule_id"], r["kind"], r.get("value"), r.get("threshold"), r["outcome"]]
+    print(report.table(["rule", "where", "measured", "threshold", "outcome"],
+                       [[r["rule_id"], f"{Path(r['file']).name}:{r['line']}", _short(r["measured"]),
+                         _short(r["threshold"]), r["outcome"]]
                         for r in rules if r["outcome"] != "not_applicable"]))
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_short(x)}" for k, x in v.items())
+    if isinstance(v, list):
+        return f"{len(v)} items" if len(v) > 3 else ", ".join(map(str, v))
+    return "" if v is None else str(v)
 
 
 def _print_table(rows: list) -> None:
