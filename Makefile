@@ -11,7 +11,15 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PROTO_OUT := proto/headroom_pb2.py proto/headroom_pb2_grpc.py
 
-.PHONY: setup proto demo test bench bench-overhead bench-ingest serve clean
+# The dashboard's browser test drives the system's Chromium (a browser download is never used).
+CHROMIUM ?= /usr/bin/chromium
+# make dashboard: the demo's control plane data, served again, and the Streamlit app over it.
+DASHBOARD_DB ?= .headroom/demo.duckdb
+DASHBOARD_HOST ?= 127.0.0.1
+DASHBOARD_PORT ?= 8501
+CP_PORT ?= 50051
+
+.PHONY: setup proto demo test bench bench-overhead bench-ingest bench-table bench-gpu serve dashboard clean
 
 setup: $(STAMP) $(PROTO_OUT)
 
@@ -35,8 +43,13 @@ proto: $(PROTO_OUT)
 demo: setup
 	$(PY) -m workloads.demo
 
-test: setup
+test: setup $(CHROMIUM)
 	$(PY) -m pytest -q tests
+
+$(CHROMIUM):
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else echo "the dashboard's browser test needs Chromium at $(CHROMIUM): install the 'chromium' package (or pass CHROMIUM=/path)"; exit 2; fi
 
 bench: bench-overhead bench-ingest
 
@@ -48,6 +61,14 @@ bench-ingest: setup
 
 serve: setup
 	$(PY) -m controlplane serve
+
+dashboard: setup
+	@test -f $(DASHBOARD_DB) || { echo "no $(DASHBOARD_DB): run 'make demo' first"; exit 2; }
+	$(PY) -m controlplane serve --db $(DASHBOARD_DB) --port $(CP_PORT) & cp=$$!; \
+	trap 'kill $$cp 2>/dev/null' EXIT INT TERM; \
+	HEADROOM_OPERATOR=$${HEADROOM_OPERATOR:-$$(id -un)} $(BIN)/streamlit run dashboard/app.py \
+	  --server.headless true --browser.gatherUsageStats false --client.toolbarMode viewer \
+	  --server.address $(DASHBOARD_HOST) --server.port $(DASHBOARD_PORT) -- --address 127.0.0.1:$(CP_PORT)
 
 clean:
 	rm -rf $(VENV) $(PROTO_OUT) proto/headroom_pb2.pyi .headroom

@@ -63,16 +63,22 @@ class AgentSettings:
     @classmethod
     def resolve(cls, **overrides: Any) -> "AgentSettings":
         """Arguments win, then HEADROOM_* environment variables, then defaults."""
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown agent setting(s): {', '.join(sorted(unknown))}")
-        values = {}
-        for f in dataclasses.fields(cls):
-            if overrides.get(f.name) is not None:
-                values[f.name] = overrides[f.name]
-            elif f.metadata.get("env") in os.environ:
-                values[f.name] = _parse(f, os.environ[f.metadata["env"]])
-        return cls(**values)
+        return resolve_settings(cls, overrides, "agent")
+
+
+def resolve_settings(cls, overrides: dict, what: str):
+    """Any agent settings dataclass whose fields carry metadata {"env": NAME}: arguments
+    (not None) win, then the environment, then defaults; __post_init__ validates."""
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise TypeError(f"unknown {what} setting(s): {', '.join(sorted(unknown))}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if overrides.get(f.name) is not None:
+            values[f.name] = overrides[f.name]
+        elif f.metadata.get("env") in os.environ:
+            values[f.name] = _parse(f, os.environ[f.metadata["env"]])
+    return cls(**values)
 
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:

@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from controlplane.query import QueryClient  # noqa: E402
 from proto import columnar  # noqa: E402
 from proto import headroom_pb2 as pb  # noqa: E402
-from proto import headroom_pb2_grpc  # noqa: E402
 
 TARGET_HEAD_ROWS_PER_S = 500_000
 _F32 = np.float32
@@ -91,7 +90,7 @@ def _start_server(db_path: Path, port_file: Path) -> subprocess.Popen:
 def _stream(address: str, messages: list[bytes], batches: int) -> tuple[float, int]:
     """Sends everything, reads acks until `batches` of them; returns (seconds, rows acked)."""
     channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
-    connect = channel.stream_stream(f"/headroom.v1.Headroom/Connect", request_serializer=None,
+    connect = channel.stream_stream("/headroom.v1.Headroom/Connect", request_serializer=None,
                                     response_deserializer=pb.ControlMessage.FromString)
     done: queue.Queue = queue.Queue()
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
+from controlplane.settings import resolve_settings
 from workloads.text import Split, texts
 
 # Characters of held-out text sent per evaluated token: English/code runs ~4 chars per token,
@@ -51,21 +51,7 @@ class EvalSettings:
     @classmethod
     def resolve(cls, **overrides: Any) -> "EvalSettings":
         """Arguments (not None) win, then HEADROOM_EVAL_* environment variables, then defaults."""
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown eval setting(s): {', '.join(sorted(unknown))}")
-        values = {}
-        for f in dataclasses.fields(cls):
-            if overrides.get(f.name) is not None:
-                values[f.name] = overrides[f.name]
-            elif f.metadata["env"] in os.environ:
-                raw = os.environ[f.metadata["env"]]
-                try:
-                    values[f.name] = int(raw)
-                except ValueError:
-                    raise ValueError(f"environment variable {f.metadata['env']}={raw!r}: "
-                                     f"not an integer for eval setting {f.name}") from None
-        return cls(**values)
+        return resolve_settings(cls, overrides, "eval")
 
     @property
     def eval_tokens(self) -> int:

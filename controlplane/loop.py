@@ -26,7 +26,8 @@ from controlplane.planner.search import PlanTarget
 from controlplane.plans import Decision, DecisionOutcome, PlanStatus, PlanStore
 from controlplane.policy import (Context, Evidence, ModelFacts, PolicyError, PolicyStore,
                                  Revision)
-from controlplane.rollout import Fleet, Rollout, RolloutResult, _resolve
+from controlplane.rollout import Rollout, RolloutResult
+from controlplane.settings import resolve_settings
 from controlplane.trials import TrialClient
 
 log = logging.getLogger("controlplane.loop")
@@ -58,7 +59,7 @@ class LoopSettings:
 
     @classmethod
     def resolve(cls, **overrides: Any) -> "LoopSettings":
-        return _resolve(cls, overrides, "loop")
+        return resolve_settings(cls, overrides, "loop")
 
 
 class LoopError(ValueError):
@@ -218,18 +219,21 @@ class ControlLoop:
         thread.start()
 
     def _run_job(self, job: Job, body) -> None:
+        state, message = JobState.DONE, None
         try:
             body()
-            job.state = JobState.DONE
         except Exception as e:   # the job's status says what failed; the server goes on
             log.exception("job %s failed", job.job_id)
-            job.state, job.message = JobState.FAILED, f"{type(e).__name__}: {e}"
-        finally:
-            job.finished_at_s = time.time()
-            job.stage = Stage.FINISHED
-            if job.plan_id is not None:
-                plan = self.plans.get(job.plan_id)
-                job.plan_status = plan.status.value if plan else None
+            state, message = JobState.FAILED, f"{type(e).__name__}: {e}"
+        # Everything a poller reads is filled in before the state says the job ended.
+        if job.plan_id is not None:
+            plan = self.plans.get(job.plan_id)
+            job.plan_status = plan.status.value if plan else None
+        if message is not None:
+            job.message = message
+        job.finished_at_s = time.time()
+        job.stage = Stage.FINISHED
+        job.state = state
 
     def _forget_old(self) -> None:
         done = [j for j in self._jobs.values() if j.state is not JobState.RUNNING]

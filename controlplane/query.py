@@ -14,7 +14,6 @@ import duckdb
 import grpc
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from proto import columnar
 from proto import headroom_pb2 as pb

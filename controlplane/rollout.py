@@ -13,9 +13,7 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ from controlplane.audit import AuditKind, AuditLog
 from controlplane.planner import TrialError
 from controlplane.plans import (ApplicationState, IllegalTransition, PlanRecord, PlanStatus,
                                 PlanStore, RolloutStage)
+from controlplane.settings import resolve_settings
 from controlplane.trials import StatusReport, StatusState, TrialClient
 
 log = logging.getLogger("controlplane.rollout")
@@ -58,27 +57,7 @@ class RolloutSettings:
 
     @classmethod
     def resolve(cls, **overrides: Any) -> "RolloutSettings":
-        return _resolve(cls, overrides, "rollout")
-
-
-def _resolve(cls, overrides: dict, what: str):
-    """Arguments (not None) win, then the fields' environment variables, then defaults."""
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise TypeError(f"unknown {what} setting(s): {', '.join(sorted(unknown))}")
-    values = {}
-    for f in dataclasses.fields(cls):
-        if overrides.get(f.name) is not None:
-            values[f.name] = overrides[f.name]
-        elif f.metadata["env"] in os.environ:
-            raw = os.environ[f.metadata["env"]]
-            kind = f.type if isinstance(f.type, str) else f.type.__name__
-            try:
-                values[f.name] = int(raw) if kind == "int" else float(raw)
-            except ValueError:
-                raise ValueError(f"environment variable {f.metadata['env']}={raw!r}: not a "
-                                 f"valid {kind} for {what} setting {f.name}") from None
-    return cls(**values)
+        return resolve_settings(cls, overrides, "rollout")
 
 
 class Fleet:
@@ -239,7 +218,7 @@ class Rollout:
     # ------------------------------------------------------------------ rollback
     def rollback(self, plan_id: str, actor: str, reason: str) -> RolloutResult:
         """Sends Rollback to every agent running the plan; the plan ends rolled_back."""
-        plan = self._require(plan_id, PlanStatus.APPLIED, PlanStatus.APPLYING)
+        self._require(plan_id, PlanStatus.APPLIED, PlanStatus.APPLYING)
         running = self.running_on(plan_id)
         self.audit.append(AuditKind.ROLLBACK_REQUESTED, actor, plan_id,
                           {"reason": reason, "agents": running})

@@ -64,20 +64,27 @@ class ServerSettings:
     @classmethod
     def resolve(cls, **overrides: Any) -> "ServerSettings":
         """Arguments (not None) win, then HEADROOM_CP_* environment variables, then defaults."""
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown server setting(s): {', '.join(sorted(unknown))}")
-        values = {}
-        for f in dataclasses.fields(cls):
-            if overrides.get(f.name) is not None:
-                values[f.name] = overrides[f.name]
-            elif f.metadata["env"] in os.environ:
-                values[f.name] = _parse(f, os.environ[f.metadata["env"]])
-        return cls(**values)
+        return resolve_settings(cls, overrides, "server")
 
 
-def _parse(f: dataclasses.Field, raw: str) -> Any:
+def resolve_settings(cls, overrides: dict, what: str):
+    """Any control-plane settings dataclass whose fields carry metadata {"env": NAME}:
+    arguments (not None) win, then the environment, then defaults; __post_init__ validates."""
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise TypeError(f"unknown {what} setting(s): {', '.join(sorted(unknown))}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if overrides.get(f.name) is not None:
+            values[f.name] = overrides[f.name]
+        elif f.metadata["env"] in os.environ:
+            values[f.name] = _parse(f, os.environ[f.metadata["env"]], what)
+    return cls(**values)
+
+
+def _parse(f: dataclasses.Field, raw: str, what: str) -> Any:
     kind = f.type if isinstance(f.type, str) else f.type.__name__
+    kind = kind.removeprefix("Optional[").removesuffix("]")
     try:
         if kind == "bool":
             text = raw.strip().lower()
@@ -90,5 +97,5 @@ def _parse(f: dataclasses.Field, raw: str) -> Any:
             return float(raw)
     except ValueError:
         raise ValueError(f"environment variable {f.metadata['env']}={raw!r}: "
-                         f"not a valid {kind} for setting {f.name}") from None
+                         f"not a valid {kind} for {what} setting {f.name}") from None
     return raw

@@ -15,8 +15,6 @@ so a later transform (int8) rewrites what an earlier one (pruning) left in place
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,7 +30,7 @@ from agent.executor.skip import IdentityBlock, apply_skip
 from agent.executor.sparsity import SparseDownProj
 from agent.executor.undo import UndoLog
 from agent.executor.weights import weight_bytes
-from agent.plan import (ActivationSparsity, Plan, PlanError, PruneHeads, SkipLayers,
+from agent.plan import (ActivationSparsity, Plan, PruneHeads, SkipLayers,
                         Transform, TransformKind, WeightPrecision, check_fit)
 from agent.adapters.base import WeightLayout
 
@@ -51,17 +49,8 @@ class ExecutorSettings:
 
     @classmethod
     def resolve(cls, **overrides: Any) -> "ExecutorSettings":
-        from agent.settings import _parse
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown executor setting(s): {', '.join(sorted(unknown))}")
-        values = {}
-        for f in dataclasses.fields(cls):
-            if overrides.get(f.name) is not None:
-                values[f.name] = overrides[f.name]
-            elif f.metadata["env"] in os.environ:
-                values[f.name] = _parse(f, os.environ[f.metadata["env"]])
-        return cls(**values)
+        from agent.settings import resolve_settings
+        return resolve_settings(cls, overrides, "executor")
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """The planner's one settings object: argument > HEADROOM_PLANNER_* environment > default."""
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from controlplane.settings import resolve_settings
 
 
 def _env(name: str) -> dict:
@@ -43,27 +43,4 @@ class PlannerSettings:
 
     @classmethod
     def resolve(cls, **overrides: Any) -> "PlannerSettings":
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown planner setting(s): {', '.join(sorted(unknown))}")
-        values = {}
-        for f in dataclasses.fields(cls):
-            if overrides.get(f.name) is not None:
-                values[f.name] = overrides[f.name]
-            elif f.metadata["env"] in os.environ:
-                values[f.name] = _parse(f, os.environ[f.metadata["env"]])
-        return cls(**values)
-
-
-def _parse(f: dataclasses.Field, raw: str) -> Any:
-    kind = f.type if isinstance(f.type, str) else f.type.__name__
-    try:
-        if kind == "bool":
-            word = raw.strip().lower()
-            if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                raise ValueError(raw)
-            return word in ("1", "true", "yes", "on")
-        return int(raw) if kind == "int" else float(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {f.metadata['env']}={raw!r}: "
-                         f"not a valid {kind} for planner setting {f.name}") from None
+        return resolve_settings(cls, overrides, "planner")

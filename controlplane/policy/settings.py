@@ -1,10 +1,11 @@
 """The policy component's settings: argument > environment variable > default, validated."""
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from controlplane.settings import resolve_settings
 
 
 @dataclass(frozen=True)
@@ -23,13 +24,4 @@ class PolicySettings:
     @classmethod
     def resolve(cls, **overrides: Any) -> "PolicySettings":
         """Arguments win, then HEADROOM_* environment variables, then defaults."""
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown policy setting(s): {', '.join(sorted(unknown))}")
-        values = {}
-        for f in dataclasses.fields(cls):
-            if overrides.get(f.name) is not None:
-                values[f.name] = overrides[f.name]
-            elif f.metadata["env"] in os.environ:
-                values[f.name] = os.environ[f.metadata["env"]]
-        return cls(**values)
+        return resolve_settings(cls, overrides, "policy")

@@ -1,0 +1,106 @@
+"""The dashboard's only way to the data: the control plane's Admin and Query RPCs.
+
+Two failure kinds the pages tell apart:
+- Unreachable: nothing answered (no server, network, deadline). The page says so and stays up.
+- CommandFailed: the control plane answered with a refusal (a plan in the wrong state, a bad
+  argument); its message is shown as it is, since it says what and why.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Optional
+
+import grpc
+import pandas as pd
+
+from controlplane.admin import AdminClient
+from controlplane.query import decode_result
+from dashboard.settings import DashboardSettings
+from proto import headroom_pb2 as pb
+from proto import headroom_pb2_grpc
+
+# Status codes that mean "no answer": the channel is rebuilt before the next call, so a control
+# plane that comes back is seen at once instead of after gRPC's reconnect backoff.
+_NO_ANSWER = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+              grpc.StatusCode.CANCELLED}
+_PING_TIMEOUT_S = 2.0
+_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class Unreachable(Exception):
+    """The control plane did not answer."""
+
+
+class CommandFailed(Exception):
+    """The control plane answered with an error status; `message` is its own words."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message = code, message
+
+
+class ControlPlaneClient:
+    """AdminClient and the Query RPC with deadlines; thread-safe (Streamlit sessions share it).
+
+    The Query RPC is called on its stub rather than through QueryClient, whose errors fold
+    UNAVAILABLE into "failed": here "nobody answered" and "the SQL was refused" must differ."""
+
+    def __init__(self, settings: DashboardSettings):
+        self.settings = settings
+        self.address = settings.address
+        self._lock = threading.Lock()
+        self._admin: Optional[AdminClient] = None
+        self._channel: Optional[grpc.Channel] = None
+
+    # ------------------------------------------------------------------ channels
+    def _clients(self) -> tuple[AdminClient, headroom_pb2_grpc.HeadroomStub]:
+        with self._lock:
+            if self._admin is None:
+                self._admin = AdminClient(self.address, actor=self.settings.operator,
+                                          timeout_s=self.settings.timeout_s)
+                options = [("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES)]
+                self._channel = grpc.insecure_channel(self.address, options=options)
+            return self._admin, headroom_pb2_grpc.HeadroomStub(self._channel)
+
+    def reset(self) -> None:
+        with self._lock:
+            admin, channel, self._admin, self._channel = self._admin, self._channel, None, None
+        if admin is not None:
+            admin.close()
+        if channel is not None:
+            channel.close()
+
+    close = reset
+
+    # ------------------------------------------------------------------ calls
+    def admin(self, command: str, args: Optional[dict] = None) -> Any:
+        """One Admin command as the configured operator (read commands ignore the identity)."""
+        admin, _ = self._clients()
+        try:
+            return admin.call(command, args or {})
+        except grpc.RpcError as e:
+            raise self._failure(e.code(), e.details() or "", command) from None
+
+    def query(self, sql: str, max_rows: int = 0, timeout_s: Optional[float] = None) -> pd.DataFrame:
+        """Read-only SQL through the Query RPC, as a DataFrame (SQL NULL -> None/NaN)."""
+        _, stub = self._clients()
+        try:
+            reply = stub.Query(pb.QueryRequest(sql=sql, max_rows=max_rows),
+                               timeout=timeout_s or self.settings.timeout_s)
+        except grpc.RpcError as e:
+            raise self._failure(e.code(), e.details() or "", "query") from None
+        return decode_result(reply.table).to_pandas()
+
+    def ping(self) -> Optional[str]:
+        """None when the control plane answers a trivial query, else why not."""
+        try:
+            self.query("SELECT 1 AS ok", timeout_s=_PING_TIMEOUT_S)
+            return None
+        except (Unreachable, CommandFailed) as e:
+            return str(e)
+
+    def _failure(self, code: grpc.StatusCode, details: str, command: str) -> Exception:
+        if code in _NO_ANSWER:
+            self.reset()
+            return Unreachable(f"{self.address}: {details or code.name}")
+        return CommandFailed(code.name, details or f"{command} failed")
