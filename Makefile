@@ -59,6 +59,14 @@ bench-overhead: setup
 bench-ingest: setup
 	$(PY) bench/ingest.py
 
+bench-table: setup
+	# torchao's int8 weight-only row: what a user would reach for today (bench only).
+	$(BIN)/pip install -q --no-deps torchao==0.18.0
+	$(PY) bench/table.py
+
+bench-gpu: setup
+	$(PY) bench/gpu.py
+
 serve: setup
 	$(PY) -m controlplane serve
 

@@ -1,0 +1,13 @@
+"""Kernels behind the executor's transforms: Triton on CUDA, fbgemm fast paths on CPU, and the
+plain PyTorch references they are tested against; registered as torch.library custom ops.
+
+Importing this package registers the ops (torch.ops.headroom.*); it never imports triton,
+which is loaded only when a CUDA module selects it.
+"""
+from agent.kernels import ops  # noqa: F401  (registers torch.ops.headroom.*)
+from agent.kernels.memory import held_bytes, opaque_bytes
+from agent.kernels.select import KernelUnavailableError, select_backend, triton_available
+from agent.kernels.settings import Backend, Int8Cpu, KernelSettings
+
+__all__ = ["Backend", "Int8Cpu", "KernelSettings", "KernelUnavailableError", "held_bytes",
+           "opaque_bytes", "select_backend", "triton_available"]
