@@ -2,27 +2,13 @@
 from __future__ import annotations
 
 import enum
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from controlplane.plans import PlanMode, TransformKind, plan_hash as plan_sha256  # noqa: F401
 from controlplane.policy.types import ModelFacts
 
 PLAN_SCHEMA = "headroom.plan/v1"
-
-
-class TransformKind(str, enum.Enum):
-    PRUNE_HEADS = "prune_heads"
-    SKIP_LAYERS = "skip_layers"
-    ACTIVATION_SPARSITY = "activation_sparsity"
-    WEIGHT_PRECISION = "weight_precision"
-    EXECUTION = "execution"
-
-
-class PlanMode(str, enum.Enum):
-    STRUCTURAL = "structural"
-    DYNAMIC = "dynamic"
 
 
 class Component(str, enum.Enum):
@@ -75,12 +61,6 @@ class PlanView:
     @property
     def layers_removed_fraction(self) -> float:
         return len(self.skipped_layers) / self.model.num_layers
-
-
-def plan_sha256(doc: Mapping[str, Any]) -> str:
-    """The plan's identity: sha256 of its canonical JSON (sorted keys, no spaces, UTF-8)."""
-    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def parse_plan(doc: Mapping[str, Any], model: ModelFacts) -> PlanView:

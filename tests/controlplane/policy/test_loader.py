@@ -28,7 +28,7 @@ BAD_FILES = [
     ("duplicate-key", policy_text("- id: r\n  kind: risk_approval\n  at_or_above: high\n"
                                   "  at_or_above: low"), 6, "at_or_above: duplicate key"),
     ("bad-enum-in-list", policy_text("- id: r\n  kind: transform_access\n  forbid: [skip_layers, fold]"),
-     5, "forbid[1]: expected one of prune_heads"),
+     5, "forbid[1]: expected one of weight_precision"),
     ("min-above-max", policy_text("- {id: r, kind: metric_bound, metric: mean_kl, min: 0.5, max: 0.1}"),
      3, "min 0.5 is above max 0.1"),
     ("wrong-schema", "schema: headroom.policy/v2\nrules: []\n", 1, "expected 'headroom.policy/v1'"),
