@@ -183,7 +183,8 @@ def _short(v: Any) -> str:
 
 
 def _print_table(rows: list) -> None:
-    print("\n== unoptimised vs static int8 vs headroom, measured in this run (decode, batch 1, CPU) ==")
+    print("\n== unoptimised vs static int8 vs headroom, measured in this run (decode, batch 1) ==")
+    print("   each row's cuts compare it with the unoptimised model timed in the same trial")
     out = []
     for name, s in rows:
         out.append([name, s["latency"], f"{100 * (1 - s['latency'] / s['base_latency']):.1f}%",
