@@ -12,8 +12,6 @@ Two validation stages, both listing every problem at once in a `PlanError`:
 """
 from __future__ import annotations
 
-import enum
-import hashlib
 import json
 import math
 import re
@@ -21,8 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from agent.adapters.base import ModelStructure
+from proto.plandoc import (PLAN_SCHEMA, CompileMode, PlanMode, Precision, TransformKind,  # noqa: F401
+                           canonical_json, plan_hash)
 
-SCHEMA = "headroom.plan/v1"
+SCHEMA = PLAN_SCHEMA
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -35,29 +35,6 @@ class PlanError(ValueError):
         head = f"plan {plan_id!r}" if plan_id else "plan"
         super().__init__(f"{head} refused ({len(self.problems)} problem(s)):\n  - "
                          + "\n  - ".join(self.problems))
-
-
-class TransformKind(str, enum.Enum):
-    SKIP_LAYERS = "skip_layers"
-    PRUNE_HEADS = "prune_heads"
-    ACTIVATION_SPARSITY = "activation_sparsity"
-    WEIGHT_PRECISION = "weight_precision"
-    EXECUTION = "execution"
-
-
-class PlanMode(str, enum.Enum):
-    STRUCTURAL = "structural"
-    DYNAMIC = "dynamic"
-
-
-class Precision(str, enum.Enum):
-    INT8 = "int8"
-
-
-class CompileMode(str, enum.Enum):
-    NONE = "none"
-    TORCH_COMPILE = "torch_compile"
-    CUDA_GRAPH = "cuda_graph"
 
 
 # Order the executor applies kinds in, whatever order the document lists them: skipping first
@@ -100,14 +77,6 @@ class Execution:
 
 
 Transform = PruneHeads | SkipLayers | ActivationSparsity | WeightPrecision | Execution
-
-
-def canonical_json(doc: Mapping[str, Any]) -> bytes:
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def plan_hash(doc: Mapping[str, Any]) -> str:
-    return hashlib.sha256(canonical_json(doc)).hexdigest()
 
 
 @dataclass(frozen=True)

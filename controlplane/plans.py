@@ -1,7 +1,7 @@
 """Plan documents (typed, validated, hashed), their readable diff, and the plan store.
 
-A plan travels as canonical JSON; its sha256 is the plan hash (the agent uses the same rule):
-    json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+A plan travels as canonical JSON; its sha256 is the plan hash (proto/plandoc.py, the rule
+the agent uses too).
 `PlanDoc.to_doc()` is normalised (transforms in a fixed kind order, indices sorted), so two
 plans that mean the same thing hash the same.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
 import json
 import math
 import re
@@ -19,7 +18,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
-SCHEMA = "headroom.plan/v1"
+from proto.plandoc import (PLAN_SCHEMA, CompileMode, PlanMode, Precision, TransformKind,  # noqa: F401
+                           canonical_json, plan_hash)
+
+SCHEMA = PLAN_SCHEMA
 _PLAN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _LAYER_KEY = re.compile(r"^(0|[1-9][0-9]*)$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -31,38 +33,6 @@ class PlanValidationError(ValueError):
     def __init__(self, path: str, problem: str):
         super().__init__(f"{path}: {problem}")
         self.path = path
-
-
-class PlanMode(str, enum.Enum):
-    STRUCTURAL = "structural"
-    DYNAMIC = "dynamic"
-
-
-class TransformKind(str, enum.Enum):
-    # The order here is the order of transforms in a normalised document.
-    WEIGHT_PRECISION = "weight_precision"
-    ACTIVATION_SPARSITY = "activation_sparsity"
-    PRUNE_HEADS = "prune_heads"
-    SKIP_LAYERS = "skip_layers"
-    EXECUTION = "execution"
-
-
-class Precision(str, enum.Enum):
-    INT8 = "int8"
-
-
-class CompileMode(str, enum.Enum):
-    NONE = "none"
-    TORCH_COMPILE = "torch_compile"
-    CUDA_GRAPH = "cuda_graph"
-
-
-def canonical_bytes(doc: Mapping[str, Any]) -> bytes:
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def plan_hash(doc: Mapping[str, Any]) -> str:
-    return hashlib.sha256(canonical_bytes(doc)).hexdigest()
 
 
 # ---------------------------------------------------------------- field checks
@@ -642,7 +612,7 @@ class PlanStore:
             self._in_transaction(
                 ("INSERT INTO plans VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                  [plan.plan_id, plan.version, plan.sha256, plan.model_fingerprint,
-                  list(plan.query_classes), plan.mode.value, canonical_bytes(doc).decode(),
+                  list(plan.query_classes), plan.mode.value, canonical_json(doc).decode(),
                   PlanStatus.PROPOSED.value, actor, now, now]),
                 ("INSERT INTO plan_transitions VALUES (?, ?, NULL, ?, ?, ?)",
                  [plan.plan_id, now, PlanStatus.PROPOSED.value, actor, reason]))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
 from controlplane.planner import TrialError
-from controlplane.plans import PlanDoc, canonical_bytes
+from controlplane.plans import PlanDoc, canonical_json
 from proto import headroom_pb2 as pb
 
 log = logging.getLogger("controlplane.trials")
@@ -77,7 +77,7 @@ def plan_message(doc: Mapping[str, Any]) -> pb.Plan:
     """A plan as it travels: its canonical JSON and that JSON's sha256 (both sides hash the same bytes)."""
     plan = PlanDoc.from_doc(doc)
     return pb.Plan(plan_id=plan.plan_id, version=plan.version,
-                   document_json=canonical_bytes(plan.to_doc()).decode(), sha256=plan.sha256)
+                   document_json=canonical_json(plan.to_doc()).decode(), sha256=plan.sha256)
 
 
 class TrialClient:

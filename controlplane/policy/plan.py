@@ -5,10 +5,9 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from controlplane.plans import PlanMode, TransformKind, plan_hash as plan_sha256  # noqa: F401
+from proto.plandoc import PLAN_SCHEMA, PlanMode, TransformKind, plan_hash as plan_sha256  # noqa: F401
 from controlplane.policy.types import ModelFacts
 
-PLAN_SCHEMA = "headroom.plan/v1"
 
 
 class Component(str, enum.Enum):
