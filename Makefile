@@ -62,7 +62,8 @@ bench-ingest: setup
 bench-table: setup
 	# torchao's int8 weight-only row: what a user would reach for today (bench only).
 	$(BIN)/pip install -q --no-deps torchao==0.18.0
-	$(PY) bench/table.py
+	# The plan `make demo` found, when there is one; otherwise the bench builds one (see its doc).
+	$(PY) bench/table.py $(if $(wildcard .headroom/best-plan.json),--plan .headroom/best-plan.json)
 
 bench-gpu: setup
 	$(PY) bench/gpu.py

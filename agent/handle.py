@@ -70,6 +70,8 @@ class AgentHandle:
         self._tracker = RequestTracker(model, structure, settings, sink, self._errors,
                                        tracer_provider=tracer_provider)
         self._tracker.attach()
+        if executor is not None:       # sizes a static KV cache from the requests seen
+            executor.longest_request_tokens = lambda: self._tracker.longest_tokens
         if control is not None:
             control.bind(self._tracker, exporter.send_reply if exporter is not None else None)
         self._attached = True

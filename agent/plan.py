@@ -7,8 +7,9 @@ document as received, never over a re-serialisation of the parsed form, so both 
 
 Two validation stages, both listing every problem at once in a `PlanError`:
 - `Plan.from_doc(doc)`: the document's own shape (fields, types, known kinds);
-- `check_fit(plan, structure, fingerprint)`: does it fit this model (indices, fingerprint,
-  nothing that would delete the whole network). Returns notes for legal-but-odd combinations.
+- `check_fit(plan, structure, fingerprint, head_reason=...)`: does it fit this model (indices,
+  fingerprint, an output head that int8 can replace, nothing that would delete the whole
+  network). Returns notes for legal-but-odd combinations.
 """
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from torch import nn
+
 from agent.adapters.base import ModelStructure
-from proto.plandoc import (PLAN_SCHEMA, CompileMode, PlanMode, Precision, TransformKind,  # noqa: F401
-                           canonical_json, plan_hash)
+from proto.plandoc import (HEAD_KEY, PLAN_SCHEMA, CompileMode, PlanMode, Precision,  # noqa: F401
+                           TransformKind, canonical_json, plan_hash)
 
 SCHEMA = PLAN_SCHEMA
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -65,7 +68,8 @@ class ActivationSparsity:
 
 @dataclass(frozen=True)
 class WeightPrecision:
-    layers: dict[int, Precision]
+    layers: dict[int, Precision]        # transformer blocks only
+    head: Precision | None = None       # the output head (document key HEAD_KEY), None: unchanged
     kind: TransformKind = TransformKind.WEIGHT_PRECISION
 
 
@@ -225,16 +229,20 @@ class _Parser:
             return None
         return getattr(self, f"_{kind.value}")(where, item)
 
-    def _layer_map(self, where: str, value: Any) -> dict[int, Any]:
-        """{"<layer>": v} with decimal string (or int) keys -> {layer: v}."""
+    def _layer_map(self, where: str, value: Any, named: tuple[str, ...] = ()) -> dict[int, Any]:
+        """{"<layer>": v} with decimal string (or int) keys -> {layer: v}; keys in `named`
+        (e.g. HEAD_KEY) are left for the caller."""
         if not isinstance(value, dict):
             self.bad(f"{where}: must be an object keyed by layer index")
             return {}
         out = {}
+        also = "".join(f" or {n!r}" for n in named)
         for key, v in value.items():
             text = str(key)
+            if key in named:
+                continue
             if not (_is_int(key) or (isinstance(key, str) and text.isdigit())):
-                self.bad(f"{where}: layer key {key!r} is not a non-negative integer")
+                self.bad(f"{where}: layer key {key!r} is not a non-negative integer{also}")
                 continue
             if int(text) in out:
                 self.bad(f"{where}: layer {int(text)} given twice")
@@ -274,14 +282,21 @@ class _Parser:
         return ActivationSparsity(thresholds=out)
 
     def _weight_precision(self, where: str, item: dict) -> WeightPrecision:
-        out = {}
-        for layer, p in self._layer_map(f"{where}.layers", item["layers"]).items():
-            prec = self._enum(Precision, p, f"{where}.layers[{layer}]")
-            if prec is None and p is None:
-                self.bad(f"{where}.layers[{layer}]: precision missing")
+        layers, out = item["layers"], {}
+        for layer, p in self._layer_map(f"{where}.layers", layers, (HEAD_KEY,)).items():
+            prec = self._precision(p, f"{where}.layers[{layer}]")
             if prec is not None:
                 out[layer] = prec
-        return WeightPrecision(layers=out)
+        head = None
+        if isinstance(layers, dict) and HEAD_KEY in layers:
+            head = self._precision(layers[HEAD_KEY], f"{where}.layers[{HEAD_KEY}]")
+        return WeightPrecision(layers=out, head=head)
+
+    def _precision(self, p: Any, where: str) -> Precision | None:
+        prec = self._enum(Precision, p, where)
+        if prec is None and p is None:
+            self.bad(f"{where}: precision missing")
+        return prec
 
     def _execution(self, where: str, item: dict) -> Execution:
         static = item["static_kv_cache"]
@@ -298,11 +313,31 @@ class _Parser:
 
 # ---------------------------------------------------------------------------- fit to model
 
+_HEAD_UNCHECKED = "no model was given to check its output head against"
+
+
+def head_int8_support(model: nn.Module) -> str | None:
+    """None if int8 can replace the model's output head (an nn.Linear from
+    get_output_embeddings()), else why not. Call it on the unoptimised model."""
+    get = getattr(model, "get_output_embeddings", None)
+    if not callable(get):
+        return f"{type(model).__name__} has no get_output_embeddings()"
+    head = get()
+    if head is None:
+        return f"{type(model).__name__}.get_output_embeddings() returned None"
+    if not isinstance(head, nn.Linear):
+        return f"the output head is {type(head).__name__}, not nn.Linear"
+    return None
+
+
 def check_fit(plan: Plan, structure: ModelStructure, fingerprint: str,
-              supported: Mapping[TransformKind, str | None] | None = None) -> list[str]:
+              supported: Mapping[TransformKind, str | None] | None = None,
+              head_reason: str | None = _HEAD_UNCHECKED) -> list[str]:
     """Raises PlanError with every reason `plan` cannot run on this model; returns notes.
 
     `supported` maps a kind to None (supported here) or the reason it is not (from the executor).
+    `head_reason`: head_int8_support(unoptimised model); a plan that sets the output head's
+    precision is refused unless it is None.
     """
     problems, notes = [], []
     if plan.model_fingerprint != fingerprint:
@@ -319,6 +354,11 @@ def check_fit(plan: Plan, structure: ModelStructure, fingerprint: str,
             problems.append(f"mode 'dynamic': only activation_sparsity can be dynamic; "
                             f"{static_kinds} are structural")
     _check_layers(plan, structure, problems, notes)
+    precision = plan.get(TransformKind.WEIGHT_PRECISION)
+    if precision is not None and precision.head is not None and head_reason:
+        i = next(i for i, t in enumerate(plan.transforms) if t is precision)
+        problems.append(f"transforms[{i}] (weight_precision).layers[{HEAD_KEY}]: "
+                        f"cannot set the output head to {precision.head.value}: {head_reason}")
     if problems:
         raise PlanError(problems, plan.plan_id)
     return notes

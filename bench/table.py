@@ -1,8 +1,11 @@
 """The comparison table, on SmolLM2-135M on the CPU, every figure measured in this one run.
 
 Rows: unoptimised; int8 as a user would do it today (torch.ao dynamic quantisation, torchao
-int8 weight-only); head/layer pruning alone; headroom's plan on the executor's default kernels
-and on the fast kernels; the plan plus int8 on the output head (lm_head, tied to the embedding).
+int8 weight-only), and torch.compile alone (static KV cache + compiled decode, fp32 weights);
+head/layer pruning alone; headroom's plan; that plan combined with int8 on every block and the
+output head (lm_head, tied to the embedding); and that with compiled decode. Every headroom
+row is a plan document applied by the Executor on its default kernels (--kernel-rows adds the
+other CPU int8 kernels); compiled rows compile in the warm-up, which is not timed.
 Decode latency rounds are interleaved (every row once per round) so machine noise hits all rows
 alike. Quality is teacher-forced on held-out text (workloads.text, Split.HELD_OUT) against the
 unoptimised model: top-1 agreement and perplexity ratio. Weight memory is the real bytes held:
@@ -11,7 +14,8 @@ packed into opaque fbgemm objects.
 
     .venv/bin/python bench/table.py [--plan PLAN.json] [--sparsity 0.3] [--rounds 4] [--no-gemv]
 
-Without --plan, the plan is built here from calibration text (Split.CALIBRATION), by the rules
+`make demo` writes the plan headroom's loop found to .headroom/best-plan.json and
+`make bench-table` passes it as --plan. Without --plan, the plan is built here from calibration text (Split.CALIBRATION), by the rules
 the planner follows: int8 on every block, and per-layer activation-sparsity thresholds at the
 --sparsity quantile of |activation|; the pruning row skips the --skip-layers blocks that change
 the residual stream least and prunes the --prune-heads fraction of heads with the smallest
@@ -40,8 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.adapters import resolve_structure  # noqa: E402
 from agent.executor import Executor, ExecutorSettings  # noqa: E402
-from agent.executor.int8 import apply_head_int8  # noqa: E402
-from agent.executor.undo import UndoLog  # noqa: E402
 from agent.fingerprint import fingerprint  # noqa: E402
 from agent.kernels import opaque_bytes  # noqa: E402
 from agent.plan import SCHEMA, Plan  # noqa: E402
@@ -201,21 +203,59 @@ def env(**values: str):
                 os.environ[k] = v
 
 
-def headroom_row(base: nn.Module, name: str, source: str, docs: list[dict], *, int8_cpu: str,
-                 sparse_decode: bool, head_int8: bool) -> Row:
-    """A copy of the model with `docs` merged into one plan, applied by the Executor."""
+def headroom_row(base: nn.Module, name: str, source: str, doc: dict, *, int8_cpu: str = "int8pack_bf16",
+                 sparse_decode: bool = False) -> Row:
+    """A copy of the model with plan `doc` applied by the Executor (compile in the warm-up)."""
     model = copy.deepcopy(base)
     s = resolve_structure(model)
     fp = fingerprint(model, s)
-    transforms = [t for d in docs for t in d["transforms"]]
-    plan = Plan.from_doc(plan_doc(fp, "+".join(d["plan_id"] for d in docs), transforms, source))
+    plan = Plan.from_doc({**doc, "model_fingerprint": fp})
     with env(HEADROOM_INT8_CPU_KERNEL=int8_cpu):
         ex = Executor(model, s, fp, ExecutorSettings(park_device="cpu",
                                                      sparse_decode_gather=sparse_decode))
         ex.apply(plan)
-        if head_int8:
-            apply_head_int8(model, UndoLog())
     return Row(name, source, model)
+
+
+def compile_note(row: Row) -> str | None:
+    """How the row's decode steps ran: compiled, or eager (prefill, or a compile that failed)."""
+    from agent.executor.compiled import CompiledDecoder
+    found = [m for m in row.model.modules() if isinstance(m, CompiledDecoder)]
+    if not found:
+        return None
+    cd = found[0]
+    errors = f"; compile errors: {list(cd.errors.values())}" if cd.errors else ""
+    return (f"{row.name}: {cd.compiled_calls} compiled calls, {cd.eager_calls} eager "
+            f"(prefill){errors}")
+
+
+def without(doc: dict, kind: str) -> dict:
+    return {**doc, "transforms": [t for t in doc["transforms"] if t["kind"] != kind]}
+
+
+def merged(fp: str, plan_id: str, docs: list[dict], notes: str) -> dict:
+    """One plan from several: transforms of one kind merged (int8 layers, thresholds, heads)."""
+    by_kind: dict[str, dict] = {}
+    for t in (t for d in docs for t in d["transforms"]):
+        cur = by_kind.setdefault(t["kind"], copy.deepcopy(t))
+        for key, val in t.items():
+            if isinstance(val, dict):
+                cur[key] = {**cur[key], **val}
+            elif isinstance(val, list):
+                cur[key] = sorted(set(cur[key]) | set(val))
+            else:
+                cur[key] = val
+    return plan_doc(fp, plan_id, list(by_kind.values()), notes)
+
+
+def int8_everywhere(fp: str, s) -> dict:
+    layers = {**{str(i): "int8" for i in range(s.num_layers)}, "lm_head": "int8"}
+    return plan_doc(fp, "int8-all", [{"kind": "weight_precision", "layers": layers}], "")
+
+
+def compiled_decode(fp: str) -> dict:
+    return plan_doc(fp, "compiled", [{"kind": "execution", "static_kv_cache": True,
+                                      "compile": "torch_compile"}], "")
 
 
 def ao_dynamic_row(base: nn.Module) -> Row:
@@ -348,43 +388,47 @@ def print_table(rows: list[Row], notes: list[str]) -> None:
           "unoptimised, teacher-forced on held-out text)")
     for r in rows:
         print(f"  {r.name}: {r.source}")
-    for n in notes:
+    for n in notes + [n for r in rows if (n := compile_note(r))]:
         print(f"  note: {n}")
+
+
+def loop_plan(args, fp: str, s, stats: dict) -> tuple[dict, str]:
+    if args.plan:
+        plan = json.loads(Path(args.plan).read_text())
+        plan["model_fingerprint"] = fp
+        return plan, f"plan file {args.plan} ({plan.get('plan_id')})"
+    plan = sparsity_int8_plan(fp, s, stats, args.sparsity)
+    return plan, f"built by bench rules (no --plan): {plan['notes']}"
 
 
 def build_rows(base, s, fp, args, stats) -> tuple[list[Row], list[str]]:
     notes = []
-    if args.plan:
-        plan = json.loads(Path(args.plan).read_text())
-        plan["model_fingerprint"] = fp
-        source = f"plan file {args.plan} ({plan.get('plan_id')})"
-    else:
-        plan = sparsity_int8_plan(fp, s, stats, args.sparsity)
-        source = f"built by bench rules (no --plan): {plan['notes']}"
+    plan, source = loop_plan(args, fp, s, stats)
     prune = prune_plan(fp, s, stats, args.skip_layers, args.prune_heads)
     rows = [Row("unoptimised", "SmolLM2-135M-Instruct fp32, eager", base), ao_dynamic_row(base)]
     tao = torchao_row(base)
     rows.append(tao) if isinstance(tao, Row) else notes.append(tao)
-    sd, fast = args.sparse_decode == "on", "int8pack_bf16"
+    # The int8 row runs eager even when the loop's plan compiles; the next row adds it back.
+    full = merged(fp, "plan+int8", [without(plan, "execution"), int8_everywhere(fp, s)], "")
     rows += [
-        headroom_row(base, "headroom: pruning alone", prune["notes"], [prune],
-                     int8_cpu=fast, sparse_decode=False, head_int8=False),
-        headroom_row(base, "headroom: plan, int8 dequant (default)", source, [plan],
-                     int8_cpu="dequant", sparse_decode=False, head_int8=False),
-        headroom_row(base, "headroom: plan, int8 fbgemm W8A8", source, [plan],
-                     int8_cpu="fbgemm", sparse_decode=False, head_int8=False),
-        headroom_row(base, "headroom: plan, int8pack bf16", source, [plan],
-                     int8_cpu=fast, sparse_decode=False, head_int8=False),
-        headroom_row(base, "headroom: plan, int8pack bf16 + sparse decode", source, [plan],
-                     int8_cpu=fast, sparse_decode=True, head_int8=False),
-        headroom_row(base, "headroom: plan + int8 lm_head", f"{source} + int8 lm_head and tied "
-                     f"embedding; int8pack bf16, sparse decode {args.sparse_decode}", [plan],
-                     int8_cpu=fast, sparse_decode=sd, head_int8=True)]
+        headroom_row(base, "torch.compile alone (headroom execution)", "static KV cache + "
+                     "compiled decode, fp32 weights", compiled_decode(fp)),
+        headroom_row(base, "headroom: pruning alone", prune["notes"], prune),
+        headroom_row(base, "headroom: plan (as the loop found it)", source, plan),
+        headroom_row(base, "headroom: plan + int8 (blocks, lm_head)", f"{source}; int8 on every "
+                     "block and the lm_head (tied embedding too)", full),
+        headroom_row(base, "headroom: plan + int8 + compiled decode", f"{source}; int8 everywhere;"
+                     " static KV cache + compiled decode", merged(fp, "plan+int8+compile",
+                                                                 [full, compiled_decode(fp)], ""))]
+    if args.kernel_rows:
+        rows += [headroom_row(base, f"headroom: plan + int8, kernel {k}", f"{source}; "
+                              f"HEADROOM_INT8_CPU_KERNEL={k}", full, int8_cpu=k)
+                 for k in ("dequant", "fbgemm")]
+        rows.append(headroom_row(base, "headroom: plan + int8, sparse decode", f"{source}; "
+                                 "sparse decode gather on", full, sparse_decode=True))
     if args.with_prune:
-        rows.append(headroom_row(base, "headroom: plan + pruning + int8 lm_head",
-                                 f"{source} + {prune['notes']} + int8 lm_head; int8pack bf16, "
-                                 f"sparse decode {args.sparse_decode}", [plan, prune],
-                                 int8_cpu=fast, sparse_decode=sd, head_int8=True))
+        rows.append(headroom_row(base, "headroom: plan + int8 + pruning", f"{source} + "
+                                 f"{prune['notes']}", merged(fp, "plan+int8+prune", [full, prune], "")))
     return rows, notes
 
 
@@ -394,9 +438,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sparsity", type=float, default=0.3)
     p.add_argument("--skip-layers", type=int, default=1)
     p.add_argument("--prune-heads", type=float, default=0.1)
-    p.add_argument("--with-prune", action="store_true", help="add plan + pruning + lm_head row")
-    p.add_argument("--sparse-decode", choices=("on", "off"), default="off",
-                   help="sparse decode kernel in the lm_head rows")
+    p.add_argument("--with-prune", action="store_true", help="add a plan + int8 + pruning row")
+    p.add_argument("--kernel-rows", action="store_true",
+                   help="add the plan + int8 rows on the other CPU kernels (dequant, fbgemm W8A8, "
+                        "sparse decode)")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=20)
     p.add_argument("--eval-seqs", type=int, default=8)

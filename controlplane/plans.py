@@ -18,8 +18,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
-from proto.plandoc import (PLAN_SCHEMA, CompileMode, PlanMode, Precision, TransformKind,  # noqa: F401
-                           canonical_json, plan_hash)
+from proto.plandoc import (HEAD_KEY, PLAN_SCHEMA, CompileMode, PlanMode, Precision,  # noqa: F401
+                           TransformKind, canonical_json, plan_hash)
 
 SCHEMA = PLAN_SCHEMA
 _PLAN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -43,9 +43,10 @@ def _int(value: Any, path: str, minimum: int = 0) -> int:
     return value
 
 
-def _layer_key(key: Any, path: str) -> int:
+def _layer_key(key: Any, path: str, also: str = "") -> int:
     if not isinstance(key, str) or not _LAYER_KEY.match(key):
-        raise PlanValidationError(path, f"layer key must be a decimal string like \"3\", got {key!r}")
+        raise PlanValidationError(path, f"layer key must be a decimal string like \"3\"{also}, "
+                                  f"got {key!r}")
     return int(key)
 
 
@@ -156,22 +157,30 @@ class ActivationSparsity:
 
 @dataclass(frozen=True)
 class WeightPrecision:
-    precisions: Mapping[int, Precision]   # layer -> weight-only precision
+    precisions: Mapping[int, Precision]   # block layer -> weight-only precision
+    head: Optional[Precision] = None      # the output head (document key HEAD_KEY); None: unchanged
     kind = TransformKind.WEIGHT_PRECISION
 
     @classmethod
     def from_doc(cls, d: Mapping, path: str) -> "WeightPrecision":
         _keys(d, path, {"kind", "layers"})
-        out = {}
+        out, head = {}, None
         for key, p in _mapping(d["layers"], f"{path}.layers").items():
-            out[_layer_key(key, f"{path}.layers")] = _enum(Precision, p, f"{path}.layers.{key}")
-        return cls(out)
+            if key == HEAD_KEY:
+                head = _enum(Precision, p, f"{path}.layers.{key}")
+                continue
+            layer = _layer_key(key, f"{path}.layers", f" or {HEAD_KEY!r}")
+            out[layer] = _enum(Precision, p, f"{path}.layers.{key}")
+        return cls(out, head)
 
     def to_doc(self) -> dict:
-        return {"kind": self.kind.value,
-                "layers": {str(l): p.value for l, p in sorted(self.precisions.items())}}
+        layers = {str(l): Precision(p).value for l, p in sorted(self.precisions.items())}
+        if self.head is not None:
+            layers[HEAD_KEY] = Precision(self.head).value
+        return {"kind": self.kind.value, "layers": layers}
 
     def layers(self) -> set[int]:
+        """Block layers only; the head is `head`."""
         return set(self.precisions)
 
 
@@ -387,6 +396,8 @@ def _diff_precision(t: WeightPrecision, facts: ModelFacts) -> list[str]:
         if layers:
             word = "layer" if len(layers) == 1 else "layers"
             out.append(f"{word} {layer_ranges(layers)}: weights {base} -> {p.value}")
+    if t.head is not None:
+        out.append(f"{HEAD_KEY}: weights {base} -> {t.head.value}")
     return out
 
 

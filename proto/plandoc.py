@@ -32,6 +32,11 @@ class Precision(str, enum.Enum):
     INT8 = "int8"
 
 
+# weight_precision.layers is keyed by block index ("0".."N-1") and, for the output head, by
+# this key: {"kind": "weight_precision", "layers": {"3": "int8", "lm_head": "int8"}}.
+HEAD_KEY = "lm_head"
+
+
 class CompileMode(str, enum.Enum):
     NONE = "none"
     TORCH_COMPILE = "torch_compile"

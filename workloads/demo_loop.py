@@ -5,6 +5,7 @@ measurements (unoptimised and with the plan, same prompts, same held-out text).
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from workloads.prompts import PROMPTS, chat_ids
 EVAL = {"seq_len": 129, "max_sequences": 16, "prompts": 2, "prompt_tokens": 16,
         "new_tokens": 12, "latency_repeats": 3}
 POLL_S = 2.0
+BEST_PLAN_PATH = Path(".headroom/best-plan.json")   # read by `make bench-table`
 
 
 def static_int8_plan(handle) -> dict:
@@ -96,6 +98,9 @@ def _decide_and_apply(admin: AdminClient, handle, model, tok, job: dict) -> list
     plan_id = job["plan_id"]
     shown = admin.call("plan.show", {"plan_id": plan_id})
     print(f"\nbest plan {plan_id}: decision {job['decision']}")
+    BEST_PLAN_PATH.parent.mkdir(parents=True, exist_ok=True)
+    BEST_PLAN_PATH.write_text(json.dumps(shown["doc"], indent=1, sort_keys=True) + "\n")
+    print(f"  plan document: {BEST_PLAN_PATH} (bench/table.py --plan reads it)")
     for line in shown["diff"]:
         print(f"  {line}")
     if job["decision"] == "needs_human":

@@ -1,18 +1,27 @@
-"""execution: static KV cache and compiled / graph-captured decode, via generation settings.
+"""execution: static KV cache, and compiled / graph-captured decode (see compiled.py).
 
-transformers compiles the decode step itself when the cache is static and a compile config is
-set (GenerationMixin._valid_auto_compile_criteria); "cuda_graph" is the reduce-overhead
-compile mode, which captures CUDA graphs. Nothing in the model is edited. Off CUDA, compile
-falls back to eager ("none") and the fallback is reported in the apply notes.
+- static_kv_cache: generate() allocates a fixed-size cache (`cache_implementation="static"`),
+  sized `max_cache_len` = the longest request seen so far (prompt + output tokens, rounded up
+  to CACHE_ROUND_TOKENS), or ExecutorSettings.static_cache_tokens when set, so later requests
+  reuse one shape instead of recompiling per length. A longer request grows the cache once
+  (transformers keeps the largest length).
+- compile: the decoder stack is swapped for CompiledDecoder; "cuda_graph" is the
+  reduce-overhead mode, which captures CUDA graphs and needs CUDA. On a CPU, inductor needs a
+  C++ compiler; without one (or without CUDA for cuda_graph) the transform falls back to eager
+  and says so in the apply notes. transformers' own auto-compile of `__call__` is disabled:
+  the swap replaces it.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import nn
 
+from agent.executor.compiled import CompiledDecoder
 from agent.executor.undo import UndoLog
 from agent.plan import CompileMode, Execution
 
-_COMPILE_DEVICES = ("cuda",)
+CACHE_ROUND_TOKENS = 256
 
 
 def execution_support(model: nn.Module) -> str | None:
@@ -21,26 +30,54 @@ def execution_support(model: nn.Module) -> str | None:
     return None
 
 
-def _compile_config(mode: CompileMode):
-    from transformers import CompileConfig
-    kind = "reduce-overhead" if mode == CompileMode.CUDA_GRAPH else "default"
-    return CompileConfig(fullgraph=False, dynamic=False, mode=kind)
+def cache_tokens(fixed: int, longest_seen: int) -> int:
+    """The static cache length: `fixed` if set, else the longest request seen, rounded up."""
+    if fixed > 0:
+        return fixed
+    need = max(longest_seen, 1)
+    return -(-need // CACHE_ROUND_TOKENS) * CACHE_ROUND_TOKENS
 
 
-def apply_execution(model: nn.Module, t: Execution, log: UndoLog) -> list[str]:
-    """Returns notes (fallbacks taken)."""
+def compile_unavailable(mode: CompileMode, device: str) -> str | None:
+    if mode == CompileMode.CUDA_GRAPH and device != "cuda":
+        return "cuda_graph needs CUDA"
+    if device == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+            get_cpp_compiler()
+        except Exception as e:  # noqa: BLE001 - any failure means: no usable compiler
+            return f"no C++ compiler for inductor ({type(e).__name__}: {e})"[:300]
+    return None
+
+
+def decoder_stack(model: nn.Module, layers: nn.ModuleList) -> tuple[nn.Module, str]:
+    """(parent, attribute) of the module that holds the block list, below the root."""
+    for name, m in model.named_modules():
+        if name and any(child is layers for child in m.children()):
+            parent, _, leaf = name.rpartition(".")
+            return (model.get_submodule(parent) if parent else model), leaf
+    raise ValueError("no module below the model root holds the transformer blocks")
+
+
+def apply_execution(model: nn.Module, layers: nn.ModuleList, t: Execution, log: UndoLog, *,
+                    fixed_cache_tokens: int = 0,
+                    longest_seen: Callable[[], int] = lambda: 0) -> list[str]:
+    """Returns notes (the cache length chosen, fallbacks taken)."""
     notes, gen = [], model.generation_config
     if t.static_kv_cache:
+        length = cache_tokens(fixed_cache_tokens, longest_seen())
         log.set_attr(gen, "cache_implementation", "static")
-    compile_mode = t.compile
+        log.set_attr(gen, "max_cache_len", length)
+        notes.append(f"execution: static KV cache of {length} tokens")
+    log.set_attr(gen, "disable_compile", True)
+    if t.compile == CompileMode.NONE:
+        return notes
     device = next(model.parameters()).device.type
-    if compile_mode != CompileMode.NONE and device not in _COMPILE_DEVICES:
-        notes.append(f"execution: compile={compile_mode.value} fell back to 'none' on {device} "
-                     "(compiled decode is enabled on CUDA only)")
-        compile_mode = CompileMode.NONE
-    if compile_mode != CompileMode.NONE:
-        log.set_attr(gen, "compile_config", _compile_config(compile_mode))
-        log.set_attr(gen, "disable_compile", False)
-    else:
-        log.set_attr(gen, "disable_compile", True)
-    return notes
+    why = compile_unavailable(t.compile, device)
+    if why is not None:
+        return notes + [f"execution: compile={t.compile.value} fell back to 'none' on {device} ({why})"]
+    parent, leaf = decoder_stack(model, layers)
+    mode = "reduce-overhead" if t.compile == CompileMode.CUDA_GRAPH else "default"
+    log.swap(parent, leaf, CompiledDecoder(getattr(parent, leaf), mode), park=False)
+    return notes + [f"execution: decode compiled ({mode}) on {device}; the first decode step "
+                    "of each shape waits for its compile"]

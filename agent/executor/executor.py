@@ -24,14 +24,15 @@ from torch import nn
 
 from agent.adapters.base import BlockRefs, ModelStructure
 from agent.executor.execution import apply_execution, execution_support
-from agent.executor.int8 import Int8Linear
+from agent.executor.int8 import Int8Linear, apply_head_int8
 from agent.executor.prune import PrunedAttention, ZeroAttention, prune_support
 from agent.executor.skip import IdentityBlock, apply_skip
 from agent.executor.sparsity import SparseDownProj
 from agent.executor.undo import UndoLog
 from agent.executor.weights import weight_bytes
-from agent.plan import (ActivationSparsity, Plan, PruneHeads, SkipLayers,
-                        Transform, TransformKind, WeightPrecision, check_fit)
+from agent.plan import (ActivationSparsity, Execution, Plan, PruneHeads, SkipLayers,
+                        Transform, TransformKind, WeightPrecision, check_fit,
+                        head_int8_support)
 from agent.adapters.base import WeightLayout
 
 
@@ -46,6 +47,13 @@ class ExecutorSettings:
     # Sparse down projection reads only surviving weight columns at decode (see sparsity.py).
     sparse_decode_gather: bool = field(default=False,
                                        metadata={"env": "HEADROOM_SPARSE_DECODE_GATHER"})
+    # execution: static cache length in tokens; 0 = the longest request seen, rounded up.
+    static_cache_tokens: int = field(default=0, metadata={"env": "HEADROOM_STATIC_CACHE_TOKENS"})
+
+    def __post_init__(self) -> None:
+        if self.static_cache_tokens < 0:
+            raise ValueError(f"executor setting static_cache_tokens={self.static_cache_tokens}: "
+                             "must be >= 0 (0 = the longest request seen)")
 
     @classmethod
     def resolve(cls, **overrides: Any) -> "ExecutorSettings":
@@ -94,9 +102,13 @@ class Executor:
         self.model, self.structure, self.fingerprint = model, structure, fingerprint
         self.settings = settings or ExecutorSettings.resolve()
         self.paths = [block_paths(b) for b in structure.blocks]
+        # Judged once, on the unoptimised head: an applied plan may have swapped it for int8.
+        self.head_reason = head_int8_support(model)
         self.lock = threading.Lock()     # held across apply/rollback; callers hold it per request
         self.appliers = dict(DEFAULT_APPLIERS if appliers is None else appliers)
         self.active_plan: Plan | None = None
+        # Longest request seen (prompt + output tokens); the agent's tracker sets it.
+        self.longest_request_tokens: Callable[[], int] = lambda: 0
         self._log: UndoLog | None = None
 
     def supported(self) -> dict[TransformKind, str | None]:
@@ -110,7 +122,8 @@ class Executor:
 
     def validate(self, plan: Plan) -> list[str]:
         """PlanError listing every problem, or the notes; touches nothing."""
-        return check_fit(plan, self.structure, self.fingerprint, self.supported())
+        return check_fit(plan, self.structure, self.fingerprint, self.supported(),
+                         self.head_reason)
 
     def apply(self, plan: Plan) -> ApplyReport:
         with self.lock:
@@ -240,7 +253,8 @@ def _apply_int8(ex: Executor, t: WeightPrecision, log: UndoLog) -> list[str]:
                 parent, leaf, mod = mod, "inner", mod.inner
             if not isinstance(mod, Int8Linear):
                 log.swap(parent, leaf, Int8Linear.from_module(mod, ex.structure.weight_layout))
-    return []
+    # check_fit refused the plan unless the head is an nn.Linear; a tied embedding follows it.
+    return [] if t.head is None else apply_head_int8(ex.model, log)
 
 
 def _has_role(ex: Executor, layer: int, role: str) -> bool:
@@ -252,8 +266,10 @@ def _has_role(ex: Executor, layer: int, role: str) -> bool:
         return False
 
 
-def _apply_execution(ex: Executor, t, log: UndoLog) -> list[str]:
-    return apply_execution(ex.model, t, log)
+def _apply_execution(ex: Executor, t: Execution, log: UndoLog) -> list[str]:
+    return apply_execution(ex.model, ex.structure.layers, t, log,
+                           fixed_cache_tokens=ex.settings.static_cache_tokens,
+                           longest_seen=ex.longest_request_tokens)
 
 
 DEFAULT_APPLIERS: dict[TransformKind, Applier] = {

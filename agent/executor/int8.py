@@ -5,14 +5,15 @@ the fp weight goes to the undo log on the host CPU. The kernel is chosen once, w
 module is built (= when the plan is applied), by agent.kernels.select:
 - CUDA: torch.ops.headroom.int8_linear -> Triton GEMV dequantising in registers (decode),
   dequantise + matmul for prefill;
-- CPU, fp32, HEADROOM_INT8_CPU_KERNEL=int8pack_bf16 (the fast path): torch._weight_int8pack_mm
+- CPU, fp32, HEADROOM_INT8_CPU_KERNEL=int8pack_bf16 (the default): torch._weight_int8pack_mm
   on the same int8 weight, activations rounded to bf16 for the call (weight-only int8; see
   agent/kernels/settings.py for the measurements);
 - CPU, HEADROOM_INT8_CPU_KERNEL=fbgemm, fp32: fbgemm's int8 GEMM on a weight packed once
   (W8A8 dynamic: activations are quantised per call too; opt-in, see agent/kernels/settings.py).
   The packed copy replaces the int8 buffer; its bytes are reported by `opaque_bytes()`;
 - bf16/fp16 activations: torch._weight_int8pack_mm where this torch build has it;
-- otherwise torch.ops.headroom.int8_linear's reference: q cast to x's dtype in chunks of
+- otherwise (HEADROOM_INT8_CPU_KERNEL=dequant, in_features not a multiple of 8, other
+  devices) torch.ops.headroom.int8_linear's reference: q cast to x's dtype in chunks of
   output rows (the transient fp copy stays small), y = (x @ q.T) * scale.
 
 `apply_head_int8` quantises the output head (lm_head) too; when it is tied to the input

@@ -1,4 +1,6 @@
-"""Real bytes a model holds: every parameter and buffer, shared storage counted once."""
+"""Real bytes a model holds: every parameter and buffer, shared storage counted once, plus
+weights packed into objects PyTorch cannot see (fbgemm's packed int8 matrix), which a module
+reports through a method `opaque_bytes() -> int`."""
 from __future__ import annotations
 
 import itertools
@@ -6,7 +8,7 @@ import itertools
 from torch import nn
 
 
-def weight_bytes(model: nn.Module) -> int:
+def tensor_bytes(model: nn.Module) -> int:
     """Bytes of all parameters and buffers (int8 = 1 byte each); tied weights counted once."""
     seen, total = set(), 0
     for t in itertools.chain(model.parameters(), model.buffers()):
@@ -17,3 +19,12 @@ def weight_bytes(model: nn.Module) -> int:
         seen.add(key)
         total += storage.nbytes()
     return total
+
+
+def opaque_bytes(model: nn.Module) -> int:
+    return sum(m.opaque_bytes() for m in model.modules() if hasattr(m, "opaque_bytes"))
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Everything the model's weights occupy: tensors plus opaque packed copies."""
+    return tensor_bytes(model) + opaque_bytes(model)

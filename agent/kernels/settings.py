@@ -4,12 +4,12 @@
     HEADROOM_INT8_CPU_KERNEL  dequant | int8pack_bf16 | fbgemm
 
 CPU int8 kernels for fp32 models (measured on SmolLM2-135M, bench/table.py):
-- dequant (the default, for now): weight-only int8, q cast to fp32 in chunks then fp32
-  matmul: exact to the reference, but 4-6x slower than fp32 at decode sizes.
-- int8pack_bf16 (the fast path; to become the default once the executor tests that compare
-  it with the exact path at 1e-5 allow bf16 rounding): weight-only int8 through
-  torch._weight_int8pack_mm, activations rounded to bf16 for the call, the result cast back
-  to fp32; 1.2-4x faster than fp32 F.linear at batch 1 (4x on the lm_head).
+- int8pack_bf16 (the default): weight-only int8 through torch._weight_int8pack_mm,
+  activations rounded to bf16 for the call (8 mantissa bits: relative error ~4e-3 per
+  product, accumulated in fp32), the result cast back to fp32; 1.2-4x faster than fp32
+  F.linear at batch 1 (4x on the lm_head). Needs in_features % 8 == 0 (else dequant).
+- dequant: weight-only int8, q cast to fp32 in chunks then fp32 matmul: exact to the
+  reference (fp32 activations), but 4-6x slower than fp32 at decode sizes.
 - fbgemm: W8A8 dynamic: activations quantised per tensor to 7 bits on the fly. Fast, but
   SmolLM2's activation outliers make it unusable (perplexity x2.9); opt-in only.
 """
@@ -38,7 +38,7 @@ class Int8Cpu(str, enum.Enum):
 @dataclass(frozen=True)
 class KernelSettings:
     backend: Backend = field(default=Backend.AUTO, metadata={"env": "HEADROOM_KERNEL_BACKEND"})
-    int8_cpu: Int8Cpu = field(default=Int8Cpu.DEQUANT, metadata={"env": "HEADROOM_INT8_CPU_KERNEL"})
+    int8_cpu: Int8Cpu = field(default=Int8Cpu.INT8PACK_BF16, metadata={"env": "HEADROOM_INT8_CPU_KERNEL"})
 
     @classmethod
     def resolve(cls, **overrides: Any) -> "KernelSettings":

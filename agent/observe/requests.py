@@ -134,6 +134,7 @@ class RequestTracker:
         self._hooks: list = []
         self._saved_generate = None     # an instance attribute `generate` that was there before
         self.requests_seen = 0
+        self.longest_tokens = 0         # prompt + output tokens of the longest request seen
         # Boundaries (module docstring). Lock, not RLock: a request may close on another thread.
         self._turnstile, self._boundary = threading.Lock(), threading.Lock()
         self._control_thread: Optional[int] = None    # holder of boundary(), if any
@@ -348,6 +349,7 @@ class RequestTracker:
             ttft_ms=(req.first_end_ns - req.start_ns) / 1e6, tpot_ms=tpot_ms,
             latency_ms=(end_ns - req.start_ns) / 1e6, trace=trace)
         self.requests_seen += 1
+        self.longest_tokens = max(self.longest_tokens, req.prompt_tokens + n)
         try:
             self._sink(rec)
         except Exception as exc:  # noqa: BLE001 - a broken sink must not break serving

@@ -1,10 +1,13 @@
 """The experiment loop: hypotheses over the plan space, each one measured by a trial.
 
-Order (cheap and safe first): int8 weights on every layer (one trial if it fits), then
-activation sparsity layer by layer (binary search for the largest threshold on the layer's
-ladder), then head pruning (lowest share first, binary search for the batch size), then layer
-skipping (lowest influence first, one layer per trial). Every hypothesis is the kept plan plus
-one change; it is kept if its evidence is within the quality budget.
+Order (cheap and safe first): int8 weights on every layer (one trial if it fits), then int8
+on the output head (lm_head, one trial), then activation sparsity layer by layer (binary
+search for the largest threshold on the layer's ladder), then head pruning (lowest share
+first, binary search for the batch size), then layer skipping (lowest influence first, one
+layer per trial). Every hypothesis is the kept plan plus one change; it is kept if its
+evidence is within the quality budget. Last, on a trial kept for it: static KV cache +
+compiled decode on top of the best plan, kept only if it is also faster (a compile per trial
+would cost about a minute on a CPU, so it is tried once, at the end).
 
 Binary searches assume that more of one change never costs less quality (a larger threshold,
 more heads). With that, each search keeps the largest prefix that fits in about log2(n) trials.
@@ -18,8 +21,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
-from controlplane.plans import (ActivationSparsity, PlanDoc, PlanMode, Precision, PruneHeads,
-                                SkipLayers, WeightPrecision, layer_ranges)
+from controlplane.plans import (HEAD_KEY, ActivationSparsity, CompileMode, Execution, PlanDoc,
+                                PlanMode, Precision, PruneHeads, SkipLayers, WeightPrecision,
+                                layer_ranges)
 from controlplane.planner.candidates import Candidates
 from controlplane.planner.settings import PlannerSettings
 
@@ -34,14 +38,17 @@ class EvidenceKey(str, enum.Enum):
     PPL_RATIO = "ppl_ratio"     # perplexity with the plan / without
     MEAN_KL = "mean_kl"         # mean KL(baseline || plan) of next-token distributions, nats
     EXACT_MATCH = "exact_match" # fraction of greedy continuations identical to the baseline's
+    LATENCY_PLAN = "latency_ms_per_token_plan"   # median decode step with the plan
     ERROR = "error"             # non-empty: the trial failed
 
 
 class Phase(str, enum.Enum):
     INT8 = "int8"
+    INT8_HEAD = "int8_lm_head"
     SPARSITY = "activation_sparsity"
     PRUNE_HEADS = "prune_heads"
     SKIP_LAYERS = "skip_layers"
+    EXECUTION = "execution"
 
 
 @dataclass(frozen=True)
@@ -100,9 +107,11 @@ class SearchResult:
 class _Parts:
     """The kept plan as sets, so one change is one set operation."""
     int8: frozenset = frozenset()
+    int8_head: bool = False         # the output head (lm_head) in int8
     thresholds: tuple = ()          # ((layer, threshold), ...)
     heads: frozenset = frozenset()  # {(layer, head)}
     skipped: frozenset = frozenset()
+    compiled: bool = False          # static KV cache + compiled decode
 
     def with_threshold(self, layer: int, t: float) -> "_Parts":
         rest = tuple(p for p in self.thresholds if p[0] != layer)
@@ -112,8 +121,9 @@ class _Parts:
         """A skipped layer never runs: its other changes are left out of the document."""
         keep = lambda layer: layer not in self.skipped
         out = []
-        if self.int8:
-            out.append(WeightPrecision({l: Precision.INT8 for l in sorted(self.int8) if keep(l)}))
+        if self.int8 or self.int8_head:
+            out.append(WeightPrecision({l: Precision.INT8 for l in sorted(self.int8) if keep(l)},
+                                       Precision.INT8 if self.int8_head else None))
         if self.thresholds:
             out.append(ActivationSparsity({l: t for l, t in self.thresholds if keep(l)}))
         heads: dict[int, list[int]] = {}
@@ -124,7 +134,9 @@ class _Parts:
             out.append(PruneHeads({l: tuple(h) for l, h in heads.items()}))
         if self.skipped:
             out.append(SkipLayers(tuple(sorted(self.skipped))))
-        return tuple(t for t in out if t.layers())
+        head = lambda t: isinstance(t, WeightPrecision) and t.head is not None
+        kept = tuple(t for t in out if t.layers() or head(t))
+        return kept + ((Execution(True, CompileMode.TORCH_COMPILE),) if self.compiled else ())
 
 
 class _OutOfTrials(Exception):
@@ -167,14 +179,21 @@ class Planner:
         self._target, self._cands = target, candidates
         self._kept, self._trail, self._best = _Parts(), [], None
         stop = "every candidate tried"
-        phases = (self._phase_int8, self._phase_sparsity, self._phase_heads, self._phase_skip)
+        phases = (self._phase_int8, self._phase_int8_head, self._phase_sparsity,
+                  self._phase_heads, self._phase_skip)
         if target.mode == PlanMode.DYNAMIC:
             phases = (self._phase_sparsity,)   # only thresholds can change per request
+        compile_last = self.settings.compiled_decode and target.mode == PlanMode.STRUCTURAL
+        # The execution trial comes last (a compile per trial would cost minutes on a CPU)
+        # and has its trial kept for it.
+        self._limit = self.max_trials - (1 if compile_last and self.max_trials > 1 else 0)
         try:
             for phase in phases:
                 phase()
         except _OutOfTrials:
             stop = f"max_trials ({self.max_trials}) reached"
+        if compile_last and len(self._trail) < self.max_trials:
+            self._phase_execution()
         best = self._best
         return SearchResult(best.plan if best else None, best, list(self._trail), stop)
 
@@ -189,8 +208,30 @@ class Planner:
                                dataclasses.replace(start, int8=start.int8 | set(layers)))
         _largest_ok(len(order), probe, try_all_first=True)
 
+    def _phase_int8_head(self) -> None:
+        """One hypothesis on top of the best plan so far; an agent whose head is not an
+        nn.Linear refuses it (a failed trial, dropped like any other)."""
+        if self.settings.int8_lm_head:
+            self._trial(Phase.INT8_HEAD, f"int8 weights on {HEAD_KEY}",
+                        dataclasses.replace(self._kept, int8_head=True))
+
+    def _phase_execution(self) -> None:
+        """Quality-neutral, so kept only when it is also faster than the best plan so far."""
+        before = (self._best.evidence or {}).get(EvidenceKey.LATENCY_PLAN.value) if self._best else None
+        self._limit = self.max_trials
+        self._trial(Phase.EXECUTION, "static KV cache + compiled decode",
+                    dataclasses.replace(self._kept, compiled=True), faster_than=before)
+
+    def _protected(self) -> set[int]:
+        """The first and last blocks (the default safety policy rejects structural changes
+        there, so a trial on them would only spend the budget)."""
+        last = self._cands.num_layers - 1
+        return {0, last} if self.settings.protect_edge_layers else set()
+
     def _phase_sparsity(self) -> None:
-        for cand in self._cands.sparse_layers[:self.settings.max_sparse_layers]:
+        protected = self._protected()
+        sparse = [c for c in self._cands.sparse_layers if c.layer not in protected]
+        for cand in sparse[:self.settings.max_sparse_layers]:
             start = self._kept
 
             def probe(k: int, cand=cand, start=start) -> bool:
@@ -212,8 +253,7 @@ class Planner:
         _largest_ok(len(order), probe, try_all_first=False)
 
     def _phase_skip(self) -> None:
-        last = self._cands.num_layers - 1
-        protected = {0, last} if self.settings.protect_edge_layers else set()
+        protected = self._protected()
         order = [c for c in self._cands.layers if c.layer not in protected]
         for cand in order[:self.settings.skip_candidates]:
             if len(self._kept.skipped) >= self.settings.max_skip_layers:
@@ -225,8 +265,10 @@ class Planner:
     def _prunable_heads(self) -> list[tuple[int, int]]:
         """Lowest share first, leaving every layer at least min_heads_per_layer heads."""
         taken: dict[int, int] = {}
-        out = []
+        out, protected = [], self._protected()
         for c in self._cands.heads:
+            if c.layer in protected:
+                continue
             cap = self._cands.heads_per_layer.get(c.layer, 0) - self.settings.min_heads_per_layer
             if (c.layer, c.head) in self._kept.heads or taken.get(c.layer, 0) >= cap:
                 continue
@@ -235,8 +277,9 @@ class Planner:
         return out[:self.settings.max_head_candidates]
 
     # ------------------------------------------------------------ one trial
-    def _trial(self, phase: Phase, change: str, parts: _Parts) -> bool:
-        if len(self._trail) >= self.max_trials:
+    def _trial(self, phase: Phase, change: str, parts: _Parts,
+               faster_than: Optional[float] = None) -> bool:
+        if len(self._trail) >= self._limit:
             raise _OutOfTrials()
         index = len(self._trail) + 1
         t = self._target
@@ -246,6 +289,8 @@ class Planner:
         self._propose(doc)
         t0 = time.perf_counter()
         evidence, kept, reason = self._measure(doc)
+        if kept and faster_than is not None:
+            kept, reason = _faster(evidence, faster_than, reason)
         rec = TrialRecord(index, phase, change, doc, evidence, kept, reason,
                           (time.perf_counter() - t0) * 1e3)
         self._trail.append(rec)
@@ -263,6 +308,15 @@ class Planner:
             return evidence, False, f"dropped: trial failed: {evidence[EvidenceKey.ERROR.value]}"
         kept, reason = self._budget.check(evidence)
         return evidence, kept, reason
+
+
+def _faster(evidence: Mapping[str, Any], before_ms: float, reason: str) -> tuple[bool, str]:
+    after_ms = evidence.get(EvidenceKey.LATENCY_PLAN.value)
+    if after_ms is None or not math.isfinite(before_ms) or not math.isfinite(after_ms):
+        return True, reason
+    if after_ms < before_ms:
+        return True, f"{reason}; {after_ms:.1f} vs {before_ms:.1f} ms/token before"
+    return False, f"dropped: not faster ({after_ms:.1f} vs {before_ms:.1f} ms/token before)"
 
 
 def _largest_ok(n: int, probe: Callable[[int], bool], try_all_first: bool) -> int:

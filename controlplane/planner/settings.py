@@ -26,7 +26,14 @@ class PlannerSettings:
     # Layer skipping: candidates tried (lowest influence first) and layers kept skipped.
     skip_candidates: int = field(default=6, metadata=_env("SKIP_CANDIDATES"))
     max_skip_layers: int = field(default=4, metadata=_env("MAX_SKIP_LAYERS"))
-    # The first and last blocks carry the embedding and the logits: never skip them.
+    # After the per-block int8 stage: one trial of int8 on the output head (lm_head; a tied
+    # input embedding shares its int8 matrix), kept if it stays within the quality budget.
+    int8_lm_head: bool = field(default=True, metadata=_env("INT8_LM_HEAD"))
+    # Last trial (kept for it): static KV cache + compiled decode on top of the best plan,
+    # kept when it is faster; dynamic plans never get it.
+    compiled_decode: bool = field(default=True, metadata=_env("COMPILED_DECODE"))
+    # The first and last blocks carry the embedding and the logits: never skip, prune or
+    # sparsify them (int8 is still tried there: weight-only, its quality is measured).
     protect_edge_layers: bool = field(default=True, metadata=_env("PROTECT_EDGE_LAYERS"))
 
     def __post_init__(self):

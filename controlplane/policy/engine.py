@@ -97,18 +97,31 @@ def _metric_bound(p: MetricBound, ins: Inputs) -> Check:
 
 
 def _protect(p: Protect, ins: Inputs) -> Check:
-    n = ins.plan.model.num_layers
-    protected = {(c, _resolve(layer, n)) for layer in p.layers for c in PER_LAYER}
+    protected = _protected_parts(p, ins.plan.model.num_layers)
+    touched = [t for t in ins.plan.touches if (t.component, t.layer) in protected]
+    hits = sorted({_touch_name(t) for t in touched if t.kind in p.transforms})
+    # Touches by kinds the rule does not forbid: not a failure, but said, so the audit shows them.
+    allowed = sorted({_touch_name(t) for t in touched if t.kind not in p.transforms})
+    threshold = {"parts": _protected_names(protected), "transforms": [k.value for k in p.transforms]}
+    note = f"; allowed here: {'; '.join(allowed)}" if allowed else ""
+    if hits:
+        return Check(False, hits, threshold, "plan changes protected parts: " + "; ".join(hits) + note)
+    if allowed:
+        forbidden = ", ".join(k.value for k in p.transforms) or "none"
+        return Check(True, [], threshold, f"no forbidden kind ({forbidden}) changes a protected "
+                     f"part{note}")
+    return Check(True, [], threshold, "no protected part is changed")
+
+
+def _protected_parts(p: Protect, num_layers: int) -> set:
+    """{(component, layer)}; layer None for embeddings / lm_head."""
+    protected = {(c, _resolve(layer, num_layers)) for layer in p.layers for c in PER_LAYER}
     for target in p.components:
         if target.component in PER_LAYER:
-            protected |= {(target.component, _resolve(layer, n)) for layer in target.layers}
+            protected |= {(target.component, _resolve(layer, num_layers)) for layer in target.layers}
         else:
             protected.add((target.component, None))
-    hits = sorted({_touch_name(t) for t in ins.plan.touches if (t.component, t.layer) in protected})
-    threshold = _protected_names(protected)
-    if hits:
-        return Check(False, hits, threshold, "plan changes protected parts: " + "; ".join(hits))
-    return Check(True, [], threshold, "no protected part is changed")
+    return protected
 
 
 def _resolve(layer: int, num_layers: int) -> int:

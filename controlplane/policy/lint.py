@@ -6,7 +6,7 @@ from typing import Callable, Optional
 from controlplane.policy.loader import read_policy_set
 from controlplane.policy.plan import TransformKind
 from controlplane.policy.schema import (
-    Determinism, MetricBound, Problem, RemovalCap, Rule, Severity, TransformAccess)
+    Determinism, MetricBound, Problem, Protect, RemovalCap, Rule, Severity, TransformAccess)
 
 # Metrics that are fractions by definition: a bound outside [0, 1] never or always holds.
 FRACTION_METRICS = ("top1_agreement", "exact_match", "heads_removed_fraction",
@@ -48,6 +48,13 @@ def _metric_bound(p: MetricBound) -> Optional[str]:
     return None
 
 
+def _protect(p: Protect) -> Optional[str]:
+    # execution changes no part of the model, so it alone can never touch a protected part.
+    if not set(p.transforms) - {TransformKind.EXECUTION}:
+        return "transforms names no kind that changes a model part: the rule never fails"
+    return None
+
+
 def _removal_cap(p: RemovalCap) -> Optional[str]:
     return "max_fraction 1.0 caps nothing" if p.max_fraction >= 1.0 else None
 
@@ -68,6 +75,7 @@ def _determinism(p: Determinism) -> Optional[str]:
 
 _CHECKS: dict[type, Callable] = {
     MetricBound: _metric_bound,
+    Protect: _protect,
     RemovalCap: _removal_cap,
     TransformAccess: _transform_access,
     Determinism: _determinism,

@@ -123,6 +123,17 @@ def _metric_bound(r: Reader) -> Optional[Params]:
 
 def _protect(r: Reader) -> Optional[Params]:
     layers = r.int_list("layers") or ()
+    targets = _protect_targets(r)
+    kinds = r.enum_list("transforms", TransformKind)
+    if not layers and not targets and not r.has("components"):
+        r.fail(r.node, "", "a protect rule needs layers, components or both")
+        return None
+    # Absent: every kind, so a rule written before the field means what it meant then.
+    kinds = tuple(TransformKind) if kinds is None else tuple(dict.fromkeys(kinds))
+    return Protect(layers=tuple(layers), components=tuple(targets), transforms=kinds)
+
+
+def _protect_targets(r: Reader) -> list[ComponentTarget]:
     targets = []
     for i, node in enumerate(r.seq("components")):
         c = Reader(node, r.file, f"{r.where}.components[{i}]", r.problems)
@@ -137,10 +148,7 @@ def _protect(r: Reader) -> Optional[Params]:
             c.fail(node, "layers", f"component {component.value} is not per layer; drop layers")
         elif component is not None:
             targets.append(ComponentTarget(component, tuple(c_layers or ())))
-    if not layers and not targets and not r.has("components"):
-        r.fail(r.node, "", "a protect rule needs layers, components or both")
-        return None
-    return Protect(layers=tuple(layers), components=tuple(targets))
+    return targets
 
 
 def _removal_cap(r: Reader) -> Optional[Params]:

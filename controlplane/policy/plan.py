@@ -5,7 +5,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from proto.plandoc import PLAN_SCHEMA, PlanMode, TransformKind, plan_hash as plan_sha256  # noqa: F401
+from proto.plandoc import (HEAD_KEY, PLAN_SCHEMA, PlanMode, TransformKind,  # noqa: F401
+                           plan_hash as plan_sha256)
 from controlplane.policy.types import ModelFacts
 
 
@@ -15,7 +16,7 @@ class Component(str, enum.Enum):
     ATTENTION = "attention"
     MLP = "mlp"
     EMBEDDINGS = "embeddings"
-    LM_HEAD = "lm_head"
+    LM_HEAD = HEAD_KEY     # also weight_precision's key for the output head
 
 
 PER_LAYER = (Component.ATTENTION, Component.MLP)

@@ -97,6 +97,9 @@ class ComponentTarget:
 class Protect:
     layers: tuple[int, ...]  # every part of these layers; negative counts from the end
     components: tuple[ComponentTarget, ...]
+    # The kinds that may not change these parts; others pass (their effect is judged elsewhere,
+    # e.g. int8's by the quality rules). Absent in the YAML: every kind, as before the field.
+    transforms: tuple[TransformKind, ...] = tuple(TransformKind)
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from agent.plan import (SCHEMA, Plan, PlanError, TransformKind, canonical_json, check_fit,
-                        plan_hash)
+from agent.plan import (HEAD_KEY, SCHEMA, Plan, PlanError, Precision, TransformKind,
+                        canonical_json, check_fit, head_int8_support, plan_hash)
 from tests.agent.executor import plan_doc, rig
-from tests.builders import tiny_llama
+from tests.builders import tiny_llama, tiny_plain
 
 FP = "a" * 64
 
@@ -57,6 +58,16 @@ def test_parsed_form():
      "layer key 'x'"),
     (lambda d: d["transforms"].append({"kind": "weight_precision", "layers": {"0": "int3"}}),
      "layers[0]: 'int3'"),
+    (lambda d: d["transforms"].append({"kind": "weight_precision", "layers": {"lm_head": "int4"}}),
+     "transforms[2] (weight_precision).layers[lm_head]: 'int4' is not one of ['int8']"),
+    (lambda d: d["transforms"].append({"kind": "weight_precision", "layers": {"lm_head": None}}),
+     "transforms[2] (weight_precision).layers[lm_head]: precision missing"),
+    (lambda d: d["transforms"].append({"kind": "weight_precision", "layers": {"LM_HEAD": "int8"}}),
+     "layers: layer key 'LM_HEAD' is not a non-negative integer or 'lm_head'"),
+    (lambda d: d["transforms"].append({"kind": "weight_precision", "layers": {"embeddings": "int8"}}),
+     "layer key 'embeddings'"),
+    (lambda d: d["transforms"].append({"kind": "activation_sparsity", "thresholds": {"lm_head": 1}}),
+     "thresholds: layer key 'lm_head' is not a non-negative integer"),
     (lambda d: d["transforms"].append({"kind": "execution", "static_kv_cache": False,
                                        "compile": "cuda_graph"}), "needs static_kv_cache"),
     (lambda d: d["transforms"][1].update(heads={"0": [1, 1]}), "duplicate head indices [1]"),
@@ -89,6 +100,60 @@ def test_fit_notes_skip_and_prune_same_layer():
     notes = check_fit(p, r.structure, r.fingerprint)
     assert any("[1] are skipped" in n for n in notes)
     assert any("layer 0: all 4 heads pruned" in n for n in notes)
+
+
+def _head_plan(fp: str = FP, layers: dict | None = None):
+    return Plan.from_doc(plan_doc(fp, {"kind": "skip_layers", "layers": [1]},
+                                  {"kind": "weight_precision",
+                                   "layers": layers or {"2": "int8", "lm_head": "int8"}}))
+
+
+def test_head_key_parses_into_its_own_field():
+    assert HEAD_KEY == "lm_head"
+    p = _head_plan()
+    wp = p.get(TransformKind.WEIGHT_PRECISION)
+    assert wp.layers == {2: Precision.INT8} and wp.head == Precision.INT8
+    assert Plan.from_doc(plan_doc(FP, {"kind": "weight_precision", "layers": {"2": "int8"}})) \
+        .get(TransformKind.WEIGHT_PRECISION).head is None
+    # the document keeps the key as sent, so the hash rule is the one the control plane uses
+    assert p.doc["transforms"][1]["layers"] == {"2": "int8", "lm_head": "int8"}
+    assert p.hash == plan_hash(p.doc) and Plan.from_json(p.to_json()).hash == p.hash
+
+
+def test_fit_accepts_head_when_the_model_has_a_linear_head():
+    r = rig(tiny_llama())
+    assert head_int8_support(r.model) is None
+    p = _head_plan(r.fingerprint, {"lm_head": "int8"})
+    assert check_fit(p, r.structure, r.fingerprint, head_reason=None) == []
+
+
+@pytest.mark.parametrize("case", ["plain", "non-linear-head", "unchecked"])
+def test_fit_refuses_head_it_cannot_quantise(case):
+    if case == "plain":
+        model, why = tiny_plain(), "PlainTransformer has no get_output_embeddings()"
+    else:
+        model, why = tiny_llama(), "no model was given"
+    if case == "non-linear-head":
+        model.lm_head = torch.nn.Sequential(model.lm_head)
+        why = "the output head is Sequential, not nn.Linear"
+    r = rig(model)
+    # without head_reason, check_fit has no model to look at: it refuses rather than guess
+    head = {} if case == "unchecked" else {"head_reason": head_int8_support(model)}
+    p = _head_plan(r.fingerprint)
+    with pytest.raises(PlanError) as err:
+        check_fit(p, r.structure, r.fingerprint, **head)
+    (problem,) = err.value.problems
+    assert problem.startswith("transforms[1] (weight_precision).layers[lm_head]: cannot set the "
+                              "output head to int8: ") and why in problem, problem
+    # blocks-only precision on the same model still fits
+    blocks_only = _head_plan(r.fingerprint, {"2": "int8"})
+    assert check_fit(blocks_only, r.structure, r.fingerprint, **head) == []
+
+
+def test_head_is_not_a_layer_index():
+    r = rig(tiny_llama(layers=2))
+    p = _head_plan(r.fingerprint, {"lm_head": "int8"})      # 2 layers; no index 'lm_head' to range-check
+    assert check_fit(p, r.structure, r.fingerprint, head_reason=None) == []
 
 
 def test_schema_constant():

@@ -63,6 +63,38 @@ def test_active_plan_is_restored_after_trial():
     assert torch.equal(logits(r.model), served_logits)
 
 
+HEAD_INT8 = {"kind": "weight_precision", "layers": {"1": "int8", "lm_head": "int8"}}
+
+
+def test_head_int8_trial_while_a_head_int8_plan_serves():
+    # The served plan's head is an Int8Linear (no .weight): the trial reads the vocabulary
+    # from out_features, measures against the unoptimised model, and puts the served plan back.
+    from agent.executor.int8 import Int8Linear
+    r = rig(tiny_llama())
+    snap, base = state_snapshot(r.model), logits(r.model)
+    served = plan(r.fingerprint, {"kind": "weight_precision", "layers": {"lm_head": "int8"}},
+                  plan_id="served")
+    r.executor.apply(served)
+    served_logits = logits(r.model)
+    e = run_trial(r.model, r.structure, r.executor, plan(r.fingerprint, HEAD_INT8), _evalset(),
+                  latency_repeats=1)
+    assert e.memory_ratio < 1.0 and e.mean_kl > 0 and e.top1_agreement > 0.8
+    assert any(n.startswith("lm_head: int8") for n in e.notes)
+    assert r.executor.active_plan is served and isinstance(r.model.lm_head, Int8Linear)
+    torch.testing.assert_close(logits(r.model), served_logits, rtol=1e-6, atol=1e-6)
+    r.executor.rollback()
+    assert_bitwise_equal(r.model, snap) and torch.equal(logits(r.model), base)
+
+
+def test_eval_size_guard_reads_an_int8_head():
+    r = rig(tiny_llama())
+    r.executor.apply(plan(r.fingerprint, HEAD_INT8, plan_id="served"))
+    tokens = (2 << 30) // (128 * 4) + 2          # one token over 2 GiB of fp32 log-probs
+    huge = EvalSet(sequences=[torch.zeros(tokens, dtype=torch.long)], prompts=[])
+    with pytest.raises(ValueError, match=f"{tokens - 1} tokens x 128 vocab"):
+        run_trial(r.model, r.structure, r.executor, plan(r.fingerprint), huge)
+
+
 def test_keep_applied():
     r = rig(tiny_llama())
     p = plan(r.fingerprint, {"kind": "skip_layers", "layers": [1]})

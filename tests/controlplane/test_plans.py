@@ -97,6 +97,10 @@ def test_built_in_code_equals_parsed():
     (lambda d: d["transforms"][2]["thresholds"].update({"4": -0.1}), "transforms[2].thresholds.4"),
     (lambda d: d["transforms"][2]["thresholds"].update({"4": float("inf")}), "transforms[2].thresholds.4"),
     (lambda d: d["transforms"][3]["layers"].update({"0": "int3"}), "transforms[3].layers.0"),
+    (lambda d: d["transforms"][3]["layers"].update({"lm_head": "int4"}), "transforms[3].layers.lm_head"),
+    (lambda d: d["transforms"][3]["layers"].update({"lm_head": None}), "transforms[3].layers.lm_head"),
+    (lambda d: d["transforms"][3]["layers"].update({"head": "int8"}), "transforms[3].layers"),
+    (lambda d: d["transforms"][2]["thresholds"].update({"lm_head": 0.1}), "transforms[2].thresholds"),
     (lambda d: d["transforms"][4].update(static_kv_cache="yes"), "transforms[4].static_kv_cache"),
     (lambda d: d["transforms"][4].update(static_kv_cache=False), "transforms[4].compile"),
     (lambda d: d["transforms"][4].pop("compile"), "transforms[4].compile"),
@@ -109,6 +113,46 @@ def test_validation_errors_name_the_field(mutate, field):
         PlanDoc.from_doc(d)
     assert e.value.path == field
     assert str(e.value).startswith(field + ":")
+
+
+def test_bad_layer_key_names_the_head_key():
+    d = doc(transforms=[{"kind": "weight_precision", "layers": {"LM_HEAD": "int8"}}])
+    with pytest.raises(PlanValidationError, match="like \"3\" or 'lm_head', got 'LM_HEAD'"):
+        PlanDoc.from_doc(d)
+
+
+HEAD_DOC = {"kind": "weight_precision", "layers": {"3": "int8", "lm_head": "int8", "1": "int8"}}
+
+
+def test_head_precision_round_trip():
+    plan = PlanDoc.from_doc(doc(transforms=[HEAD_DOC]))
+    wp = plan.transform(WeightPrecision.kind)
+    assert wp.precisions == {1: Precision.INT8, 3: Precision.INT8} and wp.head == Precision.INT8
+    assert wp.layers() == {1, 3}                       # blocks only
+    written = plan.to_doc()["transforms"][0]
+    assert written == {"kind": "weight_precision",
+                       "layers": {"1": "int8", "3": "int8", "lm_head": "int8"}}
+    assert PlanDoc.from_doc(plan.to_doc()) == plan
+    built = PlanDoc("p-1", 1, FP, (WeightPrecision({3: Precision.INT8, 1: Precision.INT8},
+                                                   Precision.INT8),), query_classes=("code",),
+                    notes="hand-written")
+    assert built.sha256 == plan.sha256 == plan_hash(plan.to_doc())
+    head_only = PlanDoc("p-2", 1, FP, (WeightPrecision({}, Precision.INT8),))
+    assert head_only.to_doc()["transforms"] == [{"kind": "weight_precision",
+                                                 "layers": {"lm_head": "int8"}}]
+    no_head = PlanDoc.from_doc(doc(transforms=[{"kind": "weight_precision", "layers": {"1": "int8"}}]))
+    assert no_head.transform(WeightPrecision.kind).head is None
+    assert "lm_head" not in no_head.to_doc()["transforms"][0]["layers"]
+
+
+def test_head_precision_fits_any_model_and_agent_parses_it():
+    from agent.plan import Plan    # tests may import agent/: both sides read the same document
+    plan = PlanDoc.from_doc(doc(transforms=[HEAD_DOC]))
+    check_against(plan, {"num_layers": 4, "num_heads": 2})
+    agent = Plan.from_doc(plan.to_doc())
+    assert agent.hash == plan.sha256
+    wp = agent.get(WeightPrecision.kind)
+    assert wp.layers == {1: Precision.INT8, 3: Precision.INT8} and wp.head == Precision.INT8
 
 
 def test_dynamic_plan_with_thresholds_only_is_valid():
@@ -144,6 +188,8 @@ def test_plan_diff_lines():
 @pytest.mark.parametrize("transforms, expected", [
     ([], ["no changes: runs the unoptimised model"]),
     ([{"kind": "weight_precision", "layers": {"7": "int8"}}], ["layer 7: weights bf16 -> int8"]),
+    ([{"kind": "weight_precision", "layers": {"lm_head": "int8"}}], ["lm_head: weights bf16 -> int8"]),
+    ([HEAD_DOC], ["layers 1, 3: weights bf16 -> int8", "lm_head: weights bf16 -> int8"]),
     ([{"kind": "execution", "static_kv_cache": True, "compile": "cuda_graph"}],
      ["execution: static KV cache, CUDA graphs"]),
     ([{"kind": "execution", "static_kv_cache": False, "compile": "none"}], ["execution: unchanged"]),

@@ -6,6 +6,7 @@ import torch
 
 from agent.executor import Executor, TransformError, weight_bytes
 from agent.executor.executor import DEFAULT_APPLIERS
+from agent.executor.int8 import Int8Embedding, Int8Linear
 from agent.plan import PlanError, TransformKind
 from tests.agent.executor import (assert_bitwise_equal, greedy, logits, plan, rig,
                                   state_snapshot)
@@ -139,12 +140,12 @@ def test_report_counts():
     assert rep.weight_bytes_after == weight_bytes(r.model)
 
 
-def test_execution_sets_static_cache_and_reports_compile_fallback():
+def test_execution_static_cache_keeps_greedy_output_and_rolls_back():
+    # Compiled decode itself: tests/agent/executor/test_compiled.py.
     r = rig(tiny_llama())
     gen = greedy(r.model)
-    rep = r.executor.apply(plan(r.fingerprint, EXEC))
+    r.executor.apply(plan(r.fingerprint, {**EXEC, "compile": "none"}))
     assert r.model.generation_config.cache_implementation == "static"
-    assert any("fell back to 'none'" in n for n in rep.notes)
     assert torch.equal(greedy(r.model), gen)
     r.executor.rollback()
     assert r.model.generation_config.cache_implementation is None
@@ -161,3 +162,104 @@ def test_lock_is_held_during_apply():
                   appliers={**DEFAULT_APPLIERS, TransformKind.SKIP_LAYERS: probe})
     ex.apply(plan(r.fingerprint, SKIP))
     assert seen == [True] and not ex.lock.locked()
+
+
+# ------------------------------------------------------------------ int8 output head (lm_head)
+
+HEAD = {"kind": "weight_precision", "layers": {"lm_head": "int8"}}
+HEAD_AND_BLOCKS = {"kind": "weight_precision", "layers": {"0": "int8", "2": "int8", "lm_head": "int8"}}
+
+
+def llama_tied(tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=tied)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("transform", [HEAD, HEAD_AND_BLOCKS], ids=["head", "head+blocks"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_head_int8_apply_baseline_rollback(tied, transform):
+    r = rig(llama_tied(tied))
+    head, emb = r.model.lm_head, r.model.model.embed_tokens
+    assert (head.weight.data_ptr() == emb.weight.data_ptr()) == tied
+    snap, base, gen = state_snapshot(r.model), logits(r.model), greedy(r.model)
+    rep = r.executor.apply(plan(r.fingerprint, transform))
+
+    live_head, live_emb = r.model.get_output_embeddings(), r.model.get_input_embeddings()
+    assert isinstance(live_head, Int8Linear) and live_head.out_features == 128
+    assert isinstance(live_emb, Int8Embedding) == tied
+    if tied and hasattr(live_head, "weight_int8"):   # fbgemm keeps only its packed copy
+        # one int8 matrix for both: still tied, at 1 byte per weight
+        assert live_emb.weight_int8.data_ptr() == live_head.weight_int8.data_ptr()
+    assert any(n.startswith("lm_head: int8") and ("tied embedding" in n) == tied for n in rep.notes)
+    saved_bytes = rep.weight_bytes_before - rep.weight_bytes_after
+    assert saved_bytes > 0.9 * 128 * 64 * 3           # the head's 4-byte weights now take 1
+    applied = logits(r.model)
+    assert 0 < _rel_err(applied, base) < 0.03
+
+    with r.executor.baseline():                # the original head object, bitwise
+        assert r.model.lm_head is head and r.model.model.embed_tokens is emb
+        assert torch.equal(logits(r.model), base)
+    assert r.model.get_output_embeddings() is live_head
+    torch.testing.assert_close(logits(r.model), applied, rtol=1e-6, atol=1e-6)
+
+    r.executor.rollback()
+    assert r.model.lm_head is head and r.model.model.embed_tokens is emb
+    assert (head.weight.data_ptr() == emb.weight.data_ptr()) == tied
+    assert_bitwise_equal(r.model, snap)
+    assert torch.equal(logits(r.model), base) and torch.equal(greedy(r.model), gen)
+
+
+def test_head_int8_saves_three_bytes_per_head_weight():
+    tied, untied = rig(llama_tied(True)), rig(llama_tied(False))
+    saved = [x.executor.apply(plan(x.fingerprint, HEAD)) for x in (tied, untied)]
+    saved = [s.weight_bytes_before - s.weight_bytes_after for s in saved]
+    # untied: only the head's 128 x 64 fp32 goes to int8; tied: the shared matrix, counted once
+    assert 0.9 * 128 * 64 * 3 < saved[0] <= 128 * 64 * 3
+    assert 0.9 * 128 * 64 * 3 < saved[1] <= 128 * 64 * 3
+
+
+def test_head_int8_gpt2_tied_conv1d_blocks():
+    r = rig(tiny_gpt2())
+    snap, base = state_snapshot(r.model), logits(r.model)
+    r.executor.apply(plan(r.fingerprint, SKIP, HEAD_AND_BLOCKS))
+    assert isinstance(r.model.lm_head, Int8Linear)
+    assert isinstance(r.model.transformer.wte, Int8Embedding)
+    assert 0 < _rel_err(logits(r.model), base)
+    r.executor.rollback()
+    assert_bitwise_equal(r.model, snap) and torch.equal(logits(r.model), base)
+
+
+def test_head_int8_reapplied_over_an_active_head_plan():
+    # The head is judged on the unoptimised model: the applied plan's Int8Linear head does not
+    # make the next plan (or a trial's validate) refuse it.
+    r = rig(llama_tied(True))
+    base = logits(r.model)
+    r.executor.apply(plan(r.fingerprint, HEAD, plan_id="a"))
+    r.executor.validate(plan(r.fingerprint, HEAD_AND_BLOCKS, plan_id="b"))
+    r.executor.apply(plan(r.fingerprint, HEAD_AND_BLOCKS, plan_id="b"))
+    assert r.executor.active_plan.plan_id == "b" and isinstance(r.model.lm_head, Int8Linear)
+    r.executor.rollback()
+    assert torch.equal(logits(r.model), base)
+
+
+@pytest.mark.parametrize("case", ["plain", "sequential-head"])
+def test_head_int8_refused_when_head_is_not_linear(case):
+    model = tiny_plain() if case == "plain" else tiny_llama()
+    if case == "sequential-head":
+        model.lm_head = torch.nn.Sequential(model.lm_head)
+    r = rig(model)
+    snap, base = state_snapshot(r.model), logits(r.model)
+    with pytest.raises(PlanError) as err:
+        r.executor.apply(plan(r.fingerprint, HEAD_AND_BLOCKS))
+    assert [p for p in err.value.problems
+            if p.startswith("transforms[0] (weight_precision).layers[lm_head]: cannot set")]
+    assert r.executor.active_plan is None
+    assert_bitwise_equal(r.model, snap) and torch.equal(logits(r.model), base)

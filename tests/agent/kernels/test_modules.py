@@ -33,7 +33,7 @@ def test_fbgemm_int8_linear_holds_only_the_packed_weight():
     q8 = Int8Linear.from_module(lin, WeightLayout.OUT_IN, FBGEMM)
     assert q8.kernel == Int8Kernel.FBGEMM and "weight_int8" not in dict(q8.named_buffers())
     assert q8.opaque_bytes() == 96 * 40 + 40 * 20
-    assert held_bytes(q8) == q8.opaque_bytes() + 40 * 4 * 2          # + scale and bias, fp32
+    assert held_bytes(q8) == weight_bytes(q8) == q8.opaque_bytes() + 40 * 4 * 2   # + scale, bias
     x = torch.randn(2, 3, 96)
     ref = int8_linear_ref(x.reshape(-1, 96), q8.int8_weight(), q8.scale, q8.bias).reshape(2, 3, 40)
     assert ((q8(x) - ref).norm() / ref.norm()) < 0.03
@@ -54,9 +54,14 @@ def test_int8pack_bf16_kernel_is_close_and_holds_plain_int8():
     assert out.dtype == torch.float32 and ((out - ref).norm() / ref.norm()) < 0.005
 
 
-def test_default_int8_kernel_is_dequant_and_exact_to_reference():
+def test_default_cpu_int8_kernel_is_int8pack_bf16():
+    q8 = Int8Linear.from_module(nn.Linear(64, 33), WeightLayout.OUT_IN, KernelSettings())
+    assert q8.kernel == Int8Kernel.INT8PACK_BF16 and q8.opaque_bytes() == 0
+
+
+def test_dequant_int8_kernel_is_exact_to_reference():
     lin = nn.Linear(64, 33)
-    q8 = Int8Linear.from_module(lin, WeightLayout.OUT_IN, KernelSettings())
+    q8 = Int8Linear.from_module(lin, WeightLayout.OUT_IN, KernelSettings(int8_cpu=Int8Cpu.DEQUANT))
     assert q8.kernel == Int8Kernel.DEQUANT and q8.opaque_bytes() == 0
     x = torch.randn(5, 64)
     torch.testing.assert_close(q8(x), int8_linear_ref(x, q8.weight_int8, q8.scale, q8.bias),

@@ -13,10 +13,18 @@ from controlplane.planner.settings import PlannerSettings
 FP = "0f" * 32
 BUDGET = QualityBudget(min_top1=0.97, max_ppl_ratio=1.01, max_mean_kl=0.02)
 TARGET = PlanTarget(model_fingerprint=FP, plan_id_prefix="run1", query_classes=("code",))
-SETTINGS = PlannerSettings(max_trials=40)
+
+
+def settings_(**kw) -> PlannerSettings:
+    """Planner settings for the search tests: no execution trial unless a test asks for it."""
+    return PlannerSettings(**{"compiled_decode": False, **kw})
+
+
+SETTINGS = settings_(max_trials=40)
 
 # Costs in top-1 agreement. Skipping a layer costs SKIP_COST and makes its other changes moot.
 INT8_COST = 0.0001
+HEAD_INT8_COST = 0.0002                   # int8 on the output head (lm_head)
 SPARSITY_COST = {2: 0.05, 1: 0.03}        # per unit of threshold
 HEAD_COST = 0.1                           # per unit of out_share
 SKIP_COST = {3: 0.0005, 1: 0.01, 4: 0.0002, 2: 0.05, 0: 0.0, 5: 0.0}
@@ -40,12 +48,12 @@ def candidates(**over) -> Candidates:
     return Candidates(**c)
 
 
-def quality_loss(doc: dict, int8_cost: float = INT8_COST) -> float:
+def quality_loss(doc: dict, int8_cost: float = INT8_COST, head_cost: float = HEAD_INT8_COST) -> float:
     plan = PlanDoc.from_doc(doc)     # every hypothesis must be a valid plan document
     loss = 0.0
     for t in plan.transforms:
         if t.kind == TransformKind.WEIGHT_PRECISION:
-            loss += int8_cost * len(t.precisions)
+            loss += int8_cost * len(t.precisions) + (head_cost if t.head is not None else 0.0)
         elif t.kind == TransformKind.ACTIVATION_SPARSITY:
             loss += sum(SPARSITY_COST[l] * th for l, th in t.thresholds.items())
         elif t.kind == TransformKind.PRUNE_HEADS:
@@ -55,11 +63,12 @@ def quality_loss(doc: dict, int8_cost: float = INT8_COST) -> float:
     return loss
 
 
-def evaluator(int8_cost: float = INT8_COST, calls: list | None = None):
+def evaluator(int8_cost: float = INT8_COST, calls: list | None = None,
+              head_cost: float = HEAD_INT8_COST):
     def evaluate(doc: dict) -> dict:
         if calls is not None:
             calls.append(doc)
-        loss = quality_loss(doc, int8_cost)
+        loss = quality_loss(doc, int8_cost, head_cost)
         return {"top1_agreement": 1.0 - loss, "ppl_ratio": 1.0 + loss / 4, "mean_kl": loss / 4}
     return evaluate
 
@@ -71,20 +80,22 @@ def kept_transforms(doc: dict) -> dict:
 def test_keeps_exactly_the_changes_that_fit():
     result = Planner(evaluator(), BUDGET, record=None, settings=SETTINGS).run(TARGET, candidates())
     assert kept_transforms(result.best) == {
-        "weight_precision": {"layers": {"0": "int8", "1": "int8", "2": "int8", "5": "int8"}},
+        "weight_precision": {"layers": {"0": "int8", "1": "int8", "2": "int8", "5": "int8",
+                                        "lm_head": "int8"}},
         "activation_sparsity": {"thresholds": {"1": 0.1, "2": 0.3}},
         "prune_heads": {"heads": {"1": [0, 2], "2": [0, 3]}},
         "skip_layers": {"layers": [3, 4]},
     }
     assert [(r.phase, r.kept) for r in result.trail] == [
         (Phase.INT8, True),                                                   # all layers at once
+        (Phase.INT8_HEAD, True),                                              # then the output head
         (Phase.SPARSITY, True), (Phase.SPARSITY, True), (Phase.SPARSITY, True),  # layer 2 -> 0.3
         (Phase.SPARSITY, True), (Phase.SPARSITY, False),                      # layer 1: 0.1, not 0.5
         (Phase.PRUNE_HEADS, True), (Phase.PRUNE_HEADS, False), (Phase.PRUNE_HEADS, True),  # 3, 5, 4 of 6
         (Phase.SKIP_LAYERS, True), (Phase.SKIP_LAYERS, False),                # 3 kept, 1 dropped
         (Phase.SKIP_LAYERS, True), (Phase.SKIP_LAYERS, False),                # 4 kept, 2 dropped
     ]
-    assert result.best_trial is result.trail[11]
+    assert result.best_trial is result.trail[12]
     assert result.stop_reason == "every candidate tried"
     assert 1.0 - quality_loss(result.best) >= BUDGET.min_top1
 
@@ -109,11 +120,13 @@ def test_records_every_hypothesis_in_order_with_reasons():
     assert [r.plan["plan_id"] for r in recorded][:2] == ["run1-t001", "run1-t002"]
     assert all(r.plan["query_classes"] == ["code"] and r.plan["model_fingerprint"] == FP
                for r in recorded)
-    first, dropped = recorded[0], recorded[5]
+    first, head, dropped = recorded[0], recorded[1], recorded[6]
     assert first.reason == "kept: top1 0.9994 >= 0.97, ppl_ratio 1 <= 1.01, mean_kl 0.00015 <= 0.02"
-    assert dropped.reason == "dropped: top1 0.9694 < 0.97"
+    assert dropped.reason == "dropped: top1 0.9692 < 0.97"     # 0.0002 of it is the head
     assert dropped.change == "layer 1 MLP: zero |a| < 0.5 (~90% of activations)"
     assert first.change == "int8 weights on layers 0-5"
+    assert (head.phase, head.change, head.kept) == (Phase.INT8_HEAD, "int8 weights on lm_head", True)
+    assert head.reason == "kept: top1 0.9992 >= 0.97, ppl_ratio 1 <= 1.01, mean_kl 0.0002 <= 0.02"
 
 
 @pytest.mark.parametrize("max_trials", [0, 1, 6, 12])
@@ -136,11 +149,72 @@ def test_max_trials_mid_search_keeps_the_last_plan_that_fit():
 def test_int8_everywhere_too_costly_keeps_the_largest_prefix_by_influence():
     # 0.008 per layer: all six layers cost 0.048; three (0.024) fit, four (0.032) do not.
     cands = candidates(heads=(), sparse_layers=(), layers=candidates().layers)
-    settings = PlannerSettings(max_trials=40, skip_candidates=0)
+    settings = settings_(max_trials=40, skip_candidates=0)
     result = Planner(evaluator(int8_cost=0.008), BUDGET, settings=settings).run(TARGET, cands)
-    assert [r.kept for r in result.trail] == [False, True, False]   # all, 3, 4
+    assert [r.kept for r in result.trail] == [False, True, False, True]   # all, 3, 4, lm_head
     # int8 candidates are ordered by influence: 0, 3, 1 are the least influential
-    assert kept_transforms(result.best)["weight_precision"]["layers"] == {"0": "int8", "1": "int8", "3": "int8"}
+    assert kept_transforms(result.best)["weight_precision"]["layers"] == {
+        "0": "int8", "1": "int8", "3": "int8", "lm_head": "int8"}
+
+
+def _head_trials(result):
+    return [r for r in result.trail if r.phase == Phase.INT8_HEAD]
+
+
+def test_head_int8_is_one_hypothesis_on_top_of_the_int8_blocks():
+    # int8 on every block does not fit (6 x 0.008), three blocks do: the head is tried on those
+    cands = candidates(heads=(), sparse_layers=())
+    settings = settings_(max_trials=40, skip_candidates=0)
+    result = Planner(evaluator(int8_cost=0.008), BUDGET, settings=settings).run(TARGET, cands)
+    (head,) = _head_trials(result)
+    assert result.trail.index(head) == 3 and head.kept
+    assert kept_transforms(head.plan) == {"weight_precision": {"layers": {
+        "0": "int8", "1": "int8", "3": "int8", "lm_head": "int8"}}}
+    assert head.plan["notes"] == "planner hypothesis 4: int8 weights on lm_head"
+
+
+def test_head_int8_over_budget_is_dropped_and_later_plans_leave_it_out():
+    result = Planner(evaluator(head_cost=0.05), BUDGET, settings=SETTINGS).run(TARGET, candidates())
+    (head,) = _head_trials(result)
+    assert not head.kept and head.reason.startswith("dropped: top1 0.9494 < 0.97")
+    assert "lm_head" in kept_transforms(head.plan)["weight_precision"]["layers"]
+    later = result.trail[result.trail.index(head) + 1:]
+    assert later and all("lm_head" not in kept_transforms(r.plan)["weight_precision"]["layers"]
+                         for r in later)
+    assert "lm_head" not in kept_transforms(result.best)["weight_precision"]["layers"]
+
+
+def test_head_int8_refused_by_the_agent_is_dropped():
+    def evaluate(doc):
+        layers = next(t["layers"] for t in doc["transforms"] if t["kind"] == "weight_precision")
+        if "lm_head" in layers:
+            raise TrialError("transforms[0] (weight_precision).layers[lm_head]: cannot set the "
+                             "output head to int8: the output head is Sequential, not nn.Linear")
+        return evaluator()(doc)
+    result = Planner(evaluate, BUDGET, settings=SETTINGS).run(TARGET, candidates())
+    (head,) = _head_trials(result)
+    assert not head.kept and head.evidence is None and "not nn.Linear" in head.reason
+    assert result.best is not None and result.trail[-1].phase == Phase.SKIP_LAYERS
+
+
+def test_head_int8_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("HEADROOM_PLANNER_INT8_LM_HEAD", "no")
+    settings = PlannerSettings.resolve(max_trials=40)
+    assert settings.int8_lm_head is False
+    result = Planner(evaluator(), BUDGET, settings=settings).run(TARGET, candidates())
+    assert not _head_trials(result)
+    assert "lm_head" not in kept_transforms(result.best)["weight_precision"]["layers"]
+
+
+def test_head_int8_alone_when_no_block_fits():
+    def evaluate(doc):
+        layers = next((t["layers"] for t in doc["transforms"] if t["kind"] == "weight_precision"), {})
+        ok = set(layers) <= {"lm_head"} and not doc["transforms"][1:]
+        return everything_fits(doc) if ok else {"top1_agreement": 0.5, "ppl_ratio": 2.0, "mean_kl": 1.0}
+    settings = settings_(max_trials=40, skip_candidates=0)
+    result = Planner(evaluate, BUDGET, settings=settings).run(TARGET, candidates(heads=(), sparse_layers=()))
+    assert result.best["transforms"] == [{"kind": "weight_precision", "layers": {"lm_head": "int8"}}]
+    assert result.best_trial.phase == Phase.INT8_HEAD
 
 
 def test_failed_trials_are_dropped_and_the_search_goes_on():
@@ -166,7 +240,7 @@ def everything_fits(doc):
 
 
 def test_heads_leave_min_heads_per_layer():
-    settings = PlannerSettings(max_trials=40, min_heads_per_layer=2, skip_candidates=0)
+    settings = settings_(max_trials=40, min_heads_per_layer=2, skip_candidates=0)
     result = Planner(everything_fits, BUDGET, settings=settings).run(TARGET, candidates())
     # 4 heads per layer, 2 must stay: the two lowest-share heads of layers 1 and 2 go.
     assert kept_transforms(result.best)["prune_heads"] == {"heads": {"1": [0, 2], "2": [0, 3]}}
@@ -174,9 +248,21 @@ def test_heads_leave_min_heads_per_layer():
 
 @pytest.mark.parametrize("protect, skipped", [(True, [1, 2, 3, 4]), (False, [0, 1, 3, 4])])
 def test_edge_layers_are_never_skipped_unless_allowed(protect, skipped):
-    settings = PlannerSettings(max_trials=40, max_skip_layers=4, protect_edge_layers=protect)
+    settings = settings_(max_trials=40, max_skip_layers=4, protect_edge_layers=protect)
     result = Planner(everything_fits, BUDGET, settings=settings).run(TARGET, candidates())
     assert kept_transforms(result.best)["skip_layers"]["layers"] == skipped
+
+
+@pytest.mark.parametrize("protect", [True, False])
+def test_edge_layers_get_no_sparsity_or_head_pruning_unless_allowed(protect):
+    edge_sparse = SparseLayerCandidate(0, 0.9, (LadderStep(0.01, 0.3),))
+    edge_heads = tuple(HeadCandidate(5, h, 0.001, 10) for h in range(2))
+    cands = candidates(sparse_layers=(edge_sparse,) + candidates().sparse_layers,
+                       heads=edge_heads + candidates().heads)
+    settings = settings_(max_trials=60, skip_candidates=0, protect_edge_layers=protect)
+    best = kept_transforms(Planner(everything_fits, BUDGET, settings=settings).run(TARGET, cands).best)
+    assert ("0" in best["activation_sparsity"]["thresholds"]) is not protect
+    assert ("5" in best["prune_heads"]["heads"]) is not protect
 
 
 def test_search_is_deterministic():
@@ -228,7 +314,7 @@ def test_budget_with_exact_match():
                                  {"min_zero_fraction": 1.5}])
 def test_settings_are_validated(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
-        PlannerSettings(**bad)
+        settings_(**bad)
 
 
 def test_settings_from_environment(monkeypatch):
@@ -239,3 +325,41 @@ def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("HEADROOM_PLANNER_MAX_TRIALS", "many")
     with pytest.raises(ValueError, match="HEADROOM_PLANNER_MAX_TRIALS"):
         PlannerSettings.resolve()
+
+
+# ------------------------------------------------------------ the execution trial (compiled decode)
+
+def timed(compiled_ms: float, eager_ms: float = 80.0):
+    """The synthetic quality model, plus a decode latency that only compilation changes."""
+    inner = evaluator()
+
+    def evaluate(doc: dict) -> dict:
+        compiled = any(t["kind"] == "execution" for t in doc["transforms"])
+        return {**inner(doc), "latency_ms_per_token_plan": compiled_ms if compiled else eager_ms}
+    return evaluate
+
+
+@pytest.mark.parametrize("compiled_ms,kept", [(50.0, True), (80.0, False), (95.0, False)])
+def test_compiled_decode_is_the_last_trial_kept_only_when_faster(compiled_ms, kept):
+    settings = settings_(max_trials=40, compiled_decode=True)
+    result = Planner(timed(compiled_ms), BUDGET, settings=settings).run(TARGET, candidates())
+    last = result.trail[-1]
+    assert last.phase == Phase.EXECUTION and last.kept is kept
+    assert kept_transforms(last.plan)["execution"] == {"static_kv_cache": True,
+                                                      "compile": "torch_compile"}
+    assert ("execution" in kept_transforms(result.best)) is kept
+    assert ("not faster" in last.reason) is not kept
+
+
+def test_compiled_decode_keeps_its_trial_when_the_budget_runs_out():
+    settings = settings_(max_trials=4, compiled_decode=True)
+    result = Planner(timed(50.0), BUDGET, settings=settings).run(TARGET, candidates())
+    assert [t.phase for t in result.trail][-1] == Phase.EXECUTION and len(result.trail) == 4
+    assert "execution" in kept_transforms(result.best)
+
+
+def test_dynamic_plans_get_no_compiled_decode():
+    target = PlanTarget(FP, "dyn", ("code",), PlanMode.DYNAMIC)
+    settings = settings_(max_trials=40, compiled_decode=True)
+    result = Planner(timed(50.0), BUDGET, settings=settings).run(target, candidates())
+    assert all(t.phase != Phase.EXECUTION for t in result.trail)

@@ -7,7 +7,7 @@ import pytest
 from controlplane.policy import (
     Context, Evidence, ModelFacts, Outcome, PlanError, RuleOutcome, evaluate, load_policy_set,
     plan_sha256)
-from controlplane.policy.plan import parse_plan
+from controlplane.policy.plan import TransformKind, parse_plan
 from controlplane.policy.risk import RiskLevel, risk_level, risk_score
 from tests.controlplane.policy.conftest import NOW_S, inputs
 
@@ -191,3 +191,99 @@ def test_typed_inputs_are_accepted(policy_dir):
     d = evaluate(policy_set, ins["plan"], Evidence.from_dict(ins["evidence"]), ModelFacts(8, 4),
                  Context(route="batch-x", now_s=NOW_S))
     assert d.outcome is A and d.results[0].outcome is P
+
+
+def test_head_precision_written_by_the_control_plane_is_read_by_the_shipped_policies():
+    from controlplane.plans import PlanDoc, Precision, WeightPrecision
+    from controlplane.policy.plan import Component, Touch
+    from tests.controlplane.policy.conftest import SHIPPED_POLICIES
+    doc = PlanDoc("p-head", 1, "ab" * 32,
+                  (WeightPrecision({3: Precision.INT8}, Precision.INT8),)).to_doc()
+    assert doc["transforms"][0]["layers"] == {"3": "int8", "lm_head": "int8"}
+    view = parse_plan(doc, ModelFacts(8, 4))
+    assert view.precision_layers == {3}           # the head is not a layer
+    assert Touch(TransformKind.WEIGHT_PRECISION, Component.LM_HEAD, None) in view.touches
+    assert risk_score(view) == pytest.approx(0.10 * 1 / 8 + 0.05)
+    shipped = load_policy_set(str(SHIPPED_POLICIES))
+    d = evaluate(shipped, **inputs(plan=doc))
+    protect = next(r for r in d.results if r.rule_id == "structure.protect-edges")
+    # The edges forbid removal and masking, not weight-only int8: the quality rules judge that.
+    assert (d.outcome, protect.outcome, protect.measured) == (A, P, [])
+    assert "allowed here: weight_precision changes lm_head" in protect.message
+    worse = evaluate(shipped, **inputs(plan=doc, evidence={"top1_agreement": 0.9}))
+    assert [r.rule_id for r in worse.failing()] == ["quality.top1-agreement"]
+
+
+# ------------------------------------------------------------------ protect: transforms
+# One transform of each kind that changes a part of layer 0 (8 layers, 4 heads).
+TOUCH_LAYER_0 = {
+    TransformKind.PRUNE_HEADS: {"kind": "prune_heads", "heads": {"0": [1]}},
+    TransformKind.SKIP_LAYERS: {"kind": "skip_layers", "layers": [0]},
+    TransformKind.ACTIVATION_SPARSITY: {"kind": "activation_sparsity", "thresholds": {"0": 0.1}},
+    TransformKind.WEIGHT_PRECISION: {"kind": "weight_precision", "layers": {"0": "int8"}},
+}
+EXECUTION = {"kind": "execution", "static_kv_cache": True, "compile": "none"}
+
+
+def _protect_result(policy_dir, rule: str, *transforms):
+    policy_set = load_policy_set(str(policy_dir(rule)))
+    d = evaluate(policy_set, **inputs(plan={"transforms": list(transforms)}))
+    return policy_set.rules[0].params, d.outcome, d.results[0]
+
+
+@pytest.mark.parametrize("plan_kind", list(TOUCH_LAYER_0), ids=lambda k: k.value)
+def test_protect_without_transforms_forbids_every_kind(policy_dir, plan_kind):
+    params, outcome, result = _protect_result(policy_dir, "- {id: r, kind: protect, layers: [0]}",
+                                              TOUCH_LAYER_0[plan_kind])
+    assert params.transforms == tuple(TransformKind)
+    assert (outcome, result.outcome) == (R, F)
+    assert result.measured[0].startswith(f"{plan_kind.value} changes layer 0 ")
+    assert result.threshold["transforms"] == [k.value for k in TransformKind]
+
+
+def test_protect_without_transforms_passes_execution(policy_dir):
+    _, outcome, result = _protect_result(policy_dir, "- {id: r, kind: protect, layers: [0]}", EXECUTION)
+    assert (outcome, result.outcome, result.message) == (A, P, "no protected part is changed")
+
+
+@pytest.mark.parametrize("listed", list(TOUCH_LAYER_0), ids=lambda k: f"forbid-{k.value}")
+@pytest.mark.parametrize("plan_kind", list(TOUCH_LAYER_0), ids=lambda k: f"plan-{k.value}")
+def test_protect_fails_exactly_the_listed_kind(policy_dir, listed, plan_kind):
+    rule = f"- {{id: r, kind: protect, layers: [0], transforms: [{listed.value}]}}"
+    params, outcome, result = _protect_result(policy_dir, rule, TOUCH_LAYER_0[plan_kind])
+    assert params.transforms == (listed,)
+    if plan_kind is listed:
+        assert (outcome, result.outcome) == (R, F)
+        assert all(m.startswith(f"{listed.value} changes layer 0 ") for m in result.measured)
+        assert "allowed here" not in result.message
+    else:
+        assert (outcome, result.outcome, result.measured) == (A, P, [])
+        assert f"allowed here: {plan_kind.value} changes layer 0 " in result.message
+
+
+EDGES = ("- {id: r, kind: protect, layers: [0, -1], components: [{component: lm_head}],\n"
+         "   transforms: [prune_heads, skip_layers, activation_sparsity]}")
+HEAD_INT8 = {"kind": "weight_precision", "layers": {"lm_head": "int8", "7": "int8"}}
+
+
+@pytest.mark.parametrize("transforms,outcome,measured,allowed", [
+    ([HEAD_INT8], A, [], ["weight_precision changes layer 7 attention",
+                          "weight_precision changes layer 7 mlp", "weight_precision changes lm_head"]),
+    ([{"kind": "skip_layers", "layers": [7]}], R,
+     ["skip_layers changes layer 7 attention", "skip_layers changes layer 7 mlp"], []),
+    ([{"kind": "activation_sparsity", "thresholds": {"7": 0.2}}], R,
+     ["activation_sparsity changes layer 7 mlp"], []),
+    ([HEAD_INT8, {"kind": "prune_heads", "heads": {"0": [2]}}], R,
+     ["prune_heads changes layer 0 attention"], ["weight_precision changes layer 7 attention",
+                                                 "weight_precision changes layer 7 mlp",
+                                                 "weight_precision changes lm_head"]),
+], ids=["int8-edges-and-head", "skip-last", "sparsity-last", "int8-head-and-prune-first"])
+def test_protect_says_which_kind_changed_which_part(policy_dir, transforms, outcome, measured, allowed):
+    _, got, result = _protect_result(policy_dir, EDGES, *transforms)
+    assert (got, result.measured) == (outcome, measured)
+    assert result.threshold == {
+        "parts": ["layer 0 attention", "layer 0 mlp", "layer 7 attention", "layer 7 mlp", "lm_head"],
+        "transforms": ["prune_heads", "skip_layers", "activation_sparsity"]}
+    for change in measured + allowed:
+        assert change in result.message
+    assert ("allowed here: " + "; ".join(allowed) in result.message) == bool(allowed)

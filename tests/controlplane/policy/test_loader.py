@@ -5,6 +5,7 @@ import subprocess
 import pytest
 
 from controlplane.policy import PolicyError, PolicyStore, evaluate, load_policy_set
+from controlplane.policy.plan import TransformKind
 from controlplane.policy.revision import content_sha256
 from tests.controlplane.policy.conftest import SHIPPED_POLICIES, inputs, policy_text
 
@@ -45,6 +46,41 @@ def test_bad_policy_file_names_file_line_and_reason(tmp_path, text, line, reason
     problem = next(p for p in e.value.problems if reason in str(p))
     assert (problem.file, problem.line) == (str(tmp_path / "bad.yaml"), line), str(e.value)
     assert f"{tmp_path / 'bad.yaml'}:{line}:" in str(e.value)
+
+
+PROTECT_HEAD = "- id: r\n  kind: protect\n  layers: [0]\n"  # rules[0] at line 3; transforms at 6
+
+
+@pytest.mark.parametrize("transforms,expected", [
+    ("", tuple(TransformKind)),    # absent: every kind, as before the field existed
+    ("  transforms: [skip_layers, prune_heads]", (TransformKind.SKIP_LAYERS, TransformKind.PRUNE_HEADS)),
+    ("  transforms:\n    - activation_sparsity\n    - activation_sparsity", (TransformKind.ACTIVATION_SPARSITY,)),
+    ("  transforms: [weight_precision]", (TransformKind.WEIGHT_PRECISION,)),
+], ids=["absent-means-all", "two-kinds", "duplicate-once", "one-kind"])
+def test_protect_transforms_are_parsed(tmp_path, transforms, expected):
+    (tmp_path / "p.yaml").write_text(policy_text(PROTECT_HEAD + transforms))
+    (rule,) = load_policy_set(str(tmp_path)).rules
+    assert rule.params.transforms == expected and rule.params.layers == (0,)
+
+
+@pytest.mark.parametrize("transforms,line,field,reason", [
+    ("  transforms: [skip_layers, int8]", 6, "rules[0].transforms[1]",
+     "expected one of weight_precision, activation_sparsity, prune_heads, skip_layers, execution, "
+     "got 'int8'"),
+    ("  transforms:\n    - skip_layers\n    - prune_head", 8, "rules[0].transforms[1]",
+     "got 'prune_head'"),
+    ("  transforms: skip_layers", 6, "rules[0].transforms", "expected a list, got a string 'skip_layers'"),
+    ("  transforms: [{kind: skip_layers}]", 6, "rules[0].transforms[0]", "expected one of"),
+    ("  transform: [skip_layers]", 6, "rules[0].transform", "unknown field (known here:"),
+], ids=["unknown-kind", "typo-on-its-own-line", "not-a-list", "mapping-item", "misspelt-field"])
+def test_protect_bad_transforms_name_file_line_and_field(tmp_path, transforms, line, field, reason):
+    (tmp_path / "bad.yaml").write_text(policy_text(PROTECT_HEAD + transforms))
+    with pytest.raises(PolicyError) as e:
+        load_policy_set(str(tmp_path))
+    (problem,) = e.value.problems
+    assert (problem.file, problem.line, problem.field) == (str(tmp_path / "bad.yaml"), line, field)
+    assert reason in problem.reason
+    assert f"{tmp_path / 'bad.yaml'}:{line}: error: {field}: " in str(e.value)
 
 
 def test_every_problem_in_every_file_is_reported(tmp_path):
