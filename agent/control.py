@@ -53,7 +53,7 @@ from agent.guard import GuardResult, QualityGuard
 from agent.observe.requests import RequestTracker
 from agent.plan import Plan, PlanError
 from agent.settings import AgentSettings
-from agent.trial import Baseline, EvalSet, Evidence, trial_with_baseline
+from agent.trial import Baseline, EvalSet, Evidence, logit_width, trial_with_baseline
 
 log = logging.getLogger("headroom.control")
 
@@ -153,10 +153,8 @@ def _token_lists(v: Any, where: str, problems: list[str]) -> _TokenLists:
 
 
 def vocab_size(model: nn.Module) -> Optional[int]:
-    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        return int(emb.weight.shape[0])
-    return getattr(getattr(model, "config", None), "vocab_size", None)
+    """The model's logit width (trial.logit_width); None when unknown."""
+    return logit_width(model) or None
 
 
 def build_evalset(spec: EvalSpec, tokenizer, vocab: Optional[int]) -> EvalSet:

@@ -209,7 +209,7 @@ def trial_with_baseline(model: nn.Module, structure: ModelStructure, executor: E
     """run_trial that reuses a `baseline` measured earlier on the same eval set (it is not
     measured again) and returns the baseline it used, for the next trial."""
     executor.validate(plan)                      # refuse before spending a baseline
-    vocab = _vocab_size(model)
+    vocab = logit_width(model)
     if eval.eval_tokens * vocab * 4 > _MAX_BASELINE_BYTES:
         raise ValueError(f"eval set too large: {eval.eval_tokens} tokens x {vocab} vocab fp32 "
                          f"baseline log-probs exceed {_MAX_BASELINE_BYTES >> 30} GiB")
@@ -235,7 +235,7 @@ def trial_with_baseline(model: nn.Module, structure: ModelStructure, executor: E
                      bytes_plan, report), baseline
 
 
-def _vocab_size(model: nn.Module) -> int:
+def logit_width(model: nn.Module) -> int:
     """Logit width: the head's out_features (nn.Linear and Int8Linear both have it; an int8
     head has no .weight), else config.vocab_size, else 0 (unknown: no size guard)."""
     get = getattr(model, "get_output_embeddings", None)

@@ -20,8 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -36,21 +34,9 @@ def _plan(fp: str, compiled: bool):
                           "mode": "structural", "transforms": ts, "notes": ""})
 
 
-class _Steps:
-    def __init__(self):
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids, scores):
-        self.stamps.append(time.perf_counter())
-        return scores
-
-
-@torch.no_grad()
 def _request(model, ids) -> list[float]:
-    steps = _Steps()
-    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
-                   min_new_tokens=24, do_sample=False, logits_processor=[steps], pad_token_id=0)
-    return [(b - a) * 1e3 for a, b in zip(steps.stamps, steps.stamps[1:])]
+    from bench.table import decode_steps_ms
+    return decode_steps_ms(model, ids, 24)
 
 
 def _line(label: str, gaps: list[float], wall_s: float, extra: str = "") -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from agent.adapters import resolve_structure  # noqa: E402
 from agent.executor import Executor, ExecutorSettings, weight_bytes  # noqa: E402
 from agent.fingerprint import fingerprint  # noqa: E402
 from agent.plan import SCHEMA, Plan  # noqa: E402
+from bench.table import decode_steps_ms  # noqa: E402
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
@@ -94,24 +94,8 @@ def transforms(s, thresholds: dict[str, float]) -> dict[str, list[dict]]:
 
 # -------------------------------------------------------------------------------- decoding
 
-class StepTimer:
-    def __init__(self):
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids, scores):
-        torch.cuda.synchronize()
-        self.stamps.append(time.perf_counter())
-        return scores
-
-
-@torch.no_grad()
 def decode_ms(model, ids: torch.Tensor, new_tokens: int) -> float:
-    timer = StepTimer()
-    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                   min_new_tokens=new_tokens, do_sample=False, logits_processor=[timer],
-                   pad_token_id=0)
-    gaps = [(b - a) * 1e3 for a, b in zip(timer.stamps, timer.stamps[1:])]
-    return statistics.median(gaps)
+    return statistics.median(decode_steps_ms(model, ids, new_tokens, sync=torch.cuda.synchronize))
 
 
 def decode_rows(model, args) -> list[tuple[str, float, int, list[str]]]:

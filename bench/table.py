@@ -43,9 +43,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.adapters import resolve_structure  # noqa: E402
-from agent.executor import Executor, ExecutorSettings  # noqa: E402
+from agent.executor import Executor, ExecutorSettings, weight_bytes  # noqa: E402
 from agent.fingerprint import fingerprint  # noqa: E402
-from agent.kernels import opaque_bytes  # noqa: E402
 from agent.plan import SCHEMA, Plan  # noqa: E402
 from workloads.prompts import PROMPTS, chat_ids  # noqa: E402
 from workloads.smollm2 import load_smollm2  # noqa: E402
@@ -65,15 +64,6 @@ class Row:
 
 # ------------------------------------------------------------------------------ memory
 
-def _leaves(t: torch.Tensor):
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-    if is_traceable_wrapper_subclass(t):             # torchao: int data + scales inside
-        for name in t.__tensor_flatten__()[0]:
-            yield from _leaves(getattr(t, name))
-    else:
-        yield t
-
-
 def _ao_packed_bytes(model: nn.Module) -> int:
     """torch.ao dynamic Linear keeps its int8 weight in an fbgemm pack: in*out bytes, plus
     column offsets and bias (4 bytes per output each). Lower bound: block padding not counted."""
@@ -83,15 +73,7 @@ def _ao_packed_bytes(model: nn.Module) -> int:
 
 
 def held_bytes(model: nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        for leaf in _leaves(t):
-            s = leaf.untyped_storage()
-            if s.data_ptr() in seen:
-                continue
-            seen.add(s.data_ptr())
-            total += s.nbytes()
-    return total + opaque_bytes(model) + _ao_packed_bytes(model)
+    return weight_bytes(model) + _ao_packed_bytes(model)
 
 
 # ------------------------------------------------------------------------- text and stats
@@ -279,12 +261,16 @@ def torchao_row(base: nn.Module) -> Row | str:
 # ----------------------------------------------------------------------------- measuring
 
 class StepTimer:
-    """A logits processor: generate() calls it once per step; the gaps are step times."""
+    """A logits processor: generate() calls it once per step; the gaps are step times.
+    `sync` (e.g. torch.cuda.synchronize) runs before each stamp, for asynchronous devices."""
 
-    def __init__(self):
+    def __init__(self, sync: Callable[[], object] | None = None):
         self.stamps: list[float] = []
+        self.sync = sync
 
     def __call__(self, input_ids, scores):
+        if self.sync is not None:
+            self.sync()
         self.stamps.append(time.perf_counter())
         return scores
 
@@ -293,8 +279,10 @@ class StepTimer:
 
 
 @torch.no_grad()
-def decode_steps_ms(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> list[float]:
-    timer = StepTimer()
+def decode_steps_ms(model: nn.Module, ids: torch.Tensor, new_tokens: int,
+                    sync: Callable[[], object] | None = None) -> list[float]:
+    """Greedy generate() of exactly `new_tokens`; the time of each decode step, in ms."""
+    timer = StepTimer(sync)
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                    min_new_tokens=new_tokens, do_sample=False, logits_processor=[timer],
                    pad_token_id=0)

@@ -78,11 +78,12 @@ def resolve_settings(cls, overrides: dict, what: str):
         if overrides.get(f.name) is not None:
             values[f.name] = overrides[f.name]
         elif f.metadata["env"] in os.environ:
-            values[f.name] = _parse(f, os.environ[f.metadata["env"]], what)
+            values[f.name] = parse_env(f, os.environ[f.metadata["env"]], what)
     return cls(**values)
 
 
-def _parse(f: dataclasses.Field, raw: str, what: str) -> Any:
+def parse_env(f: dataclasses.Field, raw: str, what: str) -> Any:
+    """One environment variable's text as the field's type (bool, int, float, else str)."""
     kind = f.type if isinstance(f.type, str) else f.type.__name__
     kind = kind.removeprefix("Optional[").removesuffix("]")
     try:

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+from controlplane.settings import parse_env
+
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
@@ -73,13 +75,5 @@ def _parse_argv(argv: Sequence[str]) -> dict:
 
 
 def _parse_env(f: dataclasses.Field, raw: str) -> Any:
-    kind = f.type if isinstance(f.type, str) else f.type.__name__
-    try:
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {f.metadata['env']}={raw!r}: not a valid "
-                         f"{kind} for dashboard setting {f.name}") from None
-    return raw.strip()
+    value = parse_env(f, raw, "dashboard")
+    return value.strip() if isinstance(value, str) else value

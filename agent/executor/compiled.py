@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
 _MAX_SHAPES = 4          # distinct decode shapes compiled at most; beyond, eager (no recompile storm)
 
@@ -74,6 +75,8 @@ class CompiledDecoder(nn.Module):
         return (tuple(x.shape), x.dtype, length)
 
     def _hooked(self) -> bool:
+        if _module._global_forward_hooks or _module._global_forward_pre_hooks:  # on every module
+            return True
         return any(m._forward_hooks or m._forward_pre_hooks for m in self._watched)
 
     def extra_repr(self) -> str:

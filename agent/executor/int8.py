@@ -131,7 +131,7 @@ class Int8Linear(nn.Module):
         return torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
 
     def opaque_bytes(self) -> int:
-        """Bytes held outside parameters and buffers (see agent.kernels.memory)."""
+        """Bytes held outside parameters and buffers (see agent.executor.weights)."""
         return self._packed_bytes
 
     def dequantized(self, cols: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,9 +15,11 @@ once when the plan is applied (and again when the executor swaps `inner` for int
 - reference: gather the surviving columns of the weight, then a dense matmul.
 The layout is a second copy of the down weight (a GPT-2 Conv1D weight already is w_t, so none
 there); it is a buffer, so weight memory reports it. Prefill (more tokens) runs dense.
-Measured on the 2-core CPU (bench/table.py, SmolLM2, 30% sparsity): no end-to-end win
-(53.5 vs 48.2 ms/token, +26 MB), the down GEMV alone wins only near 90% sparsity; so the CPU
-path stays opt-in. The Triton path has not been run on a GPU yet (bench/gpu.py measures it).
+Measured on the 2-core CPU with `.venv/bin/python bench/table.py --kernel-rows` (SmolLM2,
+30% sparsity; its "sparse decode" row against "plan + int8", and its batch-1 GEMV table): no
+end-to-end win (53.5 vs 48.2 ms/token, +26 MB), the down GEMV alone wins only near 90%
+sparsity; so the CPU path stays opt-in. The Triton path has not been run on a GPU yet
+(`bench/gpu.py` measures it).
 """
 from __future__ import annotations
 

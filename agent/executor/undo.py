@@ -71,16 +71,7 @@ class UndoLog:
     def undo(self) -> None:
         """Reverses every step, newest first; the log is empty afterwards."""
         while self._steps:
-            step = self._steps.pop()
-            if isinstance(step, _Swap):
-                if step.old_device is not None and module_device(step.old) != step.old_device:
-                    step.old.to(step.old_device)
-                setattr(step.parent, step.name, step.old)
-            elif step.old is _MISSING:
-                if hasattr(step.obj, step.name):
-                    delattr(step.obj, step.name)
-            else:
-                setattr(step.obj, step.name, step.old)
+            _revert(self._steps.pop())
 
     @contextlib.contextmanager
     def reverted(self) -> Iterator[None]:
@@ -95,29 +86,31 @@ class UndoLog:
                 _reapply(step, current, unparked, self.park_device)
 
 
+def _owner(step: _Swap | _SetAttr) -> Any:
+    return step.obj if isinstance(step, _SetAttr) else step.parent
+
+
+def _put(obj: Any, name: str, value: Any) -> None:
+    """obj.<name> = value, or no such attribute when value is _MISSING."""
+    if value is not _MISSING:
+        setattr(obj, name, value)
+    elif hasattr(obj, name):
+        delattr(obj, name)
+
+
 def _revert(step: _Swap | _SetAttr) -> tuple[_Swap | _SetAttr, Any, bool]:
     """Puts `step.old` back; returns (step, what was there, whether `old` left the park)."""
-    current = getattr(step.obj if isinstance(step, _SetAttr) else step.parent, step.name, _MISSING)
+    current = getattr(_owner(step), step.name, _MISSING)
     unparked = False
-    if isinstance(step, _Swap):
-        if step.old_device is not None and module_device(step.old) != step.old_device:
-            step.old.to(step.old_device)
-            unparked = True
-        setattr(step.parent, step.name, step.old)
-    elif step.old is _MISSING:
-        if hasattr(step.obj, step.name):
-            delattr(step.obj, step.name)
-    else:
-        setattr(step.obj, step.name, step.old)
+    if isinstance(step, _Swap) and step.old_device is not None \
+            and module_device(step.old) != step.old_device:
+        step.old.to(step.old_device)
+        unparked = True
+    _put(_owner(step), step.name, step.old)
     return step, current, unparked
 
 
 def _reapply(step: _Swap | _SetAttr, current: Any, unparked: bool, park: torch.device) -> None:
-    obj = step.obj if isinstance(step, _SetAttr) else step.parent
-    if current is _MISSING:
-        if hasattr(obj, step.name):
-            delattr(obj, step.name)
-    else:
-        setattr(obj, step.name, current)
+    _put(_owner(step), step.name, current)
     if unparked:
         step.old.to(park)

@@ -5,9 +5,8 @@ Importing this package registers the ops (torch.ops.headroom.*); it never import
 which is loaded only when a CUDA module selects it.
 """
 from agent.kernels import ops  # noqa: F401  (registers torch.ops.headroom.*)
-from agent.kernels.memory import held_bytes, opaque_bytes
 from agent.kernels.select import KernelUnavailableError, select_backend, triton_available
 from agent.kernels.settings import Backend, Int8Cpu, KernelSettings
 
-__all__ = ["Backend", "Int8Cpu", "KernelSettings", "KernelUnavailableError", "held_bytes",
-           "opaque_bytes", "select_backend", "triton_available"]
+__all__ = ["Backend", "Int8Cpu", "KernelSettings", "KernelUnavailableError", "select_backend",
+           "triton_available"]

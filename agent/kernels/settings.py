@@ -3,11 +3,13 @@
     HEADROOM_KERNEL_BACKEND   auto | triton | cpu_fast | reference
     HEADROOM_INT8_CPU_KERNEL  dequant | int8pack_bf16 | fbgemm
 
-CPU int8 kernels for fp32 models (measured on SmolLM2-135M, bench/table.py):
+CPU int8 kernels for fp32 models, on SmolLM2-135M's shapes (timings: the batch-1 GEMV table
+that `.venv/bin/python bench/table.py` prints; perplexity: its fbgemm row with --kernel-rows):
 - int8pack_bf16 (the default): weight-only int8 through torch._weight_int8pack_mm,
-  activations rounded to bf16 for the call (8 mantissa bits: relative error ~4e-3 per
-  product, accumulated in fp32), the result cast back to fp32; 1.2-4x faster than fp32
-  F.linear at batch 1 (4x on the lm_head). Needs in_features % 8 == 0 (else dequant).
+  activations rounded to bf16 for the call (8-bit significand: relative rounding error at
+  most 2^-8 per activation, products accumulated in fp32), the result cast back to fp32;
+  1.2-4x faster than fp32 F.linear at batch 1 (4x on the lm_head). Needs
+  in_features % 8 == 0 (else dequant).
 - dequant: weight-only int8, q cast to fp32 in chunks then fp32 matmul: exact to the
   reference (fp32 activations), but 4-6x slower than fp32 at decode sizes.
 - fbgemm: W8A8 dynamic: activations quantised per tensor to 7 bits on the fly. Fast, but

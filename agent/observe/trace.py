@@ -12,6 +12,7 @@ position counts.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -67,8 +68,11 @@ class TraceCollector:
         self._elements = np.zeros(L, dtype=np.int64)
         self._timer = make_timer(L, device)
         self._stashed: dict[tuple[str, int], torch.Tensor] = {}
+        self._query_idx: dict[tuple[int, torch.device], torch.Tensor] = {}  # this forward's
         self._forward_index = -1
         self._handles = [h for block in structure.blocks for h in self._register_timing(block)]
+        # Stat hooks are built once per request and registered for each stat step's forward.
+        self._stat_registrations = [r for block in structure.blocks for r in self._stat_hooks(block)]
         self._stat_handles: list = []
 
     # --- request side -------------------------------------------------------------------------
@@ -76,14 +80,16 @@ class TraceCollector:
     def begin_forward(self, forward_index: int) -> None:
         self._forward_index = forward_index
         self._stashed.clear()
+        self._query_idx.clear()
         if not self.failed and (forward_index == 0 or forward_index % self._stride == 0):
-            self._stat_handles = [h for b in self._s.blocks for h in self._register_stats(b)]
+            self._stat_handles = [register() for register in self._stat_registrations]
 
     def end_forward(self) -> None:
         for h in self._stat_handles:
             h.remove()
         self._stat_handles = []
         self._stashed.clear()
+        self._query_idx.clear()
 
     def finish(self) -> Optional[TraceArrays]:
         """Removes the hooks; returns None if a hook failed or nothing was observed."""
@@ -121,19 +127,22 @@ class TraceCollector:
                 mlp.register_forward_pre_hook(g(lambda m, a: self._timer.start(Part.MLP, i))),
                 mlp.register_forward_hook(g(lambda m, a, o: self._timer.stop(Part.MLP, i)))]
 
-    def _register_stats(self, block: BlockRefs) -> list:
+    def _stat_hooks(self, block: BlockRefs) -> list[Callable[[], object]]:
+        """Registrations (each returns its handle) of one block's statistics hooks."""
         # Registered after the timing hooks, so they run after the timing window has closed;
         # inside a module only references are stashed (o_proj and down_proj inputs).
-        i, g = block.index, self._guard
+        i, g, p = block.index, self._guard, functools.partial
+        scale = self._scale(block.attn.module)
         return [
-            block.module.register_forward_pre_hook(g(lambda m, a, k: self._stash("block", i, a, k)),
-                                                   with_kwargs=True),
-            block.module.register_forward_hook(g(lambda m, a, o: self._block_out(i, o))),
-            block.attn.module.register_forward_hook(g(lambda m, a, k, o: self._attn_out(block, a, k)),
-                                                    with_kwargs=True),
-            block.attn.o_proj.register_forward_pre_hook(g(lambda m, a: self._stash_arg("o", i, a))),
-            block.mlp.module.register_forward_hook(g(lambda m, a, o: self._mlp_out(i))),
-            block.mlp.down_proj.register_forward_pre_hook(g(lambda m, a: self._stash_arg("down", i, a))),
+            p(block.module.register_forward_pre_hook,
+              g(lambda m, a, k: self._stash("block", i, a, k)), with_kwargs=True),
+            p(block.module.register_forward_hook, g(lambda m, a, o: self._block_out(i, o))),
+            p(block.attn.module.register_forward_hook,
+              g(lambda m, a, k, o: self._attn_out(block, scale, a, k)), with_kwargs=True),
+            p(block.attn.o_proj.register_forward_pre_hook, g(lambda m, a: self._stash_arg("o", i, a))),
+            p(block.mlp.module.register_forward_hook, g(lambda m, a, o: self._mlp_out(i))),
+            p(block.mlp.down_proj.register_forward_pre_hook,
+              g(lambda m, a: self._stash_arg("down", i, a))),
         ]
 
     def _guard(self, fn, stats: bool = True):
@@ -169,11 +178,11 @@ class TraceCollector:
         self._acc[i, self._cols.influence] += stats.influence_sum(x_in, x_out)
         self._tokens[i] += x_out.numel() // x_out.shape[-1]
 
-    def _attn_out(self, block: BlockRefs, args: tuple, kwargs: dict) -> None:
+    def _attn_out(self, block: BlockRefs, scale: float, args: tuple, kwargs: dict) -> None:
         i, c, s = block.index, self._cols, self._s
         q, k = s.qk_probe(block.attn.module, args, kwargs)           # [B, H, Tq, D], [B, KVH, S, D]
         idx = self._query_index(q.shape[2], q.device)
-        entropy, max_weight = stats.attention_stats(q, k, idx, self._scale(block.attn.module))
+        entropy, max_weight = stats.attention_stats(q, k, idx, scale)
         self._acc[i, c.entropy] += entropy
         self._acc[i, c.max_weight] += max_weight
         self._queries[i] += q.shape[0] * idx.numel()
@@ -189,9 +198,15 @@ class TraceCollector:
         self._elements[i] += n
 
     def _query_index(self, t_q: int, device: torch.device) -> torch.Tensor:
-        if self._forward_index == 0:
-            return stats.query_subsample(t_q, MAX_PREFILL_QUERIES, device)
-        return torch.arange(t_q - 1, t_q, device=device)           # last query only
+        """Built once per forward (and device): every layer scores the same query positions."""
+        idx = self._query_idx.get((t_q, device))
+        if idx is None:
+            if self._forward_index == 0:
+                idx = stats.query_subsample(t_q, MAX_PREFILL_QUERIES, device)
+            else:
+                idx = torch.arange(t_q - 1, t_q, device=device)     # last query only
+            self._query_idx[(t_q, device)] = idx
+        return idx
 
     def _scale(self, attn: nn.Module) -> float:
         # HF attention modules carry their softmax scale (GPT-2 may scale by layer index too).

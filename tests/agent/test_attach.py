@@ -60,7 +60,8 @@ def test_local_trial_is_not_counted_as_requests_and_leaves_the_model():
         e = handle.run_trial(plan(handle.model_info.fingerprint, SKIP), TOKEN_EVAL)
         assert e.eval_tokens == 2 * 11 and e.n_prompts == 1 and e.top1_agreement < 1.0
         assert handle.requests_seen == 0                          # trial forwards are not traffic
-        assert_bitwise_equal(model, snap) and handle.active_plan is None
+        assert_bitwise_equal(model, snap)
+        assert handle.active_plan is None
     finally:
         handle.detach()
 

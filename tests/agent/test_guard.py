@@ -54,7 +54,8 @@ def test_baseline_context_is_bitwise_both_ways(builder):
     assert_bitwise_equal(r.model, plan_snap)
     assert torch.equal(logits(r.model), planned) and torch.equal(greedy(r.model), plan_gen)
     r.executor.rollback()
-    assert_bitwise_equal(r.model, snap) and torch.equal(logits(r.model), base)
+    assert_bitwise_equal(r.model, snap)
+    assert torch.equal(logits(r.model), base)
 
 
 def test_baseline_restores_the_plan_when_the_block_raises_and_is_a_noop_without_plan():
@@ -117,7 +118,8 @@ def test_guard_rolls_back_a_destructive_plan():
         assert detail["top1"] < 0.9 and detail["request_id"] == 3
         stats = handle.stats()
         assert (stats.guard.checks, stats.guard.breaches, stats.control.rolled_back) == (1, 1, 1)
-        assert_bitwise_equal(model, snap) and torch.equal(logits(model), base)
+        assert_bitwise_equal(model, snap)
+        assert torch.equal(logits(model), base)
         _serve(model, 3)                                          # no plan: nothing more checked
         assert handle.stats().guard.checks == 1
     finally:

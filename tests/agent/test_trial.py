@@ -48,7 +48,8 @@ def test_destructive_plan_lowers_agreement_and_model_ends_unoptimised():
     assert e.layers_removed_fraction == 0.5 and e.heads_removed_fraction == (8 + 3) / 16
     assert e.memory_ratio < 1.0
     assert r.executor.active_plan is None
-    assert_bitwise_equal(r.model, snap) and torch.equal(logits(r.model), base)
+    assert_bitwise_equal(r.model, snap)
+    assert torch.equal(logits(r.model), base)
 
 
 def test_active_plan_is_restored_after_trial():
@@ -83,7 +84,8 @@ def test_head_int8_trial_while_a_head_int8_plan_serves():
     assert r.executor.active_plan is served and isinstance(r.model.lm_head, Int8Linear)
     torch.testing.assert_close(logits(r.model), served_logits, rtol=1e-6, atol=1e-6)
     r.executor.rollback()
-    assert_bitwise_equal(r.model, snap) and torch.equal(logits(r.model), base)
+    assert_bitwise_equal(r.model, snap)
+    assert torch.equal(logits(r.model), base)
 
 
 def test_eval_size_guard_reads_an_int8_head():

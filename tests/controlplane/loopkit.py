@@ -5,7 +5,6 @@ The agent is the real one: attach() answers trials, plans and rollbacks (agent/c
 """
 from __future__ import annotations
 
-import textwrap
 import time
 from pathlib import Path
 from typing import Optional

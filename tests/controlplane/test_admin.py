@@ -5,7 +5,7 @@ import grpc
 import pytest
 
 from controlplane.admin import AdminClient
-from controlplane.plans import PlanDoc, PlanStatus, SkipLayers
+from controlplane.plans import PlanDoc, SkipLayers
 from proto import headroom_pb2 as pb
 from proto import headroom_pb2_grpc
 from tests.controlplane import helpers

@@ -4,7 +4,6 @@ import pytest
 
 from controlplane.loop import LoopError, PlanRequest
 from controlplane.planner import QualityBudget
-from controlplane.plans import PlanStatus
 from tests.controlplane.loopkit import (LOOSE_BUDGET, LiveAgent, audit_kinds, connected, start,
                                         token_eval_args, traced_rows, wait_for, write_policies)
 

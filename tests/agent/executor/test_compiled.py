@@ -110,6 +110,20 @@ def test_a_hook_inside_the_stack_makes_decode_eager_and_fires_every_step():
     assert cd.compiled_calls == compiled_before + 5 and len(seen) == 6
 
 
+def test_a_global_module_hook_makes_decode_eager():
+    r = rig(tiny_llama(), settings=ExecutorSettings(static_cache_tokens=64))
+    r.executor.apply(plan(r.fingerprint, COMPILE))
+    greedy(r.model, n=4)
+    cd, seen = _compiled(r.model), []
+    compiled_before = cd.compiled_calls
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: seen.append(1))
+    try:
+        greedy(r.model, n=4)
+    finally:
+        handle.remove()
+    assert cd.compiled_calls == compiled_before and seen
+
+
 def test_cuda_graph_on_cpu_falls_back_to_eager_and_says_why():
     r = rig(tiny_llama())
     before = greedy(r.model)

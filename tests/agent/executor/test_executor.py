@@ -234,7 +234,8 @@ def test_head_int8_gpt2_tied_conv1d_blocks():
     assert isinstance(r.model.transformer.wte, Int8Embedding)
     assert 0 < _rel_err(logits(r.model), base)
     r.executor.rollback()
-    assert_bitwise_equal(r.model, snap) and torch.equal(logits(r.model), base)
+    assert_bitwise_equal(r.model, snap)
+    assert torch.equal(logits(r.model), base)
 
 
 def test_head_int8_reapplied_over_an_active_head_plan():
@@ -262,4 +263,5 @@ def test_head_int8_refused_when_head_is_not_linear(case):
     assert [p for p in err.value.problems
             if p.startswith("transforms[0] (weight_precision).layers[lm_head]: cannot set")]
     assert r.executor.active_plan is None
-    assert_bitwise_equal(r.model, snap) and torch.equal(logits(r.model), base)
+    assert_bitwise_equal(r.model, snap)
+    assert torch.equal(logits(r.model), base)
