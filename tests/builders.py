@@ -51,6 +51,69 @@ def tiny_gpt2(seed: int = 0, layers: int = 3):
 HF_BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "mistral": tiny_mistral, "gpt2": tiny_gpt2}
 
 
+def _hf(config_cls: str, model_cls: str, seed: int, **cfg):
+    import transformers
+    _seeded(seed)
+    # Special tokens inside the tiny vocabulary (several configs default to ids past 128).
+    cfg = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **cfg}
+    config = getattr(transformers, config_cls)(**cfg)
+    config._attn_implementation = "eager"     # the reference a traced statistic is checked against
+    return getattr(transformers, model_cls)(config).eval()
+
+
+_COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, head_dim=16)
+
+
+def tiny_mistral_sliding(seed: int = 0, layers: int = 3, window: int = 4):
+    """Mistral with a sliding window shorter than the test prompts, so the window matters."""
+    return _hf("MistralConfig", "MistralForCausalLM", seed, num_hidden_layers=layers,
+               sliding_window=window, **_COMMON)
+
+
+def tiny_qwen3(seed: int = 0, layers: int = 3):
+    """q/k RMS norms inside attention."""
+    return _hf("Qwen3Config", "Qwen3ForCausalLM", seed, num_hidden_layers=layers, **_COMMON)
+
+
+def tiny_gemma2(seed: int = 0, layers: int = 3, window: int = 4):
+    """Scaled embeddings, attention logit soft-capping, alternating sliding windows."""
+    return _hf("Gemma2Config", "Gemma2ForCausalLM", seed, num_hidden_layers=layers,
+               sliding_window=window, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+               query_pre_attn_scalar=16, **_COMMON)
+
+
+def tiny_gemma3(seed: int = 0, layers: int = 3, window: int = 4):
+    """Scaled embeddings, q/k norms, sliding windows on most layers."""
+    return _hf("Gemma3TextConfig", "Gemma3ForCausalLM", seed, num_hidden_layers=layers,
+               sliding_window=window, query_pre_attn_scalar=16, **_COMMON)
+
+
+def tiny_olmo2(seed: int = 0, layers: int = 3):
+    """q/k norms over the whole projection (not per head), norms after attention and MLP."""
+    return _hf("Olmo2Config", "Olmo2ForCausalLM", seed, num_hidden_layers=layers,
+               **{k: v for k, v in _COMMON.items() if k != "head_dim"})
+
+
+def tiny_phi3(seed: int = 0, layers: int = 3):
+    """Fused qkv_proj and gate_up_proj."""
+    return _hf("Phi3Config", "Phi3ForCausalLM", seed, num_hidden_layers=layers,
+               **{k: v for k, v in _COMMON.items() if k != "head_dim"})
+
+
+def tiny_mixtral(seed: int = 0, layers: int = 3):
+    """Mixture of experts: 4 experts, 2 per token."""
+    return _hf("MixtralConfig", "MixtralForCausalLM", seed, num_hidden_layers=layers,
+               num_local_experts=4, num_experts_per_tok=2,
+               **{k: v for k, v in _COMMON.items() if k != "head_dim"})
+
+
+# Every architecture of the test matrix (DESIGN.md "Models to test with"), by name.
+ARCH_BUILDERS = {"llama": tiny_llama, "mistral_sliding": tiny_mistral_sliding, "qwen2": tiny_qwen2,
+                 "qwen3": tiny_qwen3, "gemma2": tiny_gemma2, "gemma3": tiny_gemma3,
+                 "olmo2": tiny_olmo2, "gpt2": tiny_gpt2, "phi3": tiny_phi3, "mixtral": tiny_mixtral}
+
+
 def tiny_plain(seed: int = 0, layers: int = 3, heads: int = 4, kv_heads: int = 2):
     """A hand-written gpt-fast-style transformer (below), no transformers inside."""
     _seeded(seed)
