@@ -108,10 +108,20 @@ def tiny_mixtral(seed: int = 0, layers: int = 3):
                **{k: v for k, v in _COMMON.items() if k != "head_dim"})
 
 
-# Every architecture of the test matrix (DESIGN.md "Models to test with"), by name.
-ARCH_BUILDERS = {"llama": tiny_llama, "mistral_sliding": tiny_mistral_sliding, "qwen2": tiny_qwen2,
+def _eager(build):
+    def eager_build(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.set_attn_implementation("eager")
+        return model
+    return eager_build
+
+
+# Every architecture of the test matrix (DESIGN.md "Models to test with"), by name; all eager.
+ARCH_BUILDERS = {"llama": _eager(tiny_llama), "mistral_sliding": tiny_mistral_sliding,
+                 "qwen2": _eager(tiny_qwen2),
                  "qwen3": tiny_qwen3, "gemma2": tiny_gemma2, "gemma3": tiny_gemma3,
-                 "olmo2": tiny_olmo2, "gpt2": tiny_gpt2, "phi3": tiny_phi3, "mixtral": tiny_mixtral}
+                 "olmo2": tiny_olmo2, "gpt2": _eager(tiny_gpt2), "phi3": tiny_phi3,
+                 "mixtral": tiny_mixtral}
 
 
 def tiny_plain(seed: int = 0, layers: int = 3, heads: int = 4, kv_heads: int = 2):
