@@ -19,7 +19,7 @@ DASHBOARD_HOST ?= 127.0.0.1
 DASHBOARD_PORT ?= 8501
 CP_PORT ?= 50051
 
-.PHONY: setup proto demo test bench bench-overhead bench-ingest bench-table bench-gpu serve dashboard clean
+.PHONY: setup proto demo test bench bench-overhead bench-ingest bench-table bench-agree bench-gpu serve dashboard clean
 
 setup: $(STAMP) $(PROTO_OUT)
 
@@ -64,6 +64,11 @@ bench-table: setup
 	$(BIN)/pip install -q --no-deps torchao==0.18.0
 	# The plan `make demo` found, when there is one; otherwise the bench builds one (see its doc).
 	$(PY) bench/table.py $(if $(wildcard .headroom/best-plan.json),--plan .headroom/best-plan.json)
+
+# The loop's latency figure against two timings outside the loop (needs `make demo` first).
+bench-agree: setup
+	@test -f .headroom/best-plan.json || { echo "no .headroom/best-plan.json: run 'make demo' first"; exit 2; }
+	$(PY) bench/agree.py
 
 bench-gpu: setup
 	$(PY) bench/gpu.py

@@ -51,6 +51,12 @@ class _SharedEmbedded:
 _EMBEDDED = _SharedEmbedded()
 
 
+def _active_plan(executor: Executor) -> Optional[tuple[str, str]]:
+    """(plan_id, sha256) of the plan the model runs now, for the hello of every (re)connect."""
+    plan = executor.active_plan
+    return None if plan is None else (plan.plan_id, plan.hash)
+
+
 def attach(model: nn.Module, *, tokenizer=None, address: Optional[str] = None,
            settings: Optional[AgentSettings] = None, tracer_provider=None,
            **overrides) -> AgentHandle:
@@ -74,9 +80,11 @@ def attach(model: nn.Module, *, tokenizer=None, address: Optional[str] = None,
     if settings.export_enabled and target is None:
         embedded = _EMBEDDED.acquire(settings.embedded_db_path)
         target = embedded.address
+        control.verifier.trust(embedded.plan_public_key, "embedded control plane")
     status = gpu_status()
     hello = wire.make_hello(wire.default_agent_id(settings), info, status, settings)
-    exporter = make_exporter(settings, hello, target, on_control=control.handle)
+    exporter = make_exporter(settings, hello, target, on_control=control.handle,
+                             active_plan=lambda: _active_plan(executor))
     sampler = start_gpu_sampler(exporter.submit_gpu, settings.gpu_sample_interval_ms)
 
     def on_detach() -> None:

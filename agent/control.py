@@ -50,10 +50,12 @@ from agent import wire
 from agent.adapters.base import ModelStructure
 from agent.executor import ApplyReport, Executor
 from agent.guard import GuardResult, QualityGuard
-from agent.observe.requests import RequestTracker
+from agent.observe.requests import RequestTracker, WorkSite
 from agent.plan import Plan, PlanError
 from agent.settings import AgentSettings
 from agent.trial import Baseline, EvalSet, Evidence, logit_width, trial_with_baseline
+from agent.verify import PlanVerifier
+from proto.plandoc import PlanPurpose
 
 log = logging.getLogger("headroom.control")
 
@@ -69,6 +71,12 @@ class Cause(str, enum.Enum):
     TRIAL = "trial"
     DETACH = "detach"
     LOCAL = "local"
+
+
+class Origin(str, enum.Enum):
+    """Who asked for a plan (APPLIED / REFUSED detail "origin")."""
+    CONTROL_PLANE = "control_plane"   # from the network: signed, checked by agent/verify.py
+    LOCAL = "local"                   # handle.apply_plan by the process owner: not signed
 
 
 # ---------------------------------------------------------------------------- eval sets
@@ -207,11 +215,24 @@ def evalset_hash(ev: EvalSet, latency_repeats: int) -> str:
 
 
 # ---------------------------------------------------------------------------- plans
-def parse_plan(msg: wire.PlanMessage) -> Plan:
-    """The plan a message carries; PlanError if the document, its hash or its id disagree."""
+class UnverifiedPlanError(PlanError):
+    """Unsigned, signed by an untrusted key, a bad signature, or a hash that does not match."""
+
+
+def parse_plan(msg: wire.PlanMessage, verifier: Optional[PlanVerifier] = None,
+               purpose: PlanPurpose = PlanPurpose.APPLY) -> Plan:
+    """The plan a message carries; PlanError if the document, its hash or its id disagree.
+    With a verifier (every plan from the network) the signature for `purpose` and the hash of
+    the document bytes are checked first, before the document is even parsed."""
+    if verifier is not None:
+        unverified = verifier.check(msg, purpose)
+        if unverified:
+            raise UnverifiedPlanError(unverified, msg.plan_id[:200])
     plan = Plan.from_json(msg.document_json)
     problems = []
-    if msg.sha256 and msg.sha256 != plan.hash:
+    if not msg.sha256:
+        problems.append("sha256: the message carries none")
+    elif msg.sha256 != plan.hash:
         problems.append(f"sha256: the message says {msg.sha256[:12]}…, the document hashes to "
                         f"{plan.hash[:12]}… (altered in transit, or another canonical form)")
     if msg.plan_id and msg.plan_id != plan.plan_id:
@@ -247,6 +268,7 @@ class ControlStats:
     trials: int = 0
     trial_errors: int = 0
     baseline_cache_hits: int = 0
+    unverified: int = 0      # plans refused for their signature or hash (also in `refused`)
     errors: int = 0          # exceptions caught outside the expected paths (bugs); logged
 
 
@@ -277,6 +299,7 @@ class ControlHandler:
         self._closed = False
         self._last_apply: Optional[ApplyReport] = None
         self._baselines: "collections.OrderedDict[tuple, Baseline]" = collections.OrderedDict()
+        self.verifier = PlanVerifier.from_spec(settings.plan_verify_keys)
 
     def bind(self, tracker: RequestTracker, send) -> None:
         """Wires the request boundaries, the guard and the reply channel (send(Reply))."""
@@ -320,21 +343,28 @@ class ControlHandler:
             log.exception("headroom control: sending %s failed", type(reply).__name__)
 
     # ------------------------------------------------------------ apply
-    def apply(self, msg: wire.PlanMessage) -> ApplyOutcome:
+    def apply(self, msg: wire.PlanMessage, origin: Origin = Origin.CONTROL_PLANE) -> ApplyOutcome:
+        """A plan from the control plane is verified (signature, hash) before anything else;
+        only the process owner's own plans (apply_local, Origin.LOCAL) skip the signature."""
+        verifier = self.verifier if origin is Origin.CONTROL_PLANE else None
         try:
-            plan = parse_plan(msg)
+            plan = parse_plan(msg, verifier, PlanPurpose.APPLY)
             self.executor.validate(plan)      # outside the boundary: reads the structure only
         except PlanError as e:
             self.stats.refused += 1
-            return ApplyOutcome([wire.PlanStatusReport(msg.plan_id, msg.sha256, wire.PlanState.REFUSED,
-                                                       _detail({"problems": e.problems}))], error=e)
+            self.stats.unverified += isinstance(e, UnverifiedPlanError)
+            return ApplyOutcome([wire.PlanStatusReport(
+                msg.plan_id[:200], msg.sha256[:64], wire.PlanState.REFUSED,
+                _detail({"problems": e.problems, "origin": origin.value}))], error=e)
+        provenance = {"origin": origin.value, **({"key_id": msg.key_id} if verifier else {})}
         with self._tracker.boundary():
-            return self._apply_at_boundary(plan)
+            return self._apply_at_boundary(plan, provenance)
 
-    def _apply_at_boundary(self, plan: Plan) -> ApplyOutcome:
+    def _apply_at_boundary(self, plan: Plan, provenance: Mapping[str, str]) -> ApplyOutcome:
+        """provenance: {"origin": Origin, "key_id": the signing key}, in the APPLIED detail."""
         active = self.executor.active_plan
         if active is not None and active.hash == plan.hash and self._last_apply is not None:
-            detail = {**dataclasses.asdict(self._last_apply), "already_active": True}
+            detail = {**dataclasses.asdict(self._last_apply), **provenance, "already_active": True}
             return ApplyOutcome([self._status(plan, wire.PlanState.APPLIED, detail)], self._last_apply)
         reports = []
         if active is not None:
@@ -351,13 +381,14 @@ class ControlHandler:
             self._sync()
         self.stats.applied += 1
         self._last_apply = report
-        reports.append(self._status(plan, wire.PlanState.APPLIED, dataclasses.asdict(report)))
+        reports.append(self._status(plan, wire.PlanState.APPLIED,
+                                    {**dataclasses.asdict(report), **provenance}))
         return ApplyOutcome(reports, report)
 
     def apply_local(self, plan: Plan | Mapping[str, Any] | str | bytes) -> ApplyReport:
         """apply() for a plan given in process; reports go to the control plane as well.
         Raises PlanError (refused) or the apply's error (model left unoptimised)."""
-        outcome = self.apply(plan_message(plan))
+        outcome = self.apply(plan_message(plan), Origin.LOCAL)
         for r in outcome.reports:
             self.reply(r)
         if outcome.error is not None:
@@ -410,7 +441,7 @@ class ControlHandler:
     def trial(self, cmd: wire.TrialRequest) -> wire.TrialResultReport:
         self.stats.trials += 1
         try:
-            plan = parse_plan(cmd.plan)
+            plan = parse_plan(cmd.plan, self.verifier, PlanPurpose.TRIAL)   # signed for trials
             spec = EvalSpec.from_json(cmd.eval_json)
             ev = build_evalset(spec, self.tokenizer, vocab_size(self.model))
             evidence = self.run_trial(plan, ev, spec.latency_repeats)
@@ -424,25 +455,39 @@ class ControlHandler:
 
     def run_trial(self, plan: Plan | Mapping[str, Any] | str | bytes, ev: EvalSet,
                   latency_repeats: int = 3) -> Evidence:
-        """One trial at the next boundary, reusing the baseline of an earlier trial on the same
-        eval set while the same plan (or none) is active."""
+        """One trial between two requests, on a thread that serves them (the tracker hands it
+        to the next request, or to an idle loop in serve_pending(); after trial_handoff_s with
+        neither, this thread runs it and the evidence says so). Reuses the quality baseline of
+        an earlier trial on the same eval set while the same plan (or none) is active."""
         plan = as_plan(plan)
         ev_hash = evalset_hash(ev, latency_repeats)
-        with self._tracker.boundary():
-            before = self.executor.active_plan
-            key = (ev_hash, before.hash if before is not None else None)
-            cached = self._baselines.get(key)
-            try:
-                evidence, base = trial_with_baseline(self.model, self.structure, self.executor, plan,
-                                                     ev, latency_repeats=latency_repeats,
-                                                     baseline=cached)
-            finally:
-                self._after_trial(before)
-            self._remember(key, base)
-        if cached is not None:
+        run = lambda: self._trial_at_boundary(plan, ev, ev_hash, latency_repeats)
+        (evidence, cached), site = self._tracker.run_model_work(
+            run, handoff_s=self.settings.trial_handoff_s)
+        evidence.timed_on = f"{evidence.timed_on} ({site.value})"
+        if site is not WorkSite.SERVING_THREAD:
+            evidence.notes.append(f"timed on the control thread: no serving thread took the trial "
+                                  f"within {self.settings.trial_handoff_s:g} s; on a CPU its "
+                                  f"figures may differ from what requests get")
+        if cached:
             self.stats.baseline_cache_hits += 1
-            evidence.notes.append("baseline: reused from an earlier trial on the same eval set")
+            evidence.notes.append("baseline quality: reused from an earlier trial on the same "
+                                  "eval set (latency is timed afresh, interleaved)")
         return evidence
+
+    def _trial_at_boundary(self, plan: Plan, ev: EvalSet, ev_hash: str,
+                           latency_repeats: int) -> tuple[Evidence, bool]:
+        before = self.executor.active_plan
+        key = (ev_hash, before.hash if before is not None else None)
+        cached = self._baselines.get(key)
+        try:
+            evidence, base = trial_with_baseline(self.model, self.structure, self.executor, plan,
+                                                 ev, latency_repeats=latency_repeats,
+                                                 baseline=cached)
+        finally:
+            self._after_trial(before)
+        self._remember(key, base)
+        return evidence, cached is not None
 
     def _after_trial(self, before: Optional[Plan]) -> None:
         if before is not None and self.executor.active_plan is not before:

@@ -3,11 +3,17 @@
 A child, not a thread: DuckDB writes and the gRPC server then never compete with the model for
 the GIL. The agent only knows the command line (`python -m controlplane serve ...`), never the
 package, so agent/ still does not import controlplane/.
+
+Zero configuration and still not open to every local user: the child listens on 127.0.0.1 only
+and takes only calls that carry this process's secret (`local_token()`: HEADROOM_LOCAL_TOKEN,
+made once per process and inherited by its children, e.g. a dashboard it starts; the exporter,
+AdminClient and QueryClient of this process read it from there).
 """
 from __future__ import annotations
 
 import atexit
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -17,9 +23,23 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from agent.verify import SIGNING_KEY_ENV, write_signing_key
+
 # The repository root, so the child finds `controlplane` even without an installed package.
 _ROOT = Path(__file__).resolve().parent.parent
 _STDERR_TAIL_BYTES = 4000
+LOCAL_TOKEN_ENV = "HEADROOM_LOCAL_TOKEN"        # what clients of this process present
+SERVER_TOKEN_ENV = "HEADROOM_CP_LOCAL_TOKEN"    # what the child control plane requires
+
+
+def local_token() -> str:
+    """This process's secret for its embedded control planes: inherited from a parent (same
+    user, same secret) or made now; kept in the environment for in-process clients and children."""
+    token = os.environ.get(LOCAL_TOKEN_ENV)
+    if not token:
+        token = secrets.token_urlsafe(32)
+        os.environ[LOCAL_TOKEN_ENV] = token
+    return token
 
 
 class EmbeddedStartError(RuntimeError):
@@ -29,8 +49,12 @@ class EmbeddedStartError(RuntimeError):
 class EmbeddedControlPlane:
     """A running child control plane: .address ("127.0.0.1:<port>"), .pid, .stop(timeout_s)."""
 
-    def __init__(self, process: subprocess.Popen, port: int, log_path: Path, tmp_dir: Path):
+    def __init__(self, process: subprocess.Popen, port: int, log_path: Path, tmp_dir: Path,
+                 plan_public_key: bytes = b""):
         self._process, self.port, self.log_path, self._tmp_dir = process, port, log_path, tmp_dir
+        # The raw Ed25519 public key of the plan signing key this process made for the child
+        # (agent/verify.py): the agent trusts it in process, nothing travels on the stream.
+        self.plan_public_key = plan_public_key
         self.address = f"127.0.0.1:{port}"
         atexit.register(self.stop)
 
@@ -67,8 +91,13 @@ def _command(db_path: str, port_file: Path) -> list[str]:
             "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file)]
 
 
-def _child_env() -> dict:
+def _child_env(signing_key: Optional[Path] = None) -> dict:
     env = dict(os.environ)
+    env[SERVER_TOKEN_ENV] = local_token()
+    for name in ("HEADROOM_CP_HOST", "HEADROOM_CP_TLS_CERT", "HEADROOM_CP_TLS_KEY"):
+        env.pop(name, None)   # the embedded plane is plaintext loopback, whatever the shell says
+    if signing_key is not None:
+        env[SIGNING_KEY_ENV] = str(signing_key)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p)
     return env
 
@@ -114,16 +143,17 @@ def start_embedded(db_path: str, timeout_s: float = 30.0) -> EmbeddedControlPlan
     Path(db_path).parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix="headroom-embedded-"))
     port_file, log_path = tmp_dir / "port", tmp_dir / "controlplane.log"
+    signing_key, plan_public_key = write_signing_key(tmp_dir)   # one per embedded child
     command = _command(os.path.abspath(db_path), port_file)
     with open(log_path, "wb") as log_file:
         # Own session: a Ctrl-C meant for the serving process does not kill the control plane
         # before the agent's exporter has flushed into it; the agent stops it at exit.
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,
-                                   stderr=subprocess.STDOUT, env=_child_env(),
+                                   stderr=subprocess.STDOUT, env=_child_env(signing_key),
                                    start_new_session=True)
     try:
         port = _wait_for_port(process, port_file, log_path, timeout_s, command)
     except EmbeddedStartError:
         shutil.rmtree(tmp_dir, ignore_errors=True)   # the error message carries the log's tail
         raise
-    return EmbeddedControlPlane(process, port, log_path, tmp_dir)
+    return EmbeddedControlPlane(process, port, log_path, tmp_dir, plan_public_key)

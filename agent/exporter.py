@@ -2,9 +2,12 @@
 BatchSpanProcessor: a bounded queue on the hot path, one worker thread that batches, encodes
 and sends over the `Connect` stream, reconnecting with backoff.
 
-Delivery is at most once. A batch written to a stream that breaks (or that the server answers
-with ErrorReply) before its Ack is counted in failed_batches / lost_records and not resent: the
-server may already have stored it, and a resend could store its rows twice.
+Delivery is exactly once while the control plane keeps its store. A batch written to a stream
+that breaks before its Ack stays kept (bounded: RESEND_MAX_BATCHES / RESEND_MAX_BYTES, the oldest
+dropped and counted in failed_batches / lost_records past that) and is resent after the
+reconnect, in seq order, with its original seq: the server stores a batch once per
+(agent_id, pid, seq), so a batch it stored before the break is acked again and not stored twice.
+A batch the server answers with ErrorReply was refused: counted lost, not resent.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from typing import Callable, Optional, Protocol
 import grpc
 
 from agent import wire
+from agent.credentials import AgentChannels
 from agent.records import GpuSample, RequestRecord
 from agent.settings import AgentSettings
 from proto import headroom_pb2 as pb
@@ -34,6 +38,11 @@ MAX_INFLIGHT_BATCHES = 4      # unacked batches on a stream; more waits, the que
 ACK_TIMEOUT_S = 30.0          # oldest unacked batch older than this: the stream is dead
 CONNECT_TIMEOUT_S = 5.0       # a black-holed address fails after this
 POLL_S = 0.05                 # how often blocking waits look at the stop flag
+RESEND_MAX_BATCHES = 64       # unacked batches kept across a reconnect for resending ...
+RESEND_MAX_BYTES = 16 << 20   # ... and their encoded size; past either the oldest are lost
+
+# (plan_id, sha256) of the plan the model runs now, or None: goes in every hello.
+ActivePlan = Callable[[], Optional[tuple[str, str]]]
 
 OnControl = Callable[[wire.ControlCommand], None]
 
@@ -70,13 +79,14 @@ class NoopExporter:
 
 
 def make_exporter(settings: AgentSettings, hello: pb.AgentHello, target: Optional[str],
-                  on_control: Optional[OnControl] = None) -> "BatchExporter | NoopExporter":
+                  on_control: Optional[OnControl] = None,
+                  active_plan: Optional[ActivePlan] = None) -> "BatchExporter | NoopExporter":
     if not settings.export_enabled:
         return NoopExporter()
     if not target:
         raise ValueError("make_exporter: export is enabled but no control plane address was given "
                          "(settings.address is None and no embedded control plane was started)")
-    return BatchExporter(settings, hello, target, on_control=on_control)
+    return BatchExporter(settings, hello, target, on_control=on_control, active_plan=active_plan)
 
 
 # ------------------------------------------------------------------ one Connect stream
@@ -137,9 +147,10 @@ class _Stream:
         _close_later(self._channel)
 
 
-def _open_channel(target: str, stop: threading.Event, timeout_s: float) -> Optional[grpc.Channel]:
+def _open_channel(target: str, stop: threading.Event, timeout_s: float,
+                  channels: Optional[AgentChannels] = None) -> Optional[grpc.Channel]:
     """A fresh channel once READY; None on refusal, timeout or stop (no gRPC internal backoff)."""
-    channel = grpc.insecure_channel(target)
+    channel = channels.open(target) if channels is not None else grpc.insecure_channel(target)
     states: queue.SimpleQueue = queue.SimpleQueue()
     channel.subscribe(states.put, try_to_connect=True)
     deadline = time.monotonic() + timeout_s
@@ -185,8 +196,11 @@ def _close_later(channel: grpc.Channel) -> None:
 # ------------------------------------------------------------------ the exporter
 @dataclass
 class _Inflight:
+    """A batch sent and not yet acked; kept whole so a reconnect can resend it unchanged."""
     records: int
     sent_at: float
+    batch: Optional[pb.TelemetryBatch] = None
+    size_bytes: int = 0
 
 
 @dataclass
@@ -201,10 +215,19 @@ class BatchExporter:
     """See the module docstring. submit() and submit_gpu() are O(1), never block on I/O, never raise."""
 
     def __init__(self, settings: AgentSettings, hello: pb.AgentHello, target: str,
-                 on_control: Optional[OnControl] = None, ack_timeout_s: float = ACK_TIMEOUT_S):
+                 on_control: Optional[OnControl] = None, ack_timeout_s: float = ACK_TIMEOUT_S,
+                 active_plan: Optional[ActivePlan] = None,
+                 resend_max_batches: int = RESEND_MAX_BATCHES,
+                 resend_max_bytes: int = RESEND_MAX_BYTES):
         if not hello.agent_id:
             raise ValueError("BatchExporter: hello.agent_id is empty (see wire.default_agent_id)")
+        if resend_max_batches < 0 or resend_max_bytes < 0:
+            raise ValueError(f"BatchExporter: resend_max_batches={resend_max_batches} and "
+                             f"resend_max_bytes={resend_max_bytes} must be >= 0")
+        self._resend_max_batches, self._resend_max_bytes = resend_max_batches, resend_max_bytes
+        self._active_plan = active_plan
         self._settings, self._hello, self._target = settings, hello, target
+        self._channels = AgentChannels(settings)   # reads TLS files now: bad paths fail at attach
         self._ack_timeout_s = ack_timeout_s
         self._queue_max, self._batch_max = settings.queue_max_records, settings.batch_max_records
         self._agent_id = hello.agent_id
@@ -314,6 +337,7 @@ class BatchExporter:
         kind = msg.WhichOneof("body")
         if kind == "ack":
             self._on_ack(msg.ack.seq, msg.ack.rows_stored)
+            self._on_rows_rejected(msg.ack)
         elif kind == "error":
             self._on_error(msg.error.code, msg.error.message)
         else:
@@ -333,6 +357,14 @@ class BatchExporter:
         if stream is not None:
             stream.acked_any = True
         self._wake.set()
+
+    def _on_rows_rejected(self, ack: pb.Ack) -> None:
+        """Rows the control plane refused inside an acked batch (the rest was stored)."""
+        if ack.rows_rejected:
+            log.warning("headroom control plane refused %d row(s) of batch %d: %s",
+                        ack.rows_rejected, ack.seq, ack.reject_reason)
+            with self._lock:
+                self._stats.c["server_rejected_rows"] += ack.rows_rejected
 
     def _on_error(self, code: str, message: str) -> None:
         """The server refused the oldest unacked batch (it answers each batch once, in order)."""
@@ -382,16 +414,30 @@ class BatchExporter:
                 backoff_ms = min(2 * backoff_ms, self._settings.backoff_max_ms)
 
     def _connect(self) -> Optional[_Stream]:
-        channel = _open_channel(self._target, self._stop, CONNECT_TIMEOUT_S)
+        channel = _open_channel(self._target, self._stop, CONNECT_TIMEOUT_S, self._channels)
         if channel is None:
             return None
-        stream = _Stream(channel, self._hello, self._on_reply, self._wake.set)
+        stream = _Stream(channel, self._current_hello(), self._on_reply, self._wake.set)
         self._stream = stream
         self._in_outage = False
         with self._lock:
             self._stats.connected = True
         log.info("headroom exporter: connected to %s", self._target)
         return stream
+
+    def _current_hello(self) -> pb.AgentHello:
+        """The hello with the plan the model runs now: a restarted control plane settles a
+        rollout it was killed in from what each agent says here."""
+        hello = pb.AgentHello()
+        hello.CopyFrom(self._hello)
+        try:
+            active = self._active_plan() if self._active_plan is not None else None
+        except Exception:   # a faulty callback must not keep the agent from connecting
+            log.exception("headroom exporter: active_plan callback failed")
+            active = None
+        if active is not None:
+            hello.active_plan_id, hello.active_plan_hash = active
+        return hello
 
     def _stream_was_healthy(self, stream: _Stream) -> bool:
         lived_s = time.monotonic() - stream.opened_at
@@ -407,14 +453,12 @@ class BatchExporter:
             self._stop.wait(min(POLL_S, max(0.0, deadline - time.monotonic())))
 
     def _end_stream(self, stream: _Stream) -> None:
-        """Closes the stream (gracefully if it is alive) and counts unacked batches as lost."""
+        """Closes the stream (gracefully if it is alive); unacked batches stay for a resend."""
         grace_s = 0.0 if self._stop.is_set() or stream.dead.is_set() else 1.0
         stream.close(grace_s)
         with self._lock:
             self._stats.connected = False
-            self._stats.c["failed_batches"] += len(self._inflight)
-            self._stats.c["lost_records"] += sum(f.records for f in self._inflight.values())
-            self._inflight.clear()
+            self._trim_unacked()
         self._stream = None
         if stream.error and not self._closing.is_set():
             log.warning("headroom exporter: stream to %s lost (%s); reconnecting",
@@ -432,9 +476,42 @@ class BatchExporter:
         with self._lock:
             self._stats.c[name] += n
 
+    # -------------------------------------------------------------- worker: resending
+    def _trim_unacked(self) -> None:
+        """Caller holds _lock. Past the resend bound (count or bytes) the oldest unacked
+        batches go, counted as lost: fresh data is worth more, as in the queue."""
+        total_bytes = sum(f.size_bytes for f in self._inflight.values())
+        while self._inflight and (len(self._inflight) > self._resend_max_batches
+                                  or total_bytes > self._resend_max_bytes):
+            _, old = self._inflight.popitem(last=False)
+            total_bytes -= old.size_bytes
+            self._stats.c["failed_batches"] += 1
+            self._stats.c["lost_records"] += old.records
+
+    def _resend_unacked(self, stream: _Stream) -> None:
+        """First thing on a new stream: the batches the last one left unacked, oldest first,
+        with their original seq (the hello carries the same pid), so the server's
+        (agent_id, pid, seq) de-duplication stores each exactly once. Their counters are
+        stale by now: left out, so they never overwrite newer ones in the agents table."""
+        with self._lock:
+            kept = list(self._inflight.values())
+            now = time.monotonic()
+            for f in kept:
+                f.sent_at = now          # the ack timeout counts from this send
+            self._stats.c["resent_batches"] += len(kept)
+            self._stats.c["resent_records"] += sum(f.records for f in kept)
+        for f in kept:
+            batch = pb.TelemetryBatch()
+            batch.CopyFrom(f.batch)
+            batch.ClearField("counters")
+            stream.send(wire.batch_message(self._agent_id, batch))
+        if kept:
+            log.info("headroom exporter: resent %d unacked batch(es)", len(kept))
+
     # -------------------------------------------------------------- worker: one stream
     def _pump(self, stream: _Stream) -> None:
         """Sends batches, replies and heartbeats until the stream dies, stop, or closing is done."""
+        self._resend_unacked(stream)
         last_send = time.monotonic()
         last_batch = last_send
         interval_s = self._settings.flush_interval_ms / 1000
@@ -462,10 +539,15 @@ class BatchExporter:
                      interval_s: float) -> float:
         """Until the next heartbeat, or the batch timer if records are waiting and can go.
 
-        With the in-flight window full, only an ack (which sets _wake) lets a batch go: no spin."""
+        With the in-flight window full, only an ack (which sets _wake) lets a batch go: no spin.
+        Never past the oldest unacked batch's ack deadline: a stalled stream is dropped (and its
+        batches resent) after ack_timeout_s, however long the flush interval."""
         with self._lock:
             can_send = bool(self._records or self._gpu) and len(self._inflight) < MAX_INFLIGHT_BATCHES
+            oldest = next(iter(self._inflight.values()), None)
         due = last_batch + interval_s if can_send else last_send + interval_s
+        if oldest is not None:
+            due = min(due, oldest.sent_at + self._ack_timeout_s + POLL_S)
         return min(interval_s, max(0.001, due - now))
 
     def _window_open(self) -> bool:
@@ -511,7 +593,8 @@ class BatchExporter:
                 return False
             self._stats.c["sent_batches"] += 1
             self._stats.c["sent_records"] += len(records)
-            self._inflight[batch.seq] = _Inflight(len(records), time.monotonic())
+            self._inflight[batch.seq] = _Inflight(len(records), time.monotonic(), batch,
+                                                  batch.ByteSize())
         stream.send(wire.batch_message(self._agent_id, batch))
         return True
 

@@ -6,14 +6,19 @@ control handler, and their removal.
         model.generate(ids, max_new_tokens=32)
     handle.detach()   # the model is exactly what it was before
 
-Thread-safety: one request at a time per model (the usual single serving loop per model).
-Concurrent requests on one model from several threads are merged into whichever is open.
+Threads: each thread's requests are its own (a FastAPI thread pool calling generate on one
+model gives one record per call). Untraced requests run concurrently; a traced (sampled)
+request holds the model alone, because its per-layer hooks would count other threads' forwards
+(the waits this causes are in stats().traced_serialised_waits).
 No hook ever raises into the model: a failure is counted in `errors` and the request goes on
 untraced.
 
 Plans and trials (apply_plan, rollback, run_trial, and the same commands from the control
-plane) run only between requests: called while a request is open on another thread they wait
-for it to end; called from inside a request on its own thread they raise RuntimeError.
+plane) run only between requests: called while requests are open on other threads they wait
+for them to end; called from inside a request on its own thread they raise RuntimeError.
+Trials run on a serving thread when one comes by (the next request, or an idle loop calling
+`handle.serve_pending(timeout_s)`), since on a CPU a second thread's torch work fights the
+serving thread's.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from agent.control import ControlHandler, ControlStats, EvalSpec, build_evalset,
 from agent.executor import ApplyReport, Executor
 from agent.fingerprint import ModelInfo
 from agent.guard import GuardStats
-from agent.observe.requests import ErrorCount, RequestTracker, Sink
+from agent.observe.requests import ErrorCount, RequestTracker, Sink, WorkSite
 from agent.plan import Plan
 from agent.settings import AgentSettings
 from agent.trial import EvalSet, Evidence
@@ -44,6 +49,9 @@ class HandleStats:
     traces_paused_skipped: int     # sampled requests not traced because a plan was active
     guard: GuardStats
     control: ControlStats
+    traced_serialised_waits: int = 0   # request opens that waited because a traced request runs alone
+    work_on_serving_thread: int = 0    # run_model_work items (trials...) run by a serving thread
+    work_on_control_thread: int = 0    # ... run by the control thread (no serving thread came)
 
 
 class AgentHandle:
@@ -110,9 +118,17 @@ class AgentHandle:
             latency_repeats = spec.latency_repeats
         return control.run_trial(plan, evalset, latency_repeats)
 
+    def serve_pending(self, timeout_s: float) -> int:
+        """For an idle serving loop (no request to serve now): waits up to timeout_s for model
+        work the control side posted (a trial, plan apply or rollback) and runs it on this
+        thread, where it is measured as requests run; returns how many items ran. Raises
+        RuntimeError inside a request, ValueError for a negative or non-finite timeout_s."""
+        return self._tracker.serve_pending(timeout_s)
+
     @property
     def control_waiting(self) -> bool:
-        """A plan, trial or guard check is waiting for the open request to end."""
+        """A plan, trial or guard check is waiting for the open requests to end, or for a
+        serving thread to run it."""
         return self._tracker.control_waiting
 
     @property
@@ -131,13 +147,16 @@ class AgentHandle:
         return self._errors.count
 
     def stats(self) -> HandleStats:
-        c = self.control
+        c, t = self.control, self._tracker
         guard = c.guard.stats if c is not None and c.guard is not None else GuardStats()
         return HandleStats(requests_seen=self.requests_seen, errors=self.errors,
                            boundary_waits=self._tracker.boundary_waits,
                            traces_paused_skipped=self._tracker.traces_paused_skipped,
                            guard=replace(guard),
-                           control=replace(c.stats) if c is not None else ControlStats())
+                           control=replace(c.stats) if c is not None else ControlStats(),
+                           traced_serialised_waits=t.traced_serialised_waits,
+                           work_on_serving_thread=t.work_sites[WorkSite.SERVING_THREAD],
+                           work_on_control_thread=t.work_sites[WorkSite.CONTROL_THREAD])
 
     @property
     def attached(self) -> bool:

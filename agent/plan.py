@@ -327,7 +327,11 @@ def head_int8_support(model: nn.Module) -> str | None:
         return f"{type(model).__name__}.get_output_embeddings() returned None"
     if not isinstance(head, nn.Linear):
         return f"the output head is {type(head).__name__}, not nn.Linear"
-    return None
+    # The tied embedding becomes int8 with the head; it must stay what it computed.
+    from agent.executor.int8 import int8_embedding_reason, tied_embedding   # (import cycle)
+    emb = tied_embedding(model, head)
+    reason = None if emb is None else int8_embedding_reason(emb)
+    return None if reason is None else f"the output head is tied to the input embedding: {reason}"
 
 
 def check_fit(plan: Plan, structure: ModelStructure, fingerprint: str,

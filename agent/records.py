@@ -38,11 +38,14 @@ class RequestRecord:
     tenant: str = ""
     route: str = ""
     query_class: str = ""
-    batch_size: int = 1
-    prompt_tokens: int = 0       # per sequence
-    output_tokens: int = 0       # per sequence
+    # Padding excluded (the attention_mask of the first top-level forward, else generate()'s;
+    # without a mask every position counts). A batch's figures are totals over its sequences:
+    batch_size: int = 1          # sequences with at least one real (unpadded) prompt token
+    prompt_tokens: int = 0       # real prompt tokens, summed over those sequences
+    output_tokens: int = 0       # decode steps (top-level forwards) x batch_size; a sequence that
+                                 # stopped early in a batch still counts the steps it was padded
     ttft_ms: float = math.nan    # request start -> end of the first forward (first token's logits)
-    tpot_ms: float = math.nan    # mean time per output token after the first; nan if < 2 tokens
+    tpot_ms: float = math.nan    # mean time per decode step after the first; nan if < 2 steps
     latency_ms: float = math.nan
     trace: Optional[TraceArrays] = None   # None when the request was not sampled for tracing
 

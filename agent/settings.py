@@ -28,6 +28,15 @@ class AgentSettings:
     shutdown_timeout_ms: int = field(default=5_000, metadata={"env": "HEADROOM_SHUTDOWN_TIMEOUT_MS"})
     gpu_sample_interval_ms: int = field(default=1_000, metadata={"env": "HEADROOM_GPU_SAMPLE_INTERVAL_MS"})
     agent_id: Optional[str] = field(default=None, metadata={"env": "HEADROOM_AGENT_ID"})
+    # Transport security (agent/credentials.py): with tls_ca_file set the agent speaks TLS and
+    # presents its client certificate (CN = agent id); the control plane binds the id to it.
+    tls_ca_file: Optional[str] = field(default=None, metadata={"env": "HEADROOM_TLS_CA"})
+    tls_cert_file: Optional[str] = field(default=None, metadata={"env": "HEADROOM_TLS_CERT"})
+    tls_key_file: Optional[str] = field(default=None, metadata={"env": "HEADROOM_TLS_KEY"})
+    tls_server_name: Optional[str] = field(default=None, metadata={"env": "HEADROOM_TLS_SERVER_NAME"})
+    # Plaintext loopback: the control plane's local secret (the embedded one is handed over
+    # in-process through HEADROOM_LOCAL_TOKEN without being set here).
+    local_token: Optional[str] = field(default=None, metadata={"env": "HEADROOM_LOCAL_TOKEN"})
     # Live quality guard while a plan is active: every Nth finished request (0 = off) is re-run
     # teacher-forced with and without the plan at the next boundary; top-1 agreement below
     # guard_min_top1 rolls the plan back. At most guard_max_tokens (the last ones) are checked.
@@ -37,9 +46,23 @@ class AgentSettings:
     # Trials: unoptimised-side measurements kept per eval set (host memory: eval_tokens * vocab * 4 B each).
     trial_baseline_cache_entries: int = field(default=2,
                                               metadata={"env": "HEADROOM_TRIAL_BASELINE_CACHE_ENTRIES"})
+    # Trials run on a thread that serves requests (the next request, or an idle loop in
+    # handle.serve_pending()); after this long with neither, the control thread runs them.
+    trial_handoff_s: float = field(default=10.0, metadata={"env": "HEADROOM_TRIAL_HANDOFF_S"})
+
+    # Control plane public keys whose plan signatures this agent accepts (agent/verify.py):
+    # comma-separated file paths or base64 raw Ed25519 keys. None: plans from the network are
+    # refused, except from the embedded control plane (trusted in process).
+    plan_verify_keys: Optional[str] = field(default=None, metadata={"env": "HEADROOM_PLAN_VERIFY_KEYS"})
 
     def __post_init__(self):
         problems = []
+        if self.plan_verify_keys:
+            from agent.verify import parse_trusted_keys   # verify does not import settings
+            try:
+                parse_trusted_keys(self.plan_verify_keys)
+            except ValueError as e:
+                problems.append(f"plan_verify_keys: {e}")
         if not 0.0 <= self.sample_rate <= 1.0:
             problems.append(f"sample_rate={self.sample_rate} is not in [0, 1]")
         for name in ("attn_decode_stride", "queue_max_records", "batch_max_records",
@@ -55,6 +78,14 @@ class AgentSettings:
             problems.append(f"guard_max_tokens={self.guard_max_tokens} must be >= 2")
         if self.trial_baseline_cache_entries < 0:
             problems.append(f"trial_baseline_cache_entries={self.trial_baseline_cache_entries} must be >= 0")
+        if not 0.0 <= self.trial_handoff_s <= 3600.0:
+            problems.append(f"trial_handoff_s={self.trial_handoff_s} is not in [0, 3600]")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            problems.append("tls_cert_file and tls_key_file go together (HEADROOM_TLS_CERT, "
+                            "HEADROOM_TLS_KEY)")
+        if self.tls_cert_file and not self.tls_ca_file:
+            problems.append("tls_cert_file needs tls_ca_file (HEADROOM_TLS_CA): the CA of the "
+                            "control plane's certificate")
         if self.backoff_max_ms < self.backoff_initial_ms:
             problems.append("backoff_max_ms must be >= backoff_initial_ms")
         if problems:

@@ -1,22 +1,24 @@
 """Trials: measure a plan's evidence against the same model without it, in one run.
 
-Order: baseline (unoptimised), apply, measure, rollback; the model ends as it started (an
-active plan is rolled back for the trial and re-applied after), unless `keep_applied`.
-`trial_with_baseline` skips the baseline step when given one measured earlier on the same
-eval set (a planner's search trials many plans against one eval set).
+Order: baseline quality (unoptimised), apply, plan quality, interleaved latency, rollback; the
+model ends as it started (an active plan is rolled back for the trial and re-applied after),
+unless `keep_applied`. `trial_with_baseline` skips the baseline quality step when given one
+measured earlier on the same eval set (a planner's search trials many plans against one eval
+set): quality of the unoptimised model is deterministic, so it is measured once. Latency is
+not: it is measured afresh in every trial, plan and baseline interleaved in one window
+(agent/latency.py), never reused from an earlier window.
 
 - Teacher-forced held-out sequences: top-1 agreement, mean KL(base || plan), perplexity ratio.
   Baseline log-probs are kept on the host, fp32: eval_tokens * vocab * 4 bytes.
 - Prompts, greedy continuation of `new_tokens` through generate() (so execution settings such
-  as the static cache apply): exact match, and per-token decode latency = median of the
-  intervals between consecutive decode steps, timed by a logits processor (one call a step).
+  as the static cache apply): exact match; the same prompts are then timed in
+  `latency_repeats` rounds of back-to-back pairs (agent/latency.py: per-token decode ms =
+  median step gap of one generate; the ratio = median of the pairs' plan/base).
 """
 from __future__ import annotations
 
 import json
 import math
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -26,6 +28,7 @@ from torch import nn
 
 from agent.adapters.base import ModelStructure
 from agent.executor import Executor, weight_bytes
+from agent.latency import LatencyResult, generate_timed, interleaved, model_device
 from agent.plan import Plan
 
 _MAX_BASELINE_BYTES = 2 << 30     # refuse eval sets whose baseline log-probs exceed 2 GiB
@@ -47,9 +50,18 @@ class EvalSet:
                    max_sequences: int = 8, prompt_tokens: int = 16) -> "EvalSet":
         """Held-out sequences: consecutive `seq_len`-token chunks of the joined texts.
         `prompts`: strings, or a count of `prompt_tokens`-token prompts cut from the chunks
-        after the held-out ones."""
-        ids = torch.tensor(tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"])
-        chunks = list(ids[: len(ids) // seq_len * seq_len].view(-1, seq_len))
+        after the held-out ones. Every sequence and prompt starts with the tokenizer's BOS
+        when it adds one (as a real request does: Gemma's perplexity on these texts is ~10x
+        worse without it); a chunk is then BOS + seq_len - 1 text tokens."""
+        bos = getattr(tokenizer, "bos_token_id", None)
+        prefix = [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+        body = seq_len - len(prefix)                                  # text tokens per chunk
+        if body < 1:
+            raise ValueError(f"seq_len={seq_len}: no room for text after the BOS token")
+        ids = torch.tensor(tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"],
+                           dtype=torch.long)
+        head = torch.tensor(prefix, dtype=torch.long)
+        chunks = [torch.cat([head, c]) for c in ids[: len(ids) // body * body].view(-1, body)]
         seqs = chunks[:max_sequences]
         if isinstance(prompts, int):
             rest = chunks[max_sequences:max_sequences + prompts]
@@ -58,7 +70,8 @@ class EvalSet:
                                  f"enough for {max_sequences} sequences + {prompts} prompts")
             ps = [c[:prompt_tokens] for c in rest]
         else:
-            ps = [torch.tensor(tokenizer(p)["input_ids"]) for p in prompts]
+            ps = [torch.tensor(prefix + tokenizer(p, add_special_tokens=False)["input_ids"],
+                               dtype=torch.long) for p in prompts]
         return EvalSet(sequences=seqs, prompts=ps, new_tokens=new_tokens)
 
 
@@ -76,7 +89,7 @@ class Evidence:
     mean_kl: float
     ppl_ratio: float
     exact_match: float
-    latency_ms_per_token_base: float
+    latency_ms_per_token_base: float     # median over the interleaved samples
     latency_ms_per_token_plan: float
     weight_bytes_base: int
     weight_bytes_plan: int
@@ -87,9 +100,25 @@ class Evidence:
     ppl_base: float = float("nan")
     ppl_plan: float = float("nan")
     notes: list[str] = field(default_factory=list)
+    # Spread of the interleaved timing (agent/latency.py); NaN / 0 where nothing was timed.
+    latency_pairs: int = 0
+    latency_ratio_median: float = float("nan")   # median of the pairs' plan/base
+    latency_ratio_min: float = float("nan")
+    latency_ratio_max: float = float("nan")
+    latency_ms_per_token_base_min: float = float("nan")
+    latency_ms_per_token_base_max: float = float("nan")
+    latency_ms_per_token_plan_min: float = float("nan")
+    latency_ms_per_token_plan_max: float = float("nan")
+    warmup_ms_base: float = float("nan")         # first generate, whole; excluded above
+    warmup_ms_plan: float = float("nan")         # includes any compile
+    timed_on: str = ""                           # the thread (and site) that timed it
+    kernels: dict = field(default_factory=dict)  # module path -> the kernel chosen, its timings
 
     @property
     def latency_ratio(self) -> float:
+        """Median of back-to-back pairs when timed that way; else the ratio of the medians."""
+        if self.latency_pairs > 0:
+            return self.latency_ratio_median
         return self.latency_ms_per_token_plan / self.latency_ms_per_token_base
 
     @property
@@ -97,71 +126,51 @@ class Evidence:
         return self.weight_bytes_plan / self.weight_bytes_base
 
     def to_json(self) -> str:
+        """Strict JSON: a figure that was not measured (NaN) is null, never a bare NaN."""
         d = asdict(self)
         d.update(latency_ratio=self.latency_ratio, memory_ratio=self.memory_ratio)
-        return json.dumps(d, sort_keys=True)
+        d = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in d.items()}
+        return json.dumps(d, sort_keys=True, allow_nan=False)
 
     @staticmethod
     def from_json(text: str) -> "Evidence":
         d = json.loads(text)
         d.pop("latency_ratio", None), d.pop("memory_ratio", None)
-        return Evidence(**d)
+        return Evidence(**{k: float("nan") if v is None else v for k, v in d.items()})
+
+
+def latency_fields(lat: LatencyResult | None) -> dict:
+    """Evidence fields from an interleaved timing (NaN medians when nothing was timed)."""
+    if lat is None:
+        return {"latency_ms_per_token_base": float("nan"), "latency_ms_per_token_plan": float("nan")}
+    return {"latency_ms_per_token_base": lat.base_ms.median,
+            "latency_ms_per_token_plan": lat.plan_ms.median,
+            "latency_pairs": lat.ratio.n, "latency_ratio_median": lat.ratio.median,
+            "latency_ratio_min": lat.ratio.min, "latency_ratio_max": lat.ratio.max,
+            "latency_ms_per_token_base_min": lat.base_ms.min,
+            "latency_ms_per_token_base_max": lat.base_ms.max,
+            "latency_ms_per_token_plan_min": lat.plan_ms.min,
+            "latency_ms_per_token_plan_max": lat.plan_ms.max,
+            "warmup_ms_base": lat.warmup_base_ms, "warmup_ms_plan": lat.warmup_plan_ms,
+            "timed_on": lat.thread}
 
 
 @dataclass
 class _Measured:
     logprobs: list[torch.Tensor]       # per sequence [T-1, V] fp32 on CPU
     continuations: list[torch.Tensor]  # per prompt [new_tokens]
-    step_ms: list[float]
-
-
-class _StepTimer:
-    """A logits processor: generate() calls it once a step; the gaps are step times."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.stamps = device, []
-
-    def __call__(self, input_ids, scores):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.stamps.append(time.perf_counter())
-        return scores
-
-    def gaps_ms(self) -> list[float]:
-        return [(b - a) * 1e3 for a, b in zip(self.stamps, self.stamps[1:])]
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 @torch.no_grad()
 def _teacher_forced(model: nn.Module, seq: torch.Tensor) -> torch.Tensor:
-    logits = model(seq.unsqueeze(0).to(_device(model))).logits[0, :-1]   # [T-1, V]
+    logits = model(seq.unsqueeze(0).to(model_device(model))).logits[0, :-1]   # [T-1, V]
     return F.log_softmax(logits.float(), dim=-1).cpu()
 
 
-@torch.no_grad()
-def _generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, list[float]]:
-    dev = _device(model)
-    timer = _StepTimer(dev)
-    ids = prompt.unsqueeze(0).to(dev)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, logits_processor=[timer],
-                         pad_token_id=0)
-    return out[0, ids.shape[1]:].cpu(), timer.gaps_ms()
-
-
-def _measure(model: nn.Module, ev: EvalSet, repeats: int) -> _Measured:
+def _measure(model: nn.Module, ev: EvalSet) -> _Measured:
     logprobs = [_teacher_forced(model, s) for s in ev.sequences]
-    conts, steps = [], []
-    for p in ev.prompts:
-        cont, gaps = _generate(model, p, ev.new_tokens)
-        conts.append(cont)
-        steps += gaps
-        for _ in range(repeats - 1):
-            steps += _generate(model, p, ev.new_tokens)[1]
-    return _Measured(logprobs, conts, steps)
+    conts = [generate_timed(model, p, ev.new_tokens)[0] for p in ev.prompts]
+    return _Measured(logprobs, conts)
 
 
 def _quality(base: _Measured, plan: _Measured) -> dict[str, float]:
@@ -183,17 +192,16 @@ def _ppl(m: _Measured, seqs: list[torch.Tensor]) -> float:
 
 @dataclass
 class Baseline:
-    """The unoptimised side of a trial, reusable for later trials on the same eval set."""
+    """The unoptimised side's quality, reusable for later trials on the same eval set (its
+    latency is never reused: each trial times both sides interleaved)."""
     measured: _Measured
     weight_bytes: int
-    latency_repeats: int
 
-    def check_fits(self, ev: EvalSet, latency_repeats: int) -> None:
+    def check_fits(self, ev: EvalSet) -> None:
         lens = [lp.shape[0] + 1 for lp in self.measured.logprobs]
-        if lens != [len(s) for s in ev.sequences] or len(self.measured.continuations) != len(ev.prompts) \
-                or self.latency_repeats != latency_repeats:
-            raise ValueError("baseline was measured on another eval set (sequence lengths, prompt "
-                             "count or latency_repeats differ)")
+        if lens != [len(s) for s in ev.sequences] or len(self.measured.continuations) != len(ev.prompts):
+            raise ValueError("baseline was measured on another eval set (sequence lengths or "
+                             "prompt count differ)")
 
 
 def run_trial(model: nn.Module, structure: ModelStructure, executor: Executor, plan: Plan,
@@ -206,33 +214,43 @@ def trial_with_baseline(model: nn.Module, structure: ModelStructure, executor: E
                         plan: Plan, eval: EvalSet, *, latency_repeats: int = 3,
                         keep_applied: bool = False,
                         baseline: Baseline | None = None) -> tuple[Evidence, Baseline]:
-    """run_trial that reuses a `baseline` measured earlier on the same eval set (it is not
-    measured again) and returns the baseline it used, for the next trial."""
+    """run_trial that reuses the quality `baseline` measured earlier on the same eval set and
+    returns the baseline it used, for the next trial."""
     executor.validate(plan)                      # refuse before spending a baseline
-    vocab = logit_width(model)
-    if eval.eval_tokens * vocab * 4 > _MAX_BASELINE_BYTES:
-        raise ValueError(f"eval set too large: {eval.eval_tokens} tokens x {vocab} vocab fp32 "
-                         f"baseline log-probs exceed {_MAX_BASELINE_BYTES >> 30} GiB")
+    _check_size(model, eval)
     if baseline is not None:
-        baseline.check_fits(eval, latency_repeats)
+        baseline.check_fits(eval)
     prior = executor.active_plan
     if prior is not None:
         executor.rollback()
     try:
         if baseline is None:
-            baseline = Baseline(_measure(model, eval, latency_repeats), weight_bytes(model),
-                                latency_repeats)
+            baseline = Baseline(_measure(model, eval), weight_bytes(model))
         report = executor.apply(plan)
         try:
-            planned, bytes_plan = _measure(model, eval, latency_repeats), weight_bytes(model)
+            planned, bytes_plan = _measure(model, eval), weight_bytes(model)
+            latency = _time(model, executor, eval, latency_repeats)
         finally:
             if not keep_applied:
                 executor.rollback()
     finally:
         if prior is not None and not keep_applied:
             executor.apply(prior)
-    return _evidence(plan, structure, eval, baseline.measured, planned, baseline.weight_bytes,
-                     bytes_plan, report), baseline
+    return _evidence(plan, structure, eval, baseline, planned, bytes_plan, report, latency), baseline
+
+
+def _check_size(model: nn.Module, eval: EvalSet) -> None:
+    vocab = logit_width(model)
+    if eval.eval_tokens * vocab * 4 > _MAX_BASELINE_BYTES:
+        raise ValueError(f"eval set too large: {eval.eval_tokens} tokens x {vocab} vocab fp32 "
+                         f"baseline log-probs exceed {_MAX_BASELINE_BYTES >> 30} GiB")
+
+
+def _time(model: nn.Module, executor: Executor, eval: EvalSet, rounds: int) -> LatencyResult | None:
+    """None when there is nothing to time (no prompt, or a single new token: no decode gap)."""
+    if not eval.prompts or eval.new_tokens < 2 or rounds < 1:
+        return None
+    return interleaved(model, executor, eval.prompts, eval.new_tokens, rounds)
 
 
 def logit_width(model: nn.Module) -> int:
@@ -246,18 +264,20 @@ def logit_width(model: nn.Module) -> int:
     return int(width or 0)
 
 
-def _evidence(plan, s: ModelStructure, ev: EvalSet, base: _Measured, planned: _Measured,
-              bytes_base: int, bytes_plan: int, report) -> Evidence:
-    q = _quality(base, planned)
-    ppl_b, ppl_p = _ppl(base, ev.sequences), _ppl(planned, ev.sequences)
-    match = sum(torch.equal(a, b) for a, b in zip(base.continuations, planned.continuations))
+def _evidence(plan, s: ModelStructure, ev: EvalSet, base: Baseline, planned: _Measured,
+              bytes_plan: int, report, latency: LatencyResult | None) -> Evidence:
+    q = _quality(base.measured, planned)
+    ppl_b, ppl_p = _ppl(base.measured, ev.sequences), _ppl(planned, ev.sequences)
+    pairs = zip(base.measured.continuations, planned.continuations)
+    match = sum(torch.equal(a, b) for a, b in pairs)
+    notes = list(report.notes) + ([] if latency else ["latency: not timed (no prompt, or "
+                                                       "fewer than 2 new tokens)"])
     return Evidence(
         plan_id=plan.plan_id, plan_hash=plan.hash, top1_agreement=q["top1_agreement"],
         mean_kl=q["mean_kl"], ppl_ratio=ppl_p / ppl_b, exact_match=match / max(len(ev.prompts), 1),
-        latency_ms_per_token_base=statistics.median(base.step_ms) if base.step_ms else float("nan"),
-        latency_ms_per_token_plan=statistics.median(planned.step_ms) if planned.step_ms else float("nan"),
-        weight_bytes_base=bytes_base, weight_bytes_plan=bytes_plan, eval_tokens=ev.eval_tokens,
-        n_prompts=len(ev.prompts),
+        weight_bytes_base=base.weight_bytes, weight_bytes_plan=bytes_plan,
+        eval_tokens=ev.eval_tokens, n_prompts=len(ev.prompts),
         heads_removed_fraction=report.heads_removed / (s.num_layers * s.num_heads),
         layers_removed_fraction=report.layers_skipped / s.num_layers,
-        ppl_base=ppl_b, ppl_plan=ppl_p, notes=list(report.notes))
+        ppl_base=ppl_b, ppl_plan=ppl_p, notes=notes, kernels=dict(getattr(report, "kernels", {})),
+        **latency_fields(latency))

@@ -27,9 +27,11 @@ class ExportCounters:
     """What the exporter did, cumulative since it started.
 
     Accounting: enqueued = dropped + rejected + sent + queue_len (+ the batch being built);
-    sent = acked + lost + in flight. `lost` are records of batches that were written to a
-    stream which then broke (or answered ErrorReply) before the batch was acked: they are not
-    resent, so the control plane never stores a row twice.
+    sent = acked + lost + in flight (in flight includes batches kept for a resend). `lost` are
+    records of batches the control plane refused (ErrorReply) or that a broken stream left
+    unacked past the exporter's resend bound; the other unacked ones are resent after the
+    reconnect (`resent_*`, counted per resend) with their original seq, and the control plane
+    stores a (agent, pid, seq) once, so no row is stored twice.
     """
     enqueued_records: int = 0
     dropped_records: int = 0      # the bounded queue was full: the oldest went
@@ -41,12 +43,15 @@ class ExportCounters:
     acked_batches: int = 0
     failed_batches: int = 0
     acked_rows: int = 0           # rows_stored summed over acks (all tables)
+    server_rejected_rows: int = 0  # rows_rejected summed over acks: refused, not stored
     reconnects: int = 0           # successful connections after the first
     connect_failures: int = 0
     queue_len: int = 0
     gpu_enqueued: int = 0
     gpu_dropped: int = 0
     heartbeats: int = 0
+    resent_batches: int = 0       # unacked batches sent again on a new stream
+    resent_records: int = 0
     connected: bool = False
 
 
@@ -57,6 +62,8 @@ class PlanMessage:
     version: int
     document_json: str
     sha256: str
+    signature: bytes = b""   # Ed25519 by the control plane (agent/verify.py checks it)
+    key_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -174,7 +181,7 @@ def reply_message(agent_id: str, reply: Reply) -> pb.AgentMessage:
 
 def _plan_from_pb(p: pb.Plan) -> PlanMessage:
     return PlanMessage(plan_id=p.plan_id, version=p.version, document_json=p.document_json,
-                       sha256=p.sha256)
+                       sha256=p.sha256, signature=p.signature, key_id=p.key_id)
 
 
 def command_from_pb(msg: pb.ControlMessage) -> Optional[ControlCommand]:

@@ -56,7 +56,8 @@ class Row:
     name: str
     source: str                          # where its plan / method came from
     model: nn.Module
-    step_ms: list[float] = field(default_factory=list)
+    step_ms: list[float] = field(default_factory=list)   # per-token ms, one per generate
+    ratio: list[float] = field(default_factory=list)     # / unoptimised, one per round
     bytes_held: int = 0
     top1: float = float("nan")
     ppl_ratio: float = float("nan")
@@ -308,12 +309,30 @@ def quality(row: Row, seqs: list[torch.Tensor], base_lp: list[torch.Tensor]) -> 
 
 
 def measure_latency(rows: list[Row], ids: torch.Tensor, rounds: int, new_tokens: int) -> None:
+    """Every row once per round, order alternating against drift; per round, each row's
+    per-token time (median step gap of one generate) over the unoptimised row's in that same
+    round is one ratio sample (rows[0] is the unoptimised model)."""
     for row in rows:                                        # warm-up, not recorded
         decode_steps_ms(row.model, ids, 4)
     for r in range(rounds):
-        order = rows if r % 2 == 0 else rows[::-1]          # alternate order against drift
-        for row in order:
-            row.step_ms += decode_steps_ms(row.model, ids, new_tokens)
+        order = rows if r % 2 == 0 else rows[::-1]
+        sample = {id(row): statistics.median(decode_steps_ms(row.model, ids, new_tokens))
+                  for row in order}
+        for row in rows:
+            row.step_ms.append(sample[id(row)])
+            row.ratio.append(sample[id(row)] / sample[id(rows[0])])
+
+
+def kernel_summary(model: nn.Module) -> str | None:
+    """Which kernel each int8 layer runs (chosen by timing at apply), counted: 'int8pack_bf16
+    x 150, dequant x 60'; None when the row has no headroom int8 layer."""
+    from agent.executor.int8 import Int8Linear
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            name = getattr(m.kernel, "value", str(m.kernel))
+            counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{k} x {n}" for k, n in sorted(counts.items())) or None
 
 
 # ------------------------------------------------------------------------- per-GEMV timings
@@ -365,17 +384,19 @@ def gemv_table() -> None:
 
 def print_table(rows: list[Row], notes: list[str]) -> None:
     base = rows[0]
-    lat_b = statistics.median(base.step_ms)
-    print(f"\n{'row':46s} {'ms/token':>9s} {'latency':>8s} {'weights':>9s} {'memory':>8s} "
-          f"{'top-1':>7s} {'ppl ratio':>9s}")
+    print(f"\n{'row':46s} {'ms/token':>9s} {'latency ratio (min-max, n)':>27s} {'weights':>9s} "
+          f"{'memory':>8s} {'top-1':>7s} {'ppl ratio':>9s}")
     for r in rows:
-        lat = statistics.median(r.step_ms)
-        print(f"{r.name:46s} {lat:9.2f} {1 - lat / lat_b:8.1%} {r.bytes_held / 2**20:7.1f}MB "
+        lat, ratio = statistics.median(r.step_ms), statistics.median(r.ratio)
+        spread = f"{ratio:.3f} ({min(r.ratio):.2f}-{max(r.ratio):.2f}, n={len(r.ratio)})"
+        print(f"{r.name:46s} {lat:9.2f} {spread:>27s} {r.bytes_held / 2**20:7.1f}MB "
               f"{1 - r.bytes_held / base.bytes_held:8.1%} {r.top1:7.4f} {r.ppl_ratio:9.4f}")
-    print("\n(latency, memory: reduction against unoptimised; top-1, ppl ratio: against "
+    print("\n(latency ratio: row / unoptimised, median over rounds, each round's pair timed in the"
+          " same round; memory: reduction against unoptimised; top-1, ppl ratio: against "
           "unoptimised, teacher-forced on held-out text)")
     for r in rows:
-        print(f"  {r.name}: {r.source}")
+        kernels = kernel_summary(r.model)
+        print(f"  {r.name}: {r.source}" + (f"; int8 kernels: {kernels}" if kernels else ""))
     for n in notes + [n for r in rows if (n := compile_note(r))]:
         print(f"  note: {n}")
 

@@ -6,10 +6,13 @@
     plan.approve|reject|rollback plan_id reason      requires_determinism]
     analysis.summary [agent_id, fingerprint, limit]
     audit.list [kind, subject, actor, text, after_seq, limit, oldest_first]
-    audit.verify [anchor{seq, row_hash}]         policy.reload      policy.show
+    audit.verify [anchor{seq, row_hash, mac, keyed_since}]   policy.reload  policy.show
+    agents.unbind agent_id
 
-Commands that change something need AdminRequest.actor (the caller's configured identity);
-it is recorded in the audit log as operator:<identity>. Unknown commands and bad arguments
+Each command needs a role (controlplane/auth.py COMMAND_ROLES: viewer < operator < approver <
+admin). The audit log records the authenticated principal (operator:<certificate CN or token
+subject>); AdminRequest.actor is ignored then. Only a local caller on a loopback server without
+TLS names itself through AdminRequest.actor (required by commands that change something). Unknown commands and bad arguments
 answer INVALID_ARGUMENT, unknown plans NOT_FOUND, wrong plan states FAILED_PRECONDITION.
 """
 from __future__ import annotations
@@ -27,6 +30,8 @@ from google.protobuf.message import DecodeError
 
 from controlplane import analysis
 from controlplane.audit import AuditHead, AuditKind, AuditLog
+from controlplane.auth import AuthError, Principal, PrincipalKind, authorize_command
+from controlplane.credentials import ClientCredentials
 from controlplane.evalsets import EvalSettings
 from controlplane.loop import (ControlLoop, IdentityError, LoopError, LoopSettings, PlanRequest, Policies,
                                operator_actor)
@@ -150,9 +155,10 @@ class ControlPlane:
             "plan.reject": self.plan_reject, "plan.rollback": self.plan_rollback,
             "audit.list": self.audit_list, "audit.verify": self.audit_verify,
             "policy.reload": self.policy_reload, "policy.show": self.policy_show,
-            "analysis.summary": self.analysis_summary}
+            "analysis.summary": self.analysis_summary, "agents.unbind": self.agents_unbind}
 
     def close(self) -> None:
+        self.loop.close()
         self._con.close()
 
     # ------------------------------------------------------------------ dispatch
@@ -178,13 +184,22 @@ class ControlPlane:
         except (ValueError, TypeError) as e:
             raise AdminError(grpc.StatusCode.INVALID_ARGUMENT, f"{command}: {e}") from None
 
-    def rpc(self, raw: bytes, context: grpc.ServicerContext) -> pb.AdminReply:
-        """The gRPC method: raw AdminRequest bytes in, AdminReply or an error status out."""
+    def rpc(self, raw: bytes, context: grpc.ServicerContext,
+            principal: Optional[Principal] = None) -> pb.AdminReply:
+        """The gRPC method: raw AdminRequest bytes in, AdminReply or an error status out.
+        principal: who the server authenticated; their role must cover the command
+        (controlplane.auth.COMMAND_ROLES) and they, not request.actor, are the audit actor."""
         try:
             request = pb.AdminRequest.FromString(raw)
+            actor = request.actor
+            if principal is not None:
+                authorize_command(principal, request.command)
+                actor = self._actor(principal, request)
             args = json.loads(request.args_json) if request.args_json.strip() else {}
-            result = self.handle(request.command, args, request.actor)
+            result = self.handle(request.command, args, actor)
             return pb.AdminReply(result_json=json.dumps(result, sort_keys=True, allow_nan=False))
+        except AuthError as e:
+            context.abort(e.code, e.message)
         except DecodeError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot parse AdminRequest: {e}")
         except json.JSONDecodeError as e:
@@ -193,7 +208,27 @@ class ControlPlane:
         except AdminError as e:
             context.abort(e.code, e.message)
 
+    @staticmethod
+    def _actor(principal: Principal, request: pb.AdminRequest) -> str:
+        actor = principal.audit_actor(request.actor)
+        typed = request.actor.strip()
+        if principal.kind is PrincipalKind.OPERATOR and typed and typed not in \
+                (principal.subject, actor):
+            log.info("%s: client named itself %r; recorded as %s (its credential)",
+                     request.command, request.actor, actor)
+        return actor
+
     # ------------------------------------------------------------------ agents and plans
+    def agents_unbind(self, args: dict, actor: str) -> dict:
+        """Releases an agent id's certificate binding (a re-issued certificate may then claim it)."""
+        _only(args, "agents.unbind", {"agent_id"})
+        agent_id = _arg(args, "agent_id", str, required=True)
+        bindings = getattr(self.state, "bindings", None)
+        released = bool(bindings and bindings.unbind(agent_id))
+        self.audit.append(AuditKind.NOTE, operator_actor(actor), agent_id,
+                          {"event": "agent_unbound", "released": released})
+        return {"agent_id": agent_id, "released": released}
+
     def agents_list(self, args: dict, actor: str) -> list[dict]:
         _only(args, "agents.list", set())
         live = set(self.state.connected_agents())
@@ -307,8 +342,10 @@ class ControlPlane:
         _only(args, "audit.verify", {"anchor"})
         anchor = _arg(args, "anchor", dict)
         if anchor is not None:
-            anchor = AuditHead(_arg(anchor, "seq", int, required=True),
-                               _arg(anchor, "row_hash", str, required=True))
+            try:   # {seq, row_hash, mac, keyed_since}: the anchor file's or verify's `head`
+                anchor = AuditHead.from_dict(anchor)
+            except ValueError as e:
+                raise AdminError(grpc.StatusCode.INVALID_ARGUMENT, f"argument {e}") from None
         result = self.audit.verify(anchor=anchor)
         return {**dataclasses.asdict(result), "head": dataclasses.asdict(self.audit.head())}
 
@@ -329,9 +366,14 @@ class ControlPlane:
 class AdminClient:
     """Calls the Admin RPC; raises grpc.RpcError with the server's status and message."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, actor: str = "", timeout_s: float = 60.0):
+    def __init__(self, address: str = DEFAULT_ADDRESS, actor: str = "", timeout_s: float = 60.0,
+                 credentials: Optional[ClientCredentials] = None):
+        """credentials: None = from the environment (HEADROOM_TLS_CA, HEADROOM_TLS_CERT,
+        HEADROOM_TLS_KEY, HEADROOM_TOKEN, HEADROOM_LOCAL_TOKEN). `actor` only names a local
+        caller; an authenticated server records the credential's name instead."""
         self.actor, self.timeout_s = actor, timeout_s
-        self._channel = grpc.insecure_channel(address)
+        credentials = credentials or ClientCredentials.resolve()
+        self._channel = credentials.channel(address)
         self._stub = headroom_pb2_grpc.HeadroomStub(self._channel)
 
     def call(self, command: str, args: Optional[dict] = None, actor: Optional[str] = None) -> Any:

@@ -1,24 +1,34 @@
-"""Append-only, hash-chained audit log in DuckDB.
+"""Append-only, hash-chained and HMAC-keyed audit log in DuckDB.
 
-Each row carries `prev_hash` (the previous row's `row_hash`, or 64 zeros for seq 1) and
-`row_hash = sha256(prev_hash || canonical JSON of [seq, ts_us, kind, actor, subject, details])`.
-A one-row table `audit_head` holds the last seq and hash, written in the same transaction.
+Each row carries `prev_hash` (the previous row's `row_hash`, or 64 zeros for seq 1),
+`row_hash = sha256(prev_hash || canonical JSON of [seq, ts_us, kind, actor, subject, details])`
+and `mac = HMAC-SHA256(key, prev_mac || row_hash)`, prev_mac being the previous row's MAC
+(64 zeros for the first keyed row). The key lives in a file outside the database
+(controlplane/audit_key.py); a one-row table `audit_head` holds the last seq, hash and MAC,
+written in the same transaction, and the anchor file outside DuckDB gets the same head after
+every append.
 
 What `verify()` detects:
 - a changed row (any of seq/ts_us/kind/actor/subject/details): its row_hash no longer matches;
 - a changed row_hash or prev_hash: the row's own hash or the next row's link breaks;
 - a deleted row in the middle: a gap in seq;
-- a deleted tail (last rows): the head pointer names a seq or hash the table no longer has;
-- a changed row whose row_hash was recomputed: the next row's prev_hash (or the head) breaks.
-What it does not detect: someone with write access who rewrites the whole chain from the
-changed row on *and* the head. Against that, copy `head()` somewhere else (a ticket, a git
-commit, a second system) and pass it back as `verify(anchor=...)`: rows up to the anchor must
-still hash to it. Timestamps are wall clock and are recorded, not checked for order.
+- a changed row whose row_hash (and every later one, and the head) was recomputed, or a
+  forged row appended with a correct row_hash: its MAC does not match (needs the key);
+- a stripped MAC: a row without one after keyed rows, or keyed rows starting later than the
+  anchor says;
+- a deleted tail (last rows) or a wiped log, even with the head table rewritten: the anchor
+  (the anchor file by default, or one copied elsewhere and passed in) names a row the log
+  no longer has.
+Rows written before the log had a key (older schema) carry no MAC: verify reports them as
+`unkeyed_before_seq` and can vouch for them only through the plain hash chain.
+Timestamps are wall clock and are recorded, not checked for order.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
+import hmac
 import json
 import threading
 import time
@@ -26,6 +36,9 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import duckdb
+
+from controlplane.audit_key import (AuditSettings, load_or_create_key, read_anchor,
+                                    write_anchor)
 
 GENESIS_HASH = "0" * 64
 _VERIFY_CHUNK_ROWS = 2048
@@ -61,12 +74,35 @@ class AuditRow:
     details: dict
     prev_hash: str
     row_hash: str
+    mac: str = ""     # "" for a row written before the log had a key
 
 
 @dataclass(frozen=True)
 class AuditHead:
-    seq: int          # 0 for an empty log
-    row_hash: str     # GENESIS_HASH for an empty log
+    """The chain's last row; copied elsewhere it is an anchor for verify."""
+    seq: int              # 0 for an empty log
+    row_hash: str         # GENESIS_HASH for an empty log
+    mac: str = ""         # the last row's MAC ("" : unkeyed, or not part of this anchor)
+    keyed_since: int = 0  # the first row with a MAC (0: none, or not part of this anchor)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AuditHead":
+        """An anchor as the anchor file or verify's `head` spells it; ValueError says what is wrong."""
+        if not isinstance(d, dict):
+            raise ValueError(f"anchor: expected an object, got {type(d).__name__}")
+        unknown = sorted(set(d) - {"seq", "row_hash", "mac", "keyed_since"})
+        if unknown:
+            raise ValueError(f"anchor: unknown field(s) {', '.join(unknown)}")
+        seq, keyed = d.get("seq"), d.get("keyed_since", 0) or 0
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise ValueError(f"anchor: seq must be an integer >= 0, got {seq!r}")
+        if isinstance(keyed, bool) or not isinstance(keyed, int) or keyed < 0:
+            raise ValueError(f"anchor: keyed_since must be an integer >= 0, got {keyed!r}")
+        texts = {k: d.get(k) or "" for k in ("row_hash", "mac")}
+        for k, v in texts.items():
+            if not isinstance(v, str) or (v and len(v) != 64):
+                raise ValueError(f"anchor: {k} must be 64 hex digits, got {v!r}")
+        return cls(seq, texts["row_hash"], texts["mac"], keyed)
 
 
 @dataclass(frozen=True)
@@ -75,6 +111,8 @@ class VerifyResult:
     rows_checked: int
     first_bad_seq: Optional[int] = None
     reason: str = ""
+    # Rows below this seq were written before the log had a key: checked by hash only.
+    unkeyed_before_seq: Optional[int] = None
 
 
 _SCHEMA = """
@@ -96,8 +134,18 @@ CREATE TABLE IF NOT EXISTS audit_head (
 """
 
 
+# Migration from the unkeyed schema: older rows keep mac NULL ("unkeyed before seq N").
+_KEYED_COLUMNS = """
+ALTER TABLE audit_log ADD COLUMN IF NOT EXISTS mac VARCHAR;
+ALTER TABLE audit_head ADD COLUMN IF NOT EXISTS mac VARCHAR;
+ALTER TABLE audit_head ADD COLUMN IF NOT EXISTS keyed_since BIGINT;
+"""
+_ROW_COLUMNS = "seq, ts_us, kind, actor, subject, details_json, prev_hash, row_hash, mac"
+
+
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(_SCHEMA)
+    con.execute(_KEYED_COLUMNS)
 
 
 def canonical_json(value: Any) -> str:
@@ -110,6 +158,17 @@ def row_hash(prev_hash: str, seq: int, ts_us: int, kind: str, actor: str, subjec
              details: dict) -> str:
     body = canonical_json([seq, ts_us, kind, actor, subject, details])
     return hashlib.sha256((prev_hash + body).encode("utf-8")).hexdigest()
+
+
+def row_mac(key: bytes, prev_mac: str, row_hash_hex: str) -> str:
+    """HMAC-SHA256 over the previous MAC and this row's hash (which covers its content)."""
+    return hmac.new(key, (prev_mac + row_hash_hex).encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def _db_path(con: duckdb.DuckDBPyConnection) -> Optional[str]:
+    got = con.execute("SELECT path FROM duckdb_databases() "
+                      "WHERE database_name = current_database()").fetchone()
+    return got[0] if got and got[0] else None
 
 
 def _check_actor(actor: str) -> None:
@@ -125,14 +184,18 @@ class AuditLog:
     """The audit log. No update or delete API: rows are only appended.
 
     Everything that uses `con` must share `lock`; append() opens its own transaction, so do
-    not call it inside one opened on `con`.
+    not call it inside one opened on `con`. settings: where the key and anchor files are
+    (default: next to con's database file; an in-memory database gets a per-process key).
     """
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, lock: Optional[threading.Lock] = None):
+    def __init__(self, con: duckdb.DuckDBPyConnection, lock: Optional[threading.Lock] = None,
+                 settings: Optional[AuditSettings] = None):
         self._con = con
         self._lock = lock if lock is not None else threading.RLock()
         with self._lock:
             ensure_schema(con)
+            self._settings = settings or AuditSettings.resolve(_db_path(con))
+        self._key = load_or_create_key(self._settings.key_file)
 
     def append(self, kind: AuditKind | str, actor: str, subject: str,
                details: Optional[dict] = None) -> AuditRow:
@@ -144,28 +207,37 @@ class AuditLog:
             head = self._head()
             seq, ts_us = head.seq + 1, time.time_ns() // 1000
             digest = row_hash(head.row_hash, seq, ts_us, kind.value, actor, subject, details)
-            self._insert(seq, ts_us, kind.value, actor, subject, details_json, head.row_hash, digest)
+            mac = row_mac(self._key, head.mac or GENESIS_HASH, digest)
+            new_head = AuditHead(seq, digest, mac, head.keyed_since or seq)
+            self._insert((seq, ts_us, kind.value, actor, subject, details_json, head.row_hash,
+                          digest, mac), new_head)
+            write_anchor(self._settings.anchor_file, dataclasses.asdict(new_head))
         return AuditRow(seq, ts_us, kind, actor, subject, json.loads(details_json),
-                        head.row_hash, digest)
+                        head.row_hash, digest, mac)
 
-    def _insert(self, seq, ts_us, kind, actor, subject, details_json, prev, digest) -> None:
+    def _insert(self, row: tuple, head: AuditHead) -> None:
         con = self._con
         con.execute("BEGIN TRANSACTION")
         try:
-            con.execute("INSERT INTO audit_log VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        [seq, ts_us, kind, actor, subject, details_json, prev, digest])
-            con.execute("INSERT OR REPLACE INTO audit_head VALUES (1, ?, ?)", [seq, digest])
+            con.execute(f"INSERT INTO audit_log ({_ROW_COLUMNS}) VALUES "
+                        f"(?, ?, ?, ?, ?, ?, ?, ?, ?)", list(row))
+            con.execute("INSERT OR REPLACE INTO audit_head (id, seq, row_hash, mac, keyed_since) "
+                        "VALUES (1, ?, ?, ?, ?)",
+                        [head.seq, head.row_hash, head.mac, head.keyed_since])
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
             raise
 
-    def _head(self) -> AuditHead:
-        got = self._con.execute("SELECT seq, row_hash FROM audit_head WHERE id = 1").fetchone()
-        return AuditHead(0, GENESIS_HASH) if got is None else AuditHead(int(got[0]), got[1])
+    def _head(self, con: Optional[duckdb.DuckDBPyConnection] = None) -> AuditHead:
+        got = (con or self._con).execute(
+            "SELECT seq, row_hash, mac, keyed_since FROM audit_head WHERE id = 1").fetchone()
+        if got is None:
+            return AuditHead(0, GENESIS_HASH)
+        return AuditHead(int(got[0]), got[1], got[2] or "", int(got[3] or 0))
 
     def head(self) -> AuditHead:
-        """The last seq and hash: copy it elsewhere to pin the log up to here (see verify)."""
+        """The last seq, hash and MAC: copy it elsewhere to pin the log up to here (see verify)."""
         with self._lock:
             return self._head()
 
@@ -176,8 +248,7 @@ class AuditLog:
         """Filtered rows. `text` matches case-insensitively in actor, subject or details."""
         where, params = _filters(kind, subject, actor, text, after_seq)
         order = "DESC" if newest_first else "ASC"
-        sql = (f"SELECT seq, ts_us, kind, actor, subject, details_json, prev_hash, row_hash "
-               f"FROM audit_log {where} ORDER BY seq {order} LIMIT ?")
+        sql = f"SELECT {_ROW_COLUMNS} FROM audit_log {where} ORDER BY seq {order} LIMIT ?"
         if limit <= 0:
             raise ValueError(f"limit must be > 0, got {limit}")
         with self._lock:
@@ -189,22 +260,37 @@ class AuditLog:
             return int(self._con.execute("SELECT count(*) FROM audit_log").fetchone()[0])
 
     def verify(self, anchor: Optional[AuditHead] = None) -> VerifyResult:
-        """Walk the chain from seq 1; the first broken link names the seq and why."""
+        """Walk the chain from seq 1; the first broken link names the seq and why.
+
+        anchor: a head copied elsewhere earlier; None checks against the anchor file."""
+        if anchor is None:
+            try:
+                anchor = self._file_anchor()
+            except ValueError as e:
+                return VerifyResult(False, 0, None, str(e))
         with self._lock:
             cur = self._con.cursor()
         try:
             # One transaction: the head and the rows come from the same snapshot, so
             # appends running meanwhile neither block the walk nor look like tampering.
             cur.execute("BEGIN TRANSACTION")
-            got = cur.execute("SELECT seq, row_hash FROM audit_head WHERE id = 1").fetchone()
-            head = AuditHead(0, GENESIS_HASH) if got is None else AuditHead(int(got[0]), got[1])
-            cur.execute("SELECT seq, ts_us, kind, actor, subject, details_json, prev_hash, "
-                        "row_hash FROM audit_log ORDER BY seq")
-            result = _walk(_chunks(cur), head, anchor)
+            head = self._head(cur)
+            cur.execute(f"SELECT {_ROW_COLUMNS} FROM audit_log ORDER BY seq")
+            result = _Walk(self._key, anchor).run(_chunks(cur), head)
             cur.execute("ROLLBACK")
         finally:
             cur.close()
         return result
+
+    def _file_anchor(self) -> Optional[AuditHead]:
+        path = self._settings.anchor_file
+        got = read_anchor(path) if path else None
+        if got is None:
+            return None
+        try:
+            return AuditHead.from_dict(got)
+        except ValueError as e:
+            raise ValueError(f"audit anchor file {path}: {e}") from None
 
 
 def _filters(kind, subject, actor, text, after_seq) -> tuple[str, list]:
@@ -228,7 +314,8 @@ def _filters(kind, subject, actor, text, after_seq) -> tuple[str, list]:
 
 
 def _to_row(r: tuple) -> AuditRow:
-    return AuditRow(int(r[0]), int(r[1]), AuditKind(r[2]), r[3], r[4], json.loads(r[5]), r[6], r[7])
+    return AuditRow(int(r[0]), int(r[1]), AuditKind(r[2]), r[3], r[4], json.loads(r[5]), r[6], r[7],
+                    r[8] or "")
 
 
 def _chunks(cur) -> Iterator[tuple]:
@@ -239,9 +326,78 @@ def _chunks(cur) -> Iterator[tuple]:
         yield from batch
 
 
+class _Walk:
+    """One pass over the rows in seq order: the hash chain, the MAC chain, the head, the anchor."""
+
+    def __init__(self, key: bytes, anchor: Optional[AuditHead]):
+        self.key, self.anchor = key, anchor
+        self.prev, self.prev_mac = GENESIS_HASH, GENESIS_HASH
+        self.checked, self.last_seq, self.keyed_since = 0, 0, 0
+
+    def run(self, rows: Iterator[tuple], head: AuditHead) -> VerifyResult:
+        for r in rows:
+            bad = _check_row(r, self.last_seq + 1, self.prev) or self._check_mac(r) \
+                or self._check_anchor_row(r)
+            if bad is not None:
+                return self._fail(*bad)
+            self.checked, self.last_seq, self.prev = self.checked + 1, r[0], r[7]
+        bad = _check_head(self.last_seq, self.prev, self.prev_mac, self.keyed_since, head) \
+            or self._check_anchor_end()
+        if bad is not None:
+            return self._fail(*bad)
+        return VerifyResult(True, self.checked, unkeyed_before_seq=self._unkeyed_before())
+
+    def _fail(self, seq: int, reason: str) -> VerifyResult:
+        return VerifyResult(False, self.checked, seq, reason, self._unkeyed_before())
+
+    def _unkeyed_before(self) -> Optional[int]:
+        first_keyed = self.keyed_since or self.last_seq + 1
+        return first_keyed if first_keyed > 1 else None
+
+    def _check_mac(self, r: tuple) -> Optional[tuple[int, str]]:
+        seq, stored = r[0], r[8]
+        if not stored:
+            keyed = self.keyed_since or (self.anchor.keyed_since if self.anchor else 0)
+            if keyed and seq >= keyed:
+                said = "" if self.keyed_since else " by the anchor"
+                return seq, (f"row {seq} has no MAC, but rows from {keyed} on are keyed{said}: "
+                             f"MACs were stripped, or the row was added outside the log")
+            return None
+        expected = row_mac(self.key, self.prev_mac, r[7])
+        if not hmac.compare_digest(expected, stored):
+            return seq, (f"row {seq}'s MAC does not match: the row was edited, its chain "
+                         f"recomputed or forged without the audit key (or the key file changed)")
+        self.prev_mac, self.keyed_since = stored, self.keyed_since or seq
+        return None
+
+    def _check_anchor_row(self, r: tuple) -> Optional[tuple[int, str]]:
+        a = self.anchor
+        if a is None or r[0] != a.seq:
+            return None
+        if a.row_hash and r[7] != a.row_hash:
+            return r[0], "row_hash differs from the anchor"
+        if a.mac and (r[8] or "") != a.mac:
+            return r[0], "MAC differs from the anchor"
+        return None
+
+    def _check_anchor_end(self) -> Optional[tuple[int, str]]:
+        a = self.anchor
+        if a is None:
+            return None
+        if a.seq > self.last_seq:
+            what = "the log is empty (wiped)" if self.last_seq == 0 else \
+                f"the log ends at row {self.last_seq} (rows removed from the tail)"
+            return self.last_seq + 1, f"anchor names row {a.seq} but {what}"
+        if a.keyed_since and a.keyed_since != self.keyed_since:
+            return a.keyed_since, (f"the anchor says MACs start at row {a.keyed_since}, the log "
+                                   f"has them from row {self.keyed_since or 'nowhere'}: "
+                                   f"MACs were stripped or the chain was rebuilt")
+        return None
+
+
 def _check_row(r: tuple, expected_seq: int, prev: str) -> Optional[tuple[int, str]]:
-    """None if row r continues the chain; else (bad seq, reason)."""
-    seq, ts_us, kind, actor, subject, details_json, prev_hash, stored = r
+    """None if row r continues the hash chain; else (bad seq, reason)."""
+    seq, ts_us, kind, actor, subject, details_json, prev_hash, stored = r[:8]
     if seq != expected_seq:
         return expected_seq, f"row {expected_seq} is missing (next row is {seq})"
     if prev_hash != prev:
@@ -256,29 +412,14 @@ def _check_row(r: tuple, expected_seq: int, prev: str) -> Optional[tuple[int, st
     return None
 
 
-def _walk(rows: Iterator[tuple], head: AuditHead, anchor: Optional[AuditHead]) -> VerifyResult:
-    prev, checked, last_seq = GENESIS_HASH, 0, 0
-    for r in rows:
-        bad = _check_row(r, last_seq + 1, prev)
-        if bad is not None:
-            return VerifyResult(False, checked, bad[0], bad[1])
-        checked, last_seq, prev = checked + 1, r[0], r[7]
-        if anchor is not None and last_seq == anchor.seq and prev != anchor.row_hash:
-            return VerifyResult(False, checked, last_seq, "row_hash differs from the anchor")
-    bad = _check_head(last_seq, prev, head)
-    if bad is not None:
-        return VerifyResult(False, checked, bad[0], bad[1])
-    if anchor is not None and anchor.seq > last_seq:
-        return VerifyResult(False, checked, last_seq + 1,
-                            f"anchor names row {anchor.seq} but the log ends at row {last_seq}")
-    return VerifyResult(True, checked)
-
-
-def _check_head(last_seq: int, last_hash: str, head: AuditHead) -> Optional[tuple[int, str]]:
+def _check_head(last_seq: int, last_hash: str, last_mac: str, keyed_since: int,
+                head: AuditHead) -> Optional[tuple[int, str]]:
     if last_seq < head.seq:
         return last_seq + 1, f"rows {last_seq + 1}..{head.seq} are missing (the head names row {head.seq})"
     if last_seq > head.seq:
         return head.seq + 1, f"rows {head.seq + 1}..{last_seq} were not appended through the log"
     if last_hash != head.row_hash:
         return last_seq, f"row {last_seq}'s row_hash differs from the head"
+    if keyed_since and (head.mac != last_mac or head.keyed_since != keyed_since):
+        return last_seq, f"row {last_seq}'s MAC or first keyed row differs from the head"
     return None

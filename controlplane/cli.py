@@ -34,15 +34,26 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (env HEADROOM_CP_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port, 0 = any free one (env HEADROOM_CP_PORT)")
     serve.add_argument("--port-file", help="write the bound port here once listening")
+    serve.add_argument("--tls-cert", help="server certificate PEM (env HEADROOM_CP_TLS_CERT)")
+    serve.add_argument("--tls-key", help="its private key (env HEADROOM_CP_TLS_KEY)")
+    serve.add_argument("--tls-client-ca", help="CA of agent and operator certificates "
+                                               "(env HEADROOM_CP_TLS_CLIENT_CA)")
+    serve.add_argument("--token-key-file", help="operator token HMAC key "
+                                                "(env HEADROOM_CP_TOKEN_KEY_FILE)")
+    serve.add_argument("--operator-port", type=int, help="TLS port for operators with tokens, "
+                                                         "no client certificate (-1 = none)")
     query = sub.add_parser("query", help="run one read-only SQL statement")
     query.add_argument("sql")
     query.add_argument("--address", help="host:port of a running control plane")
     query.add_argument("--db", help="open this DuckDB file read-only instead (no server)")
     query.add_argument("--format", choices=("table", "csv", "json"), default="table")
     query.add_argument("--max-rows", type=int, default=0, help="0 = the server's default")
+    _add_credential_args(query)
     _add_admin_commands(sub)
     from controlplane.policy.cli import add_policy_commands
     add_policy_commands(sub)
+    from controlplane.security_cli import add_security_commands
+    add_security_commands(sub)
     return p
 
 
@@ -52,8 +63,23 @@ def _admin_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="host:port of the control plane (env HEADROOM_ADDRESS, default 127.0.0.1:50051)")
     p.add_argument("--as", dest="actor", default=None,
-                   help="your operator identity, recorded in the audit log (env HEADROOM_OPERATOR)")
+                   help="your name on a local (loopback, no TLS) control plane; elsewhere the "
+                        "audit log records your credential (env HEADROOM_OPERATOR)")
+    _add_credential_args(p)
     return p
+
+
+def _add_credential_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ca", default=None, help="CA of the server certificate: TLS (env HEADROOM_TLS_CA)")
+    p.add_argument("--cert", default=None, help="your client certificate (env HEADROOM_TLS_CERT)")
+    p.add_argument("--key", default=None, help="its private key (env HEADROOM_TLS_KEY)")
+    p.add_argument("--token", default=None, help="signed operator token (env HEADROOM_TOKEN)")
+
+
+def _credentials(args: argparse.Namespace):
+    from controlplane.credentials import ClientCredentials
+    return ClientCredentials.resolve(ca_file=args.ca, cert_file=args.cert, key_file=args.key,
+                                     token=args.token)
 
 
 def _add_admin_commands(sub) -> None:
@@ -79,7 +105,9 @@ def _add_admin_commands(sub) -> None:
         p.add_argument("--reason", required=True)
     audit = sub.add_parser("audit", help="the hash-chained audit log").add_subparsers(
         dest="admin_command", required=True)
-    _admin_parser(audit, "verify", "walk the hash chain")
+    p = _admin_parser(audit, "verify", "walk the hash chain and check every row's MAC")
+    p.add_argument("--anchor", default=None, help="a copy of the anchor file (<db>.audit-anchor) "
+                   "or a shipped 'audit head {...}' log line: a truncated, wiped or rebuilt log fails")
     p = _admin_parser(audit, "list", "audit rows, newest first")
     p.add_argument("--subject", default=None)
     p.add_argument("--kind", default=None)
@@ -91,7 +119,13 @@ def _admin_call(args: argparse.Namespace) -> tuple[str, dict]:
     c = args.admin_command
     if args.command == "audit":
         if c == "verify":
-            return "audit.verify", {}
+            from controlplane.audit_key import read_anchor
+            if args.anchor is None:
+                return "audit.verify", {}
+            anchor = read_anchor(args.anchor)
+            if anchor is None:
+                raise CliError(f"no anchor file at {args.anchor}")
+            return "audit.verify", {"anchor": anchor}
         return "audit.list", _present(subject=args.subject, kind=args.kind, limit=args.limit)
     if c == "list":
         return "plan.list", _present(status=args.status, limit=args.limit)
@@ -116,7 +150,7 @@ def _admin(args: argparse.Namespace) -> int:
     actor = args.actor or os.environ.get("HEADROOM_OPERATOR", "")
     command, payload = _admin_call(args)
     try:
-        with AdminClient(address, actor=actor) as client:
+        with AdminClient(address, actor=actor, credentials=_credentials(args)) as client:
             result = client.call(command, payload)
     except grpc.RpcError as e:
         raise CliError(f"{e.code().name}: {e.details()}") from None
@@ -138,13 +172,18 @@ def _write_port_file(path: str, port: int) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    settings = ServerSettings.resolve(db_path=args.db, host=args.host, port=args.port)
+    settings = ServerSettings.resolve(db_path=args.db, host=args.host, port=args.port,
+                                      tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
+                                      tls_client_ca_file=args.tls_client_ca,
+                                      token_key_file=args.token_key_file,
+                                      operator_port=args.operator_port)
 
     def listening(running: RunningServer) -> None:
         if args.port_file:
             _write_port_file(args.port_file, running.port)
-        print(f"headroom control plane listening on {running.host}:{running.port} "
-              f"db={settings.db_path}", flush=True)
+        extra = f" operator_port={running.operator_port}" if running.operator_port >= 0 else ""
+        print(f"headroom control plane listening on {running.host}:{running.port}{extra} "
+              f"({running.state.auth.mode.value}) db={settings.db_path}", flush=True)
 
     serve_forever(settings, on_listening=listening)
     return 0
@@ -163,11 +202,12 @@ def _run_local(db_path: str, sql: str, max_rows: int) -> QueryResult:
         con.close()
 
 
-def _run_remote(address: Optional[str], sql: str, max_rows: int) -> QueryResult:
+def _run_remote(address: Optional[str], sql: str, max_rows: int,
+                credentials=None) -> QueryResult:
     if address is None:
         settings = ServerSettings.resolve()
         address = f"{settings.host}:{settings.port}"
-    with QueryClient(address) as client:
+    with QueryClient(address, credentials=credentials) as client:
         return client.query(sql, max_rows=max_rows)
 
 
@@ -207,7 +247,7 @@ def _query(args: argparse.Namespace) -> int:
     if args.db and not args.address:
         result = _run_local(args.db, args.sql, args.max_rows)
     else:
-        result = _run_remote(args.address, args.sql, args.max_rows)
+        result = _run_remote(args.address, args.sql, args.max_rows, _credentials(args))
     _print(result.table, args.format, sys.stdout)
     if result.truncated:
         print(f"(truncated at {result.table.num_rows} rows)", file=sys.stderr)
@@ -219,7 +259,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "policy":
+        if args.command in ("policy", "certs", "token"):
             return args.handler(args, sys.stdout)
         if args.command in ("plan", "audit"):
             return _admin(args)

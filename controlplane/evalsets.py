@@ -3,7 +3,9 @@
 The agent builds its EvalSet from this JSON (agent/trial.py). Text comes from the held-out
 split of Python's own documentation (workloads/text.py), so the planner never measures on
 what calibration looked at. A model without a tokenizer (tests' tiny models) gets token ids:
-`token_sequences` / `token_prompts` win over `texts` when given.
+`token_sequences` / `token_prompts` win over `texts` when given. Both paths start every
+sequence and prompt with the model's BOS token when its tokenizer adds one (texts: the agent's
+EvalSet.from_texts; token ids: token_eval's bos_token_id), so a chunk looks like a request.
 """
 from __future__ import annotations
 
@@ -109,18 +111,37 @@ def byte_token_ids(text: str, vocab_size: int) -> list[int]:
 
 
 def token_eval(settings: EvalSettings, vocab_size: int,
-               source: Optional[Sequence[str]] = None) -> dict:
-    """token_sequences / token_prompts cut from held-out text, for a model without a tokenizer."""
+               source: Optional[Sequence[str]] = None,
+               bos_token_id: Optional[int] = None) -> dict:
+    """token_sequences / token_prompts cut from held-out text, for a model without a tokenizer.
+
+    bos_token_id: the model's beginning-of-sequence token, when its tokenizer adds one: every
+    sequence and prompt then starts with it, as a real request does (a model trained with BOS
+    first scores text without it far worse). Lengths stay seq_len / prompt_tokens in all."""
+    prefix = _bos_prefix(bos_token_id, vocab_size)
     ids = byte_token_ids("\n\n".join(source or held_out_texts(settings)), vocab_size)
-    need = settings.max_sequences * settings.seq_len + settings.prompts * settings.prompt_tokens
+    seq_body, prompt_body = settings.seq_len - len(prefix), settings.prompt_tokens - len(prefix)
+    if seq_body < 1:
+        raise ValueError(f"seq_len={settings.seq_len}: no room for text after the BOS token "
+                         "(needs >= 2 with bos_token_id)")
+    need = settings.max_sequences * seq_body + settings.prompts * prompt_body
     if len(ids) < need:
         raise ValueError(f"held-out text gives {len(ids)} tokens; the eval settings need {need}")
-    seqs = [ids[i * settings.seq_len:(i + 1) * settings.seq_len]
-            for i in range(settings.max_sequences)]
-    start = settings.max_sequences * settings.seq_len
-    prompts = [ids[start + i * settings.prompt_tokens:start + (i + 1) * settings.prompt_tokens]
+    seqs = [prefix + ids[i * seq_body:(i + 1) * seq_body] for i in range(settings.max_sequences)]
+    start = settings.max_sequences * seq_body
+    prompts = [prefix + ids[start + i * prompt_body:start + (i + 1) * prompt_body]
                for i in range(settings.prompts)]
     return {"token_sequences": seqs, **({"token_prompts": prompts} if prompts else {})}
+
+
+def _bos_prefix(bos_token_id: Optional[int], vocab_size: int) -> list[int]:
+    if bos_token_id is None:
+        return []
+    if isinstance(bos_token_id, bool) or not isinstance(bos_token_id, int) \
+            or not 0 <= bos_token_id < vocab_size:
+        raise ValueError(f"bos_token_id={bos_token_id!r}: must be a token id in "
+                         f"[0, {vocab_size}) (the model's vocabulary)")
+    return [bos_token_id]
 
 
 def eval_json(settings: EvalSettings, overrides: Optional[Mapping[str, Any]] = None) -> str:

@@ -1,20 +1,25 @@
 """TelemetryBatch -> validated Arrow tables, ready for one INSERT ... SELECT each.
 
-Everything in a batch is checked before anything is stored, so a bad table or column rejects
-the whole batch and the error names the table and the column.
+Everything in a batch is checked before anything is stored. A malformed table or column
+(unknown name, wrong dtype, wrong length) rejects the whole batch and the error names the
+table and the column; a well-formed row that breaks a column rule (ingest_rules: NaN key,
+layer outside the registered model, over-long label, ...) is left out and counted in the ack.
 """
 from __future__ import annotations
 
 import enum
 import queue
 import threading
+from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from controlplane.ingest_rules import (MAX_BATCH_ROWS, ModelShape, RowCheck, check_lengths,
+                                      check_numeric, summarize)
 from controlplane.schema import TELEMETRY_COLUMNS
 from proto import columnar
 from proto import headroom_pb2 as pb
@@ -39,6 +44,7 @@ class ErrorCode(str, enum.Enum):
     MISSING_COLUMN = "MISSING_COLUMN"
     COLUMN_TYPE = "COLUMN_TYPE"
     BAD_COLUMN = "BAD_COLUMN"
+    TOO_MANY_ROWS = "TOO_MANY_ROWS"
     STORE_FAILED = "STORE_FAILED"
     INTERNAL = "INTERNAL"
 
@@ -60,6 +66,8 @@ class DecodedBatch:
     tables: dict[str, pa.Table]   # only tables with rows
     num_rows: int
     num_bytes: int                # serialized size of the batch's tables
+    rows_rejected: int = 0        # rows that broke a column rule: not stored
+    reject_reason: str = ""       # ingest_rules.summarize() of why
 
 
 def _dtype_name(code: int) -> str:
@@ -88,53 +96,87 @@ def _check_columns(table: pb.Table) -> None:
                           f"table {table.name!r}: missing column(s) {', '.join(map(repr, missing))}")
 
 
-def _arrow_column(table: pb.Table, col: pb.Column) -> pa.Array:
-    """One column as Arrow; numerics stay a zero-copy view of the message bytes."""
-    if col.dtype == pb.STRING:
-        if len(col.strings) != table.num_rows:
-            raise IngestError(ErrorCode.BAD_COLUMN,
-                              f"table {table.name!r} column {col.name!r}: {len(col.strings)} "
-                              f"values, expected {table.num_rows}")
-        values = pa.array(col.strings, type=pa.string())
-    else:
-        try:
-            values = pa.array(columnar.decode_column(table.name, table.num_rows, col))
-        except columnar.ColumnError as e:
-            raise IngestError(ErrorCode.BAD_COLUMN, str(e)) from None
+def _null_mask(table: pb.Table, col: pb.Column) -> np.ndarray:
+    """[N] bool: the column's null_mask, all False when it has none."""
     if not col.null_mask:
-        return values
+        return np.zeros(table.num_rows, dtype=bool)
     if len(col.null_mask) != table.num_rows:
         raise IngestError(ErrorCode.BAD_COLUMN,
                           f"table {table.name!r} column {col.name!r}: null_mask has "
                           f"{len(col.null_mask)} bytes, expected {table.num_rows}")
-    mask = pa.array(np.frombuffer(col.null_mask, dtype=np.uint8) != 0)
-    return pc.if_else(mask, pa.scalar(None, values.type), values)
+    return np.frombuffer(col.null_mask, dtype=np.uint8) != 0
 
 
-def decode_table(table: pb.Table) -> pa.Table:
-    """Validates one telemetry table against the schema and returns it as Arrow, schema order."""
+def _string_column(table: pb.Table, col: pb.Column, check: RowCheck) -> pa.Array:
+    if len(col.strings) != table.num_rows:
+        raise IngestError(ErrorCode.BAD_COLUMN,
+                          f"table {table.name!r} column {col.name!r}: {len(col.strings)} "
+                          f"values, expected {table.num_rows}")
+    values = pa.array(col.strings, type=pa.string())
+    check_lengths(check, col.name, pc.utf8_length(values).to_numpy(zero_copy_only=False))
+    check.refuse(col.name, _null_mask(table, col), "NULL")
+    return values
+
+
+def _arrow_column(table: pb.Table, col: pb.Column, check: RowCheck,
+                  shape: Optional[ModelShape]) -> pa.Array:
+    """One column as Arrow, its bad rows marked in `check`; numerics without NULLs stay a
+    zero-copy view of the message bytes."""
+    if col.dtype == pb.STRING:
+        return _string_column(table, col, check)
+    try:
+        values = columnar.decode_column(table.name, table.num_rows, col)
+    except columnar.ColumnError as e:
+        raise IngestError(ErrorCode.BAD_COLUMN, str(e)) from None
+    null = check_numeric(check, col.name, values, _null_mask(table, col), shape)
+    return pa.array(values, mask=null) if null.any() else pa.array(values)
+
+
+def decode_table(table: pb.Table, shape: Optional[ModelShape] = None) -> tuple[pa.Table, RowCheck]:
+    """Validates one telemetry table against the schema and the column rules: the Arrow table
+    of its good rows (schema order), and which rows were left out why.
+
+    shape: the structure the sending agent registered; None skips the index checks."""
     if table.name not in TELEMETRY_COLUMNS:
         raise IngestError(ErrorCode.UNKNOWN_TABLE,
                           f"unknown table {table.name!r} (expected one of "
                           f"{', '.join(TELEMETRY_COLUMNS)})")
     _check_columns(table)
-    by_name = {col.name: _arrow_column(table, col) for col in table.columns}
+    check = RowCheck(table.name, table.num_rows)
+    by_name = {col.name: _arrow_column(table, col, check, shape) for col in table.columns}
     names = list(TELEMETRY_COLUMNS[table.name])
-    return pa.table([by_name[n] for n in names], names=names)
+    out = pa.table([by_name[n] for n in names], names=names)
+    return (out if check.ok.all() else out.filter(pa.array(check.ok))), check
 
 
-def decode_batch(batch: pb.TelemetryBatch) -> DecodedBatch:
+def _check_row_count(batch: pb.TelemetryBatch) -> None:
+    rows = sum(t.num_rows for t in batch.tables)
+    if rows > MAX_BATCH_ROWS:
+        raise IngestError(ErrorCode.TOO_MANY_ROWS,
+                          f"batch seq={batch.seq} has {rows} rows; at most {MAX_BATCH_ROWS} "
+                          f"per batch: send smaller batches")
+
+
+def decode_batch(batch: pb.TelemetryBatch, shape: Optional[ModelShape] = None) -> DecodedBatch:
+    """Every table validated; bad rows are left out and counted (rows_rejected, reject_reason),
+    a malformed table or column refuses the whole batch (IngestError)."""
+    _check_row_count(batch)
     tables: dict[str, pa.Table] = {}
+    reasons: Counter = Counter()
     num_bytes = 0
     for table in batch.tables:
         if table.name in tables:
             raise IngestError(ErrorCode.DUPLICATE_TABLE,
                               f"table {table.name!r} appears twice in batch seq={batch.seq}")
-        tables[table.name] = decode_table(table)
+        tables[table.name], check = decode_table(table, shape)
+        reasons.update(check.reasons)
         num_bytes += table.ByteSize()
     tables = {name: t for name, t in tables.items() if t.num_rows > 0}
+    rejected = sum(batch_table.num_rows for batch_table in batch.tables) - \
+        sum(t.num_rows for t in tables.values())
     return DecodedBatch(seq=batch.seq, sent_at_us=batch.sent_at_us, tables=tables,
-                        num_rows=sum(t.num_rows for t in tables.values()), num_bytes=num_bytes)
+                        num_rows=sum(t.num_rows for t in tables.values()), num_bytes=num_bytes,
+                        rows_rejected=rejected, reject_reason=summarize(reasons))
 
 
 # ---------------------------------------------------------------------- the writer thread

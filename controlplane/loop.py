@@ -8,7 +8,6 @@ log; approve goes straight to rollout, needs_human waits for an operator's appro
 from __future__ import annotations
 
 import dataclasses
-import enum
 import logging
 import os
 import threading
@@ -19,13 +18,17 @@ from typing import Any, Mapping, Optional
 
 from controlplane.audit import AuditKind, AuditLog
 from controlplane.evalsets import EvalSettings, eval_json
+from controlplane.jobs import Job, JobState, JobStore, Stage  # noqa: F401 (Job* re-exported)
 from controlplane.planner import (CandidateScope, Planner, PlannerSettings, QualityBudget,
                                   load_candidates)
 from controlplane.planner.recorder import StoreRecorder, json_safe
 from controlplane.planner.search import PlanTarget
+from controlplane.policy.engine import trade_rule
+from controlplane.policy.schema import Objective
 from controlplane.plans import Decision, DecisionOutcome, PlanStatus, PlanStore
 from controlplane.policy import (Context, Evidence, ModelFacts, PolicyError, PolicyStore,
                                  Revision)
+from controlplane.recovery import RolloutRecovery
 from controlplane.rollout import Rollout, RolloutResult
 from controlplane.settings import resolve_settings
 from controlplane.trials import TrialClient
@@ -46,11 +49,15 @@ class LoopSettings:
     trial_timeout_s: float = field(default=600.0, metadata=_env("TRIAL_TIMEOUT_S"))
     # Trials per planning run when plan.trigger does not say (0: the planner's own default).
     max_trials: int = field(default=0, metadata=_env("MAX_TRIALS"))
-    # Finished jobs kept for plan.status.
+    # Finished jobs kept for plan.status (in the jobs table, across restarts).
     jobs_kept: int = field(default=100, metadata=_env("JOBS_KEPT"))
+    # After a restart, how long a plan left applying waits for its canary to reconnect and say
+    # what it runs; then the plan fails (see controlplane/recovery.py).
+    reconcile_timeout_s: float = field(default=600.0, metadata=_env("RECONCILE_TIMEOUT_S"))
 
     def __post_init__(self):
-        bad = [f"{n}={getattr(self, n)} must be > 0" for n in ("trial_timeout_s", "jobs_kept")
+        bad = [f"{n}={getattr(self, n)} must be > 0"
+               for n in ("trial_timeout_s", "jobs_kept", "reconcile_timeout_s")
                if getattr(self, n) <= 0]
         if self.max_trials < 0:
             bad.append(f"max_trials={self.max_trials} must be >= 0")
@@ -68,43 +75,6 @@ class LoopError(ValueError):
 
 class IdentityError(LoopError):
     """A command that changes something came without the caller's identity."""
-
-
-class JobState(str, enum.Enum):
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-
-
-class Stage(str, enum.Enum):
-    PLANNING = "planning"
-    DECIDING = "deciding"
-    ROLLING_OUT = "rolling_out"
-    FINISHED = "finished"
-
-
-@dataclass
-class Job:
-    job_id: str
-    kind: str                       # "plan" or "rollout"
-    fingerprint: str
-    agent_id: str
-    query_class: str
-    actor: str
-    state: JobState = JobState.RUNNING
-    stage: Stage = Stage.PLANNING
-    started_at_s: float = field(default_factory=time.time)
-    finished_at_s: Optional[float] = None
-    trials: int = 0
-    plan_id: Optional[str] = None   # the best plan (planning) or the plan rolled out
-    decision: Optional[str] = None
-    plan_status: Optional[str] = None
-    message: str = ""
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.update(state=self.state.value, stage=self.stage.value)
-        return d
 
 
 @dataclass(frozen=True)
@@ -191,8 +161,36 @@ class ControlLoop:
         self.eval_settings = eval_settings or EvalSettings.resolve()
         self.planner_settings = planner_settings or PlannerSettings.resolve()
         self._lock = threading.Lock()
-        self._jobs: dict[str, Job] = {}
+        self._jobs: dict[str, Job] = {}     # this process's jobs; every change also in the table
         self._threads: dict[str, threading.Thread] = {}
+        self._jobs_con, lock = store.control_cursor()   # closed by close()
+        self.jobstore = JobStore(self._jobs_con, lock)
+        self.recovery = RolloutRecovery(plans, audit, self.jobstore, rollout._supersede_others,
+                                        self.settings.reconcile_timeout_s)
+        self._recover()
+
+    def _recover(self) -> None:
+        """Before any job runs: jobs a dead process left running become interrupted, and plans
+        it left applying wait for their agents' hellos (controlplane/recovery.py)."""
+        for job in self.jobstore.interrupt_running():
+            log.warning("job %s: %s", job.job_id, job.last_error)
+            self.audit.append(AuditKind.NOTE, "recovery", job.job_id,
+                              {"event": "job_interrupted", "kind": job.kind,
+                               "stage": job.stage.value, "plan_id": job.plan_id,
+                               "reason": job.last_error})
+        self.recovery.start()
+        from controlplane.server import InboundKind   # server -> admin -> loop: import late
+        self.state.on(InboundKind.HELLO, self.recovery.on_hello)
+
+    def close(self) -> None:
+        self.recovery.close()
+        self._jobs_con.close()
+
+    def _update(self, job: Job, **changes: Any) -> None:
+        """Every change a job goes through is written, so a restart finds where it was."""
+        for name, value in changes.items():
+            setattr(job, name, value)
+        self.jobstore.save(job)
 
     # ------------------------------------------------------------------ jobs
     def trigger(self, request: PlanRequest, actor: str = PLANNER_ACTOR) -> Job:
@@ -216,6 +214,7 @@ class ControlLoop:
                                       name=f"headroom-{job.job_id}")
             self._threads[job.job_id] = thread
             self._forget_old()
+        self.jobstore.save(job)
         thread.start()
 
     def _run_job(self, job: Job, body) -> None:
@@ -230,10 +229,15 @@ class ControlLoop:
             plan = self.plans.get(job.plan_id)
             job.plan_status = plan.status.value if plan else None
         if message is not None:
-            job.message = message
+            job.message = job.last_error = message
         job.finished_at_s = time.time()
         job.stage = Stage.FINISHED
         job.state = state
+        try:
+            self.jobstore.save(job)
+            self.jobstore.prune(self.settings.jobs_kept)
+        except Exception:   # the store closed under a job that outlived its server
+            log.exception("job %s: could not write its end", job.job_id)
 
     def _forget_old(self) -> None:
         done = [j for j in self._jobs.values() if j.state is not JobState.RUNNING]
@@ -242,14 +246,20 @@ class ControlLoop:
             self._threads.pop(j.job_id, None)
 
     def jobs(self) -> list[Job]:
+        """Newest first: this process's jobs as they are, and earlier ones from the table."""
+        stored = self.jobstore.list(limit=self.settings.jobs_kept + len(self._jobs))
         with self._lock:
-            return sorted(self._jobs.values(), key=lambda j: j.started_at_s, reverse=True)
+            merged = {j.job_id: j for j in stored} | dict(self._jobs)
+        return sorted(merged.values(), key=lambda j: j.started_at_s, reverse=True)
 
     def job(self, job_id: str) -> Job:
         with self._lock:
-            if job_id not in self._jobs:
-                raise KeyError(f"no job {job_id!r}")
-            return self._jobs[job_id]
+            if job_id in self._jobs:
+                return self._jobs[job_id]
+        stored = self.jobstore.get(job_id)   # a job from before a restart: its final state
+        if stored is None:
+            raise KeyError(f"no job {job_id!r}")
+        return stored
 
     def wait(self, job_id: str, timeout_s: float) -> Job:
         with self._lock:
@@ -288,19 +298,20 @@ class ControlLoop:
                             + (f" and query class {request.query_class!r}" if request.query_class
                                else "") + "; raise the agents' sample_rate or wait")
         result = self._search(job, request, spec, candidates)
-        job.message = result.stop_reason
+        job.message = f"{result.stop_reason}; objective: {result.objective.value}"
         if result.best is None:
-            job.message = f"no hypothesis fit the quality budget ({result.stop_reason})"
+            job.message = (f"no hypothesis fit the quality and latency budget "
+                           f"({result.stop_reason}; objective: {result.objective.value})")
             return
-        job.plan_id = result.best["plan_id"]
+        self._update(job, plan_id=result.best["plan_id"])
         context = Context(tenant=request.tenant, route=request.route,
                           query_class=request.query_class or "",
                           requires_determinism=request.requires_determinism)
-        job.stage = Stage.DECIDING
+        self._update(job, stage=Stage.DECIDING)
         outcome = self.decide(job.plan_id, result.best_trial.evidence, context)
-        job.decision = outcome.value
+        self._update(job, decision=outcome.value)
         if outcome is DecisionOutcome.APPROVE:
-            job.stage = Stage.ROLLING_OUT
+            self._update(job, stage=Stage.ROLLING_OUT)
             job.message = self.rollout.run(job.plan_id).message
 
     def _scope(self, fingerprint: str, scope: CandidateScope) -> CandidateScope:
@@ -314,17 +325,34 @@ class ControlLoop:
         recorder = StoreRecorder(self.plans, self.audit, job.agent_id, actor=PLANNER_ACTOR)
 
         def evaluate(doc: dict) -> dict:
-            job.trials += 1
+            self._update(job, trials=job.trials + 1)
             return self.client.request(job.agent_id, doc, spec, self.settings.trial_timeout_s)
 
         max_trials = request.max_trials
         if max_trials is None and self.settings.max_trials:
             max_trials = self.settings.max_trials
-        planner = Planner(evaluate, request.budget, max_trials=max_trials, record=recorder.record,
-                          settings=self.planner_settings, propose=recorder.propose)
+        objective, budget = self._objective(request)
+        planner = Planner(evaluate, budget, max_trials=max_trials, record=recorder.record,
+                          settings=self.planner_settings, propose=recorder.propose,
+                          objective=objective)
         target = PlanTarget(job.fingerprint, job.job_id,
                             (request.query_class,) if request.query_class else ())
         return planner.run(target, candidates)
+
+    def _objective(self, request: PlanRequest) -> tuple[Objective, QualityBudget]:
+        """Latency first, never slower than unoptimised, unless a policy's latency rule states
+        a trade for this tenant/route: then its objective and its bound."""
+        context = Context(tenant=request.tenant, route=request.route,
+                          query_class=request.query_class or "",
+                          requires_determinism=request.requires_determinism)
+        traded = trade_rule(self.policies.require().current(), context)
+        if traded is None:
+            return Objective.LATENCY, request.budget
+        # The trade's bound replaces the default 1.0; a caller's own stricter bound still holds.
+        asked = request.budget.max_latency_ratio
+        default = QualityBudget().max_latency_ratio
+        bound = traded.params.max_ratio if asked == default else min(asked, traded.params.max_ratio)
+        return traded.params.trade, dataclasses.replace(request.budget, max_latency_ratio=bound)
 
     # ------------------------------------------------------------------ deciding
     def decide(self, plan_id: str, evidence: Mapping[str, Any], context: Context) -> DecisionOutcome:

@@ -10,6 +10,10 @@
   one agent's breach is evidence against the plan, not against that agent.
 - Applying a plan replaces whatever plan the agent ran; earlier applied plans of the same
   fingerprint become superseded.
+- Plans go out signed (TrialClient.apply signs for PlanPurpose.APPLY). An agent's own
+  unrequested ROLLED_BACK counts only from an agent the plan was sent to (any
+  other is dropped and counted in `dropped_statuses`); a plan the process owner applied
+  locally (detail "origin": "local", unsigned) is recorded as an audit NOTE "local_apply".
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ log = logging.getLogger("controlplane.rollout")
 
 ROLLOUT_ACTOR = "rollout"
 QUALITY_GUARD = "quality_guard"   # the agent's ROLLED_BACK detail "cause" for a live breach
+LOCAL_ORIGIN = "local"            # the agent's APPLIED detail "origin" for handle.apply_plan
 
 
 def _env(name: str) -> dict:
@@ -68,7 +73,7 @@ class Fleet:
 
     def agents(self, fingerprint: str) -> list[str]:
         """Connected agents holding the model, sorted by agent_id (the canary is the first)."""
-        live = set(self._state.connected_agents())
+        live = set(self._state.verified_agents())   # canaries: authenticated agents only
         with self._store.reader() as cur:
             rows = cur.execute("SELECT agent_id FROM agents WHERE fingerprint = ? "
                                "ORDER BY agent_id", [fingerprint]).fetchall()
@@ -124,6 +129,7 @@ class Rollout:
         self.settings = settings or RolloutSettings.resolve()
         self._lock = threading.Lock()
         self._watches: dict[str, _Watch] = {}
+        self.dropped_statuses = 0   # unrequested statuses from agents not running the plan
         client.subscribe(self._on_status)
 
     # ------------------------------------------------------------------ rollout
@@ -248,6 +254,10 @@ class Rollout:
                           {"stage": stage.value, "cause": report.cause or "requested",
                            "detail": report.detail_json or report.detail})
 
+    def _sent_to(self, plan_id: str) -> set[str]:
+        """Agents the plan was sent to (any application record: requested onwards)."""
+        return {app.agent_id for app in self.plans.applications(plan_id)}
+
     def running_on(self, plan_id: str) -> dict[str, str]:
         """agent_id -> rollout stage, for agents whose latest state for the plan is applied."""
         latest: dict[str, Any] = {}
@@ -260,6 +270,10 @@ class Rollout:
     # ------------------------------------------------------------------ agents' own rollbacks
     def _on_status(self, report: StatusReport) -> None:
         """On a stream reader: a PlanStatus nobody waited for (the agent's quality guard)."""
+        if report.state is StatusState.APPLIED and (report.detail_json or {}).get("origin") \
+                == LOCAL_ORIGIN:
+            self._record_local_apply(report)
+            return
         if report.state is not StatusState.ROLLED_BACK:
             log.warning("unrequested %s for plan %s from %s: %s", report.state.value,
                         report.plan_id, report.agent_id, report.detail)
@@ -275,12 +289,29 @@ class Rollout:
         threading.Thread(target=self._agent_rolled_back, args=(report,), daemon=True,
                          name=f"headroom-rollback-{report.plan_id}").start()
 
+    def _record_local_apply(self, report: StatusReport) -> None:
+        try:
+            self.audit.append(AuditKind.NOTE, f"agent:{report.agent_id}", report.plan_id,
+                              {"event": "local_apply", "sha256": report.sha256,
+                               "detail": "applied by the process owner (handle.apply_plan), "
+                                         "not signed by the control plane"})
+        except Exception:   # on a stream reader: never cut the agent's stream
+            log.exception("recording the local apply of %s on %s", report.plan_id,
+                          report.agent_id)
+
     def _agent_rolled_back(self, report: StatusReport) -> None:
-        """Recorded always; only a quality-guard breach rolls the plan back everywhere (a plan
-        replaced by the next one, or dropped by a trial, says nothing against it)."""
+        """Recorded when the agent runs the plan; only a quality-guard breach rolls the plan
+        back everywhere (a plan replaced by the next one, or dropped by a trial, says nothing
+        against it). From an agent the plan never reached it is dropped: one agent must not
+        roll back the fleet's plan by claiming a breach."""
         try:
             plan = self.plans.get(report.plan_id)
             if plan is None:
+                return
+            if report.agent_id not in self._sent_to(report.plan_id):
+                self.dropped_statuses += 1
+                log.warning("dropped ROLLED_BACK of plan %s from agent %s: never sent to it",
+                            report.plan_id, report.agent_id)
                 return
             stage = self.running_on(report.plan_id).get(report.agent_id, RolloutStage.FLEET.value)
             self._record_rollback(report.plan_id, report, RolloutStage(stage))

@@ -96,7 +96,31 @@ _VERSION_DDL = """CREATE TABLE IF NOT EXISTS schema_version (
 )"""
 
 
+# Control-plane jobs (planning, rollouts), written on every change so a restart finds them:
+# one running when the process died is marked interrupted at start (controlplane/jobs.py).
+# Added without a version bump: CREATE IF NOT EXISTS gives a version-1 file the table on open.
+JOBS_DDL = """CREATE TABLE IF NOT EXISTS jobs (
+  job_id VARCHAR PRIMARY KEY,
+  kind VARCHAR NOT NULL,
+  state VARCHAR NOT NULL,
+  stage VARCHAR NOT NULL,
+  fingerprint VARCHAR NOT NULL,
+  agent_ids VARCHAR[] NOT NULL,
+  query_class VARCHAR NOT NULL,
+  actor VARCHAR NOT NULL,
+  plan_id VARCHAR,
+  decision VARCHAR,
+  plan_status VARCHAR,
+  trials UINTEGER NOT NULL,
+  message VARCHAR NOT NULL,
+  last_error VARCHAR,
+  started_at_us BIGINT NOT NULL,
+  updated_at_us BIGINT NOT NULL,
+  finished_at_us BIGINT
+)"""
+
+
 def ddl_statements() -> list[str]:
-    out = [_VERSION_DDL, _agents_ddl(), _BATCHES_DDL]
+    out = [_VERSION_DDL, _agents_ddl(), _BATCHES_DDL, JOBS_DDL]
     out += [_telemetry_ddl(t, cols) for t, cols in TELEMETRY_COLUMNS.items()]
     return out

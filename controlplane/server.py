@@ -12,6 +12,7 @@ import logging
 import queue
 import signal
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
@@ -19,6 +20,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional
 import grpc
 from google.protobuf.message import DecodeError
 
+from controlplane.auth import (QUERY_ROLE, AgentBindings, AuthError, AuthMode, Principal,
+                               PrincipalKind, ServerAuth, require_role)
 from controlplane.ingest import DecodedBatch, ErrorCode, IngestError, IngestWriter, decode_batch
 from controlplane.query import QueryError, QueryErrorKind, encode_result, run_query
 from controlplane.schema import COUNTER_COLUMNS, MODEL_COLUMNS
@@ -39,9 +42,10 @@ class InboundKind(enum.Enum):
     """Agent messages other components subscribe to (AgentMessage oneof field names)."""
     PLAN_STATUS = "plan_status"
     TRIAL_RESULT = "trial_result"
+    HELLO = "hello"   # after registration: the agent's active plan settles a restart's rollouts
 
 
-# callback(agent_id, message): message is pb.PlanStatus or pb.TrialResult.
+# callback(agent_id, message): message is pb.PlanStatus, pb.TrialResult or pb.AgentHello.
 InboundCallback = Callable[[str, object], None]
 
 
@@ -68,6 +72,10 @@ class _Session:
     outbound: queue.Queue
     agent_id: Optional[str] = None
     pid: int = 0
+    principal: Optional[Principal] = None
+    # monotonic time by which hello must have arrived; the stream is closed after it.
+    hello_by_s: float = float("inf")
+    hello_expired: bool = False
     ended: threading.Event = field(default_factory=threading.Event)
     # Jobs handed to the writer and not yet answered: the stream stays open until they are.
     _pending: int = 0
@@ -106,6 +114,10 @@ class _Session:
             except queue.Empty:
                 if not self.alive():
                     return
+                if self.agent_id is None and time.monotonic() >= self.hello_by_s:
+                    self.hello_expired = True
+                    self.ended.set()
+                    return
 
 
 @dataclass
@@ -130,6 +142,12 @@ class ServerState:
         self._callbacks: dict[InboundKind, list[InboundCallback]] = {k: [] for k in InboundKind}
         self._readers: set[threading.Thread] = set()
         self.control = None   # controlplane.admin.ControlPlane, set by start_server
+        self.auth: Optional[ServerAuth] = None        # set by start_server
+        self.bindings: Optional[AgentBindings] = None  # TLS: agent id -> certificate
+        # Open Connect streams, in all and per authenticated agent certificate.
+        self._agent_streams = 0
+        self._streams_by_client: dict[str, int] = {}
+        self._operator_calls = threading.BoundedSemaphore(settings.max_operator_calls)
 
     # ------------------------------------------------------------------ public API
     def send_to_agent(self, agent_id: str, message: pb.ControlMessage) -> bool:
@@ -144,6 +162,12 @@ class ServerState:
     def connected_agents(self) -> list[str]:
         with self._lock:
             return sorted(self._sessions)
+
+    def verified_agents(self) -> list[str]:
+        """Connected agents whose identity the server checked: a certificate naming the agent
+        id, or a caller the local (loopback) mode trusts. Only these may be canaries."""
+        with self._lock:
+            return sorted(a for a, s in self._sessions.items() if _verified(s, a))
 
     def on(self, kind: InboundKind, callback: InboundCallback) -> None:
         """Calls `callback(agent_id, message)` for every message of `kind`, on the stream's reader."""
@@ -162,12 +186,55 @@ class ServerState:
             except Exception:   # one faulty subscriber must not cut the agent's stream
                 log.exception("callback for %s from agent %s failed", kind.value, agent_id)
 
-    def _attach(self, session: _Session) -> None:
+    def _attach(self, session: _Session) -> bool:
+        """False if another principal holds a stream for the agent id (no takeover); a
+        reconnect of the same principal replaces its own session."""
         with self._lock:
             previous = self._sessions.get(session.agent_id)
+            if previous is not None and not _same_principal(previous, session):
+                return False
             self._sessions[session.agent_id] = session
         if previous is not None:
             log.warning("agent %s connected again; the newer stream takes over", session.agent_id)
+        return True
+
+    # ------------------------------------------------------------------ resource limits
+    def open_agent_stream(self, principal: Principal) -> Optional[str]:
+        """Counts a new Connect stream; why not if a limit is reached (then nothing is counted)."""
+        key = principal.client_key if principal.kind is PrincipalKind.AGENT else None
+        with self._lock:
+            if self._agent_streams >= self.settings.max_agent_streams:
+                return (f"{self._agent_streams} agent streams are open, the most "
+                        f"max_agent_streams={self.settings.max_agent_streams} allows")
+            if key is not None and self._streams_by_client.get(key, 0) >= \
+                    self.settings.max_streams_per_client:
+                return (f"agent {principal.subject!r} has {self._streams_by_client[key]} streams "
+                        f"open, the most max_streams_per_client="
+                        f"{self.settings.max_streams_per_client} allows")
+            self._agent_streams += 1
+            if key is not None:
+                self._streams_by_client[key] = self._streams_by_client.get(key, 0) + 1
+        return None
+
+    def close_agent_stream(self, principal: Principal) -> None:
+        key = principal.client_key if principal.kind is PrincipalKind.AGENT else None
+        with self._lock:
+            self._agent_streams -= 1
+            if key is not None:
+                left = self._streams_by_client.pop(key) - 1
+                if left:
+                    self._streams_by_client[key] = left
+
+    def agent_streams(self) -> int:
+        with self._lock:
+            return self._agent_streams
+
+    def operator_call(self) -> bool:
+        """Takes one of the max_operator_calls slots; False if all are busy."""
+        return self._operator_calls.acquire(blocking=False)
+
+    def operator_call_done(self) -> None:
+        self._operator_calls.release()
 
     def _detach(self, session: _Session) -> None:
         with self._lock:
@@ -195,6 +262,19 @@ class ServerState:
             reader.join(timeout_s)
 
 
+def _verified(session: _Session, agent_id: str) -> bool:
+    p = session.principal
+    return p is not None and (p.kind is PrincipalKind.LOCAL or
+                              (p.kind is PrincipalKind.AGENT and p.subject == agent_id))
+
+
+def _same_principal(a: _Session, b: _Session) -> bool:
+    pa, pb_ = a.principal, b.principal
+    if pa is None or pb_ is None or pa.kind is PrincipalKind.LOCAL:
+        return pa == pb_   # local trust: the machine's user may reconnect under any id
+    return pa.kind == pb_.kind and pa.subject == pb_.subject and pa.cert_sha256 == pb_.cert_sha256
+
+
 # ---------------------------------------------------------------------- the service
 class HeadroomService:
     def __init__(self, state: ServerState):
@@ -215,14 +295,36 @@ class HeadroomService:
 
     # ------------------------------------------------------------------ Connect
     def connect(self, requests: Iterator[bytes], context: grpc.ServicerContext):
-        session = _Session(context=context, outbound=queue.Queue())
+        principal = self._authenticate(context)
+        if principal.kind is PrincipalKind.OPERATOR:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"operator {principal.subject!r} "
+                          "cannot open an agent stream; agents present an agent certificate")
+        refused = self.state.open_agent_stream(principal)
+        if refused is not None:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
+        release = _once(lambda: self.state.close_agent_stream(principal))
+        context.add_callback(release)   # also when the client vanishes mid-stream
+        session = _Session(context=context, outbound=queue.Queue(), principal=principal,
+                           hello_by_s=time.monotonic() + self.settings.hello_timeout_s)
         context.add_callback(session.ended.set)
         reader = threading.Thread(target=self._read, args=(requests, session), daemon=True,
                                   name="headroom-connect-reader")
         with self.state._lock:
             self.state._readers.add(reader)
         reader.start()
-        yield from session.drain()
+        try:
+            yield from session.drain()
+        finally:
+            release()
+        if session.hello_expired:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no hello within hello_timeout_s="
+                          f"{self.settings.hello_timeout_s:g} s; the stream is closed")
+
+    def _authenticate(self, context: grpc.ServicerContext) -> Principal:
+        try:
+            return self.state.auth.authenticate(context)
+        except AuthError as e:
+            context.abort(e.code, e.message)
 
     def _read(self, requests: Iterator[bytes], session: _Session) -> None:
         try:
@@ -285,16 +387,41 @@ class HeadroomService:
                                f"hello.agent_id={msg.hello.agent_id!r} but "
                                f"agent_id={msg.agent_id!r}"))
             return False
+        refused = self._identity_problem(agent_id, session.principal)
+        if refused is None:
+            session.agent_id, session.pid = agent_id, msg.hello.pid
+            if not self.state._attach(session):
+                session.agent_id = None
+                refused = (f"agent {agent_id!r} is connected with another identity; a second "
+                           "stream cannot take it over")
+        if refused is not None:
+            log.warning("hello refused: %s", refused)
+            session.put(_error(ErrorCode.AGENT_ID_MISMATCH, refused))
+            self.state._count(errors=1)
+            return False
         self.store.register_agent(registration_from_hello(agent_id, msg.hello))
-        session.agent_id, session.pid = agent_id, msg.hello.pid
-        self.state._attach(session)
         log.info("agent %s connected (%s pid %d)", agent_id, msg.hello.hostname, msg.hello.pid)
+        self.state._dispatch(InboundKind.HELLO, agent_id, msg.hello)
         return True
+
+    def _identity_problem(self, agent_id: str, principal: Principal) -> Optional[str]:
+        """Why this principal may not speak for agent_id, or None. A certificate names one agent
+        id, and an agent id stays bound to the first certificate it connected with."""
+        if principal.kind is PrincipalKind.LOCAL:
+            return None
+        if principal.subject != agent_id:
+            return (f"hello names agent {agent_id!r} but the certificate is for "
+                    f"{principal.subject!r}")
+        bound = self.state.bindings.bind(agent_id, principal.cert_sha256)
+        if bound is not None:
+            return (f"agent {agent_id!r} is bound to another certificate (sha256 {bound[:16]}...);"
+                    " an admin can release it with the Admin command agents.unbind")
+        return None
 
     def _batch(self, msg: pb.AgentMessage, session: _Session) -> None:
         batch = msg.batch
         try:
-            decoded = decode_batch(batch)
+            decoded = decode_batch(batch, self.store.model_shape(session.agent_id))
         except IngestError as e:
             self.state._count(errors=1)
             session.put(e.reply())
@@ -322,7 +449,12 @@ class HeadroomService:
             return
         self.state._count(batches=1, rows=outcome.rows_stored, bytes=decoded.num_bytes,
                           duplicates=int(outcome.duplicate))
-        session.put(pb.ControlMessage(ack=pb.Ack(seq=decoded.seq, rows_stored=outcome.rows_stored)))
+        if decoded.rows_rejected:
+            log.warning("agent %s batch seq=%d: %d row(s) rejected: %s", session.agent_id,
+                        decoded.seq, decoded.rows_rejected, decoded.reject_reason)
+        session.put(pb.ControlMessage(ack=pb.Ack(
+            seq=decoded.seq, rows_stored=outcome.rows_stored, rows_rejected=decoded.rows_rejected,
+            reject_reason=decoded.reject_reason)))
 
     def _heartbeat(self, msg: pb.AgentMessage, session: _Session) -> None:
         hb = msg.heartbeat
@@ -350,6 +482,29 @@ class HeadroomService:
 
     # ------------------------------------------------------------------ Query
     def query(self, raw: bytes, context: grpc.ServicerContext) -> pb.QueryReply:
+        principal = self._operator_gate(raw, context, "Query")
+        try:
+            require_role(principal, QUERY_ROLE, "Query")
+            return self._query(raw, context)
+        except AuthError as e:
+            context.abort(e.code, e.message)
+        finally:
+            self.state.operator_call_done()
+
+    def _operator_gate(self, raw: bytes, context: grpc.ServicerContext, what: str) -> Principal:
+        """Authenticates a Query/Admin call and takes an operator slot (the caller releases it)."""
+        principal = self._authenticate(context)
+        if len(raw) > self.settings.max_operator_request_bytes:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{what} request of {len(raw)} "
+                          f"bytes exceeds max_operator_request_bytes="
+                          f"{self.settings.max_operator_request_bytes}")
+        if not self.state.operator_call():
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.settings.max_operator_calls}"
+                          f" Query/Admin calls are running (max_workers - max_agent_streams); "
+                          "retry shortly")
+        return principal
+
+    def _query(self, raw: bytes, context: grpc.ServicerContext) -> pb.QueryReply:
         try:
             request = pb.QueryRequest.FromString(raw)
         except DecodeError as e:
@@ -374,12 +529,30 @@ class HeadroomService:
 
     # ------------------------------------------------------------------ Admin
     def admin(self, raw: bytes, context: grpc.ServicerContext) -> pb.AdminReply:
-        return self.state.control.rpc(raw, context)
+        principal = self._operator_gate(raw, context, "Admin")
+        try:
+            return self.state.control.rpc(raw, context, principal)
+        finally:
+            self.state.operator_call_done()
+
+
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    """fn, callable many times from any thread, run the first time only."""
+    lock, done = threading.Lock(), [False]
+
+    def call() -> None:
+        with lock:
+            if done[0]:
+                return
+            done[0] = True
+        fn()
+    return call
 
 
 _STATUS_BY_KIND = {QueryErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
                    QueryErrorKind.FAILED: grpc.StatusCode.INVALID_ARGUMENT,
-                   QueryErrorKind.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED}
+                   QueryErrorKind.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+                   QueryErrorKind.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 # ---------------------------------------------------------------------- lifecycle
@@ -390,6 +563,7 @@ class RunningServer:
     state: ServerState
     host: str
     port: int
+    operator_port: int = -1     # TLS: the token port for operators; -1 = none
 
     @property
     def address(self) -> str:
@@ -406,6 +580,8 @@ class RunningServer:
         self.state.writer.close()
         if self.state.control is not None:
             self.state.control.close()
+        if self.state.bindings is not None:
+            self.state.bindings.close()
         self.store.close()
 
 
@@ -418,12 +594,16 @@ def start_server(settings: ServerSettings, control: Optional["ControlSettings"] 
 
     control: the closed loop's settings (policies, planner, rollout); None resolves them."""
     from controlplane.admin import ControlPlane   # admin -> trials -> server: import late
+    auth = ServerAuth(settings)   # refuses unsafe settings before anything is opened
     store = Store(settings.db_path, duckdb_threads=settings.duckdb_threads,
                   dedupe_batches=settings.dedupe_batches, checkpoint_mb=settings.checkpoint_mb)
     writer = IngestWriter(store, max_pending=settings.ingest_queue_batches,
                           group_max_rows=settings.ingest_group_max_rows)
     state = ServerState(store, settings, writer)
     state.control = ControlPlane(store, state, control)
+    state.auth = auth
+    if auth.mode is AuthMode.TLS:
+        state.bindings = AgentBindings(*store.control_cursor())
     options = [("grpc.max_receive_message_length", settings.max_message_bytes),
                ("grpc.max_send_message_length", settings.max_message_bytes),
                ("grpc.so_reuseport", 0)]   # a second server on the same port must fail, not share
@@ -431,20 +611,41 @@ def start_server(settings: ServerSettings, control: Optional["ControlSettings"] 
                                                     thread_name_prefix="headroom-grpc"),
                          options=options)
     server.add_generic_rpc_handlers((HeadroomService(state).handler(),))
-    target = f"{_bind_host(settings.host)}:{settings.port}"
     try:
-        port = server.add_insecure_port(target)
-    except RuntimeError as e:
-        port, reason = 0, str(e)
-    else:
-        reason = "address in use or not available"
-    if not port:
+        port = _listen(server, auth, settings.port, settings.host, require_client_cert=True)
+        operator_port = -1
+        if auth.mode is AuthMode.TLS and settings.operator_port >= 0:
+            operator_port = _listen(server, auth, settings.operator_port, settings.host,
+                                    require_client_cert=False)
+    except (OSError, ValueError):
         writer.close()
         state.control.close()
+        if state.bindings is not None:
+            state.bindings.close()
         store.close()
-        raise OSError(f"control plane cannot listen on {target}: {reason}")
+        raise
     server.start()
-    return RunningServer(server=server, store=store, state=state, host=settings.host, port=port)
+    log.info("control plane on %s:%d (%s)", settings.host, port, auth.mode.value)
+    return RunningServer(server=server, store=store, state=state, host=settings.host, port=port,
+                         operator_port=operator_port)
+
+
+def _listen(server: grpc.Server, auth: ServerAuth, port: int, host: str,
+            require_client_cert: bool) -> int:
+    """Adds one listening port (TLS in TLS mode); the bound port number, OSError if none."""
+    target = f"{_bind_host(host)}:{port}"
+    try:
+        if auth.mode is AuthMode.TLS:
+            bound = server.add_secure_port(target, auth.credentials(require_client_cert))
+        else:
+            bound = server.add_insecure_port(target)
+    except RuntimeError as e:
+        bound, reason = 0, str(e)
+    else:
+        reason = "address in use or not available"
+    if not bound:
+        raise OSError(f"control plane cannot listen on {target}: {reason}")
+    return bound
 
 
 def serve_forever(settings: ServerSettings,

@@ -37,6 +37,30 @@ class ServerSettings:
     checkpoint_mb: int = field(default=128, metadata={"env": "HEADROOM_CP_CHECKPOINT_MB"})
     # DuckDB threads for the store (0 = DuckDB's default: all cores).
     duckdb_threads: int = field(default=0, metadata={"env": "HEADROOM_CP_DUCKDB_THREADS"})
+    # Transport security (controlplane/auth.py). TLS: the server's certificate and key, and the
+    # CA that signs agents' and operators' client certificates (required on `port`).
+    tls_cert_file: str = field(default="", metadata={"env": "HEADROOM_CP_TLS_CERT"})
+    tls_key_file: str = field(default="", metadata={"env": "HEADROOM_CP_TLS_KEY"})
+    tls_client_ca_file: str = field(default="", metadata={"env": "HEADROOM_CP_TLS_CLIENT_CA"})
+    # HMAC key of operator tokens (`controlplane token issue`); "" = no tokens.
+    token_key_file: str = field(default="", metadata={"env": "HEADROOM_CP_TOKEN_KEY_FILE"})
+    # TLS only: a second port without client certificates, for operators with a token
+    # (-1 = none, 0 = a free one).
+    operator_port: int = field(default=-1, metadata={"env": "HEADROOM_CP_OPERATOR_PORT"})
+    # Without TLS (loopback only): the secret every call must carry ("" = none needed). The
+    # embedded control plane gets a fresh one per process.
+    local_token: str = field(default="", metadata={"env": "HEADROOM_CP_LOCAL_TOKEN"})
+    # Agent streams may hold at most this many of the max_workers threads; the rest stay free
+    # for Query and Admin (which get at most max_workers - max_agent_streams at once).
+    max_agent_streams: int = field(default=48, metadata={"env": "HEADROOM_CP_MAX_AGENT_STREAMS"})
+    # Open Connect streams of one authenticated agent (its certificate) at once.
+    max_streams_per_client: int = field(default=4,
+                                        metadata={"env": "HEADROOM_CP_MAX_STREAMS_PER_CLIENT"})
+    # A Connect stream that has not said hello after this long is closed.
+    hello_timeout_s: float = field(default=10.0, metadata={"env": "HEADROOM_CP_HELLO_TIMEOUT_S"})
+    # Largest Query or Admin request (SQL text, JSON arguments).
+    max_operator_request_bytes: int = field(
+        default=1024 * 1024, metadata={"env": "HEADROOM_CP_MAX_OPERATOR_REQUEST_BYTES"})
 
     def __post_init__(self):
         problems = []
@@ -58,8 +82,27 @@ class ServerSettings:
                             f"query_max_rows={self.query_max_rows}")
         if self.duckdb_threads < 0:
             problems.append(f"duckdb_threads={self.duckdb_threads} must be >= 0")
+        problems += self._limit_problems()
         if problems:
             raise ValueError("invalid ServerSettings: " + "; ".join(problems))
+
+    def _limit_problems(self) -> list[str]:
+        problems = [f"{n}={getattr(self, n)} must be > 0" for n in
+                    ("max_agent_streams", "max_streams_per_client", "max_operator_request_bytes")
+                    if getattr(self, n) <= 0]
+        if self.max_agent_streams >= self.max_workers:
+            problems.append(f"max_agent_streams={self.max_agent_streams} must be below "
+                            f"max_workers={self.max_workers}: Query and Admin need threads too")
+        if not self.hello_timeout_s > 0:
+            problems.append(f"hello_timeout_s={self.hello_timeout_s} must be > 0")
+        if not -1 <= self.operator_port <= 65535:
+            problems.append(f"operator_port={self.operator_port} is not -1 (none) or in [0, 65535]")
+        return problems
+
+    @property
+    def max_operator_calls(self) -> int:
+        """Query and Admin calls served at once: the threads agent streams cannot take."""
+        return self.max_workers - self.max_agent_streams
 
     @classmethod
     def resolve(cls, **overrides: Any) -> "ServerSettings":

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 if TYPE_CHECKING:
     from controlplane.ingest import DecodedBatch
+from controlplane.ingest_rules import ModelShape
 from controlplane.schema import (COUNTER_COLUMNS, HELLO_COLUMNS, MODEL_COLUMNS, SCHEMA_VERSION,
                                  TELEMETRY_COLUMNS, ddl_statements)
 
@@ -103,6 +104,7 @@ class Store:
         self._cursor_lock = threading.Lock()
         self._writer = self._con.cursor()
         self._closed = False
+        self._shapes: dict[str, ModelShape] = {}   # agent_id -> its latest hello's structure
         self._migrate()
         self.mark_all_disconnected()   # nobody is connected to a server that just started
 
@@ -169,6 +171,20 @@ class Store:
         hello = [reg.hostname, reg.pid, reg.agent_version, reg.gpu_status, reg.settings_json]
         with self.transaction() as cur:
             cur.execute(_UPSERT_AGENT_SQL, [reg.agent_id, *model, *hello, now, now, True])
+            self._shapes[reg.agent_id] = ModelShape(int(reg.model.get("num_layers") or 0),
+                                                    int(reg.model.get("num_heads") or 0))
+
+    def model_shape(self, agent_id: str) -> ModelShape:
+        """The structure the agent registered (0 layers/heads: none, or it never said hello);
+        ingest checks layer and head indices against it. Lock-free on the hot path: the
+        stream's hello put it in the dict before its first batch."""
+        shape = self._shapes.get(agent_id)
+        if shape is None:
+            with self.reader() as cur:
+                got = cur.execute("SELECT num_layers, num_heads FROM agents WHERE agent_id = ?",
+                                  [agent_id]).fetchone()
+            shape = ModelShape(*(int(v or 0) for v in (got or (0, 0))))
+        return shape
 
     def set_connected(self, agent_id: str, connected: bool) -> None:
         with self.transaction() as cur:

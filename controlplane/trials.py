@@ -6,12 +6,23 @@ trial_id, PLAN_STATUS keyed by agent and plan). A waiter also gives up when the 
 stream ends, so a crashed agent costs a poll interval, not the whole timeout.
 PLAN_STATUS messages nobody waits for (the agent's own quality-guard rollback) go to the
 subscribers registered with `subscribe`.
+
+Every plan sent is signed (controlplane/signing.py): ApplyPlan for PlanPurpose.APPLY, a
+trial's plan for PlanPurpose.TRIAL, so a trial's candidate can never be replayed as an apply.
+
+Answers are bound to the agent asked: a TrialResult is accepted only from the agent the trial
+went to, for a trial id this client issued (random suffix: not guessable), and only once; a
+PlanStatus completes a request only when it comes from the agent the request went to. Anything
+else is dropped and counted in `TrialClient.dropped` (DropReason -> count).
 """
 from __future__ import annotations
 
 import enum
 import json
+import collections
+import dataclasses
 import logging
+import secrets
 import threading
 import time
 from concurrent.futures import Future, TimeoutError as FutureTimeout
@@ -20,11 +31,21 @@ from typing import Any, Callable, Mapping, Optional
 
 from controlplane.planner import TrialError
 from controlplane.plans import PlanDoc, canonical_json
+from controlplane.signing import PlanSigner
 from proto import headroom_pb2 as pb
+from proto.plandoc import PlanPurpose
 
 log = logging.getLogger("controlplane.trials")
 
 _POLL_S = 0.2   # how often a waiter checks that its agent is still connected
+_ANSWERED_MAX = 4096   # trial ids remembered after their answer, to tell duplicates apart
+
+
+class DropReason(str, enum.Enum):
+    """Why an agent's answer was not accepted."""
+    UNKNOWN_TRIAL = "unknown_trial"    # no trial with that id is waiting (made up, timed out)
+    WRONG_AGENT = "wrong_agent"        # the trial went to another agent
+    DUPLICATE = "duplicate"            # that trial was already answered
 
 
 class StatusState(str, enum.Enum):
@@ -83,11 +104,14 @@ def plan_message(doc: Mapping[str, Any]) -> pb.Plan:
 class TrialClient:
     """Registers on the server's inbound callbacks; one instance per server."""
 
-    def __init__(self, state):
+    def __init__(self, state, signer: Optional[PlanSigner] = None):
         from controlplane.server import InboundKind   # the server imports this module lazily
         self._state = state
+        self.signer = signer or PlanSigner.for_server(state.settings.db_path)
         self._lock = threading.Lock()
-        self._trials: dict[str, Future] = {}
+        self._trials: dict[str, tuple[str, Future]] = {}    # trial_id -> (agent asked, answer)
+        self._answered: collections.deque = collections.deque(maxlen=_ANSWERED_MAX)
+        self.dropped: collections.Counter = collections.Counter()   # DropReason -> count
         self._statuses: dict[tuple[str, str], tuple[frozenset, Future]] = {}
         self._subscribers: list[StatusCallback] = []
         state.on(InboundKind.TRIAL_RESULT, self._on_trial_result)
@@ -97,13 +121,13 @@ class TrialClient:
     def request(self, agent_id: str, doc: Mapping[str, Any], eval_json: str, timeout_s: float,
                 trial_id: Optional[str] = None) -> dict:
         """Runs one trial on the agent; the evidence dict, or TrialError (error, timeout, gone)."""
-        plan = plan_message(doc)
-        trial_id = trial_id or f"{plan.plan_id}.trial"
+        plan = self.signer.sign(plan_message(doc), PlanPurpose.TRIAL)
+        trial_id = trial_id or f"{plan.plan_id}.trial-{secrets.token_hex(8)}"
         future: Future = Future()
         with self._lock:
             if trial_id in self._trials:
                 raise TrialError(f"trial {trial_id!r} is already waiting for agent {agent_id}")
-            self._trials[trial_id] = future
+            self._trials[trial_id] = (agent_id, future)
         try:
             msg = pb.ControlMessage(trial=pb.TrialRequest(trial_id=trial_id, plan=plan,
                                                           eval_json=eval_json))
@@ -116,10 +140,16 @@ class TrialClient:
 
     def apply(self, agent_id: str, doc: Mapping[str, Any], timeout_s: float) -> StatusReport:
         """Sends ApplyPlan; the agent's APPLIED / REFUSED / FAILED, or AgentGone / TrialError."""
-        plan = plan_message(doc)
+        plan = self.signer.sign(plan_message(doc), PlanPurpose.APPLY)
         expect = frozenset({StatusState.APPLIED, StatusState.REFUSED, StatusState.FAILED})
-        return self._status_call(agent_id, plan.plan_id, expect, pb.ControlMessage(apply_plan=plan),
-                                 timeout_s, f"apply {plan.plan_id}")
+        report = self._status_call(agent_id, plan.plan_id, expect,
+                                   pb.ControlMessage(apply_plan=plan), timeout_s,
+                                   f"apply {plan.plan_id}")
+        if report.state is StatusState.APPLIED and report.sha256 != plan.sha256:
+            return dataclasses.replace(report, state=StatusState.FAILED, detail=json.dumps(
+                {"error": f"agent {agent_id} reported applying sha256 {report.sha256[:12]}, "
+                          f"not the plan sent ({plan.sha256[:12]})"}))
+        return report
 
     def rollback(self, agent_id: str, plan_id: str, reason: str, timeout_s: float) -> StatusReport:
         """Sends Rollback; the agent's ROLLED_BACK (or FAILED), or AgentGone / TrialError."""
@@ -170,13 +200,28 @@ class TrialClient:
                         from None
 
     def _on_trial_result(self, agent_id: str, result: pb.TrialResult) -> None:
+        """Accepts the answer of the agent asked, once; drops and counts anything else."""
         with self._lock:
-            future = self._trials.get(result.trial_id)
-        if future is None:
-            log.warning("agent %s answered trial %r that nobody waits for (timed out?)",
-                        agent_id, result.trial_id)
-        elif not future.done():
-            future.set_result(result)
+            reason = self._trial_drop_reason(agent_id, result.trial_id)
+            if reason is None:
+                _, future = self._trials.pop(result.trial_id)
+                self._answered.append(result.trial_id)
+            else:
+                self.dropped[reason] += 1
+        if reason is not None:
+            log.warning("dropped TrialResult %r from agent %s: %s", result.trial_id[:80],
+                        agent_id, reason.value)
+            return
+        future.set_result(result)
+
+    def _trial_drop_reason(self, agent_id: str, trial_id: str) -> Optional[DropReason]:
+        """Under self._lock."""
+        pending = self._trials.get(trial_id)
+        if pending is None:
+            return DropReason.DUPLICATE if trial_id in self._answered else DropReason.UNKNOWN_TRIAL
+        if pending[0] != agent_id:
+            return DropReason.WRONG_AGENT
+        return DropReason.DUPLICATE if pending[1].done() else None
 
     def _on_plan_status(self, agent_id: str, status: pb.PlanStatus) -> None:
         report = StatusReport(agent_id, status.plan_id, status.sha256,

@@ -14,6 +14,7 @@ import grpc
 import pandas as pd
 
 from controlplane.admin import AdminClient
+from controlplane.credentials import ClientCredentials
 from controlplane.query import decode_result
 from dashboard.settings import DashboardSettings
 from proto import headroom_pb2 as pb
@@ -45,9 +46,12 @@ class ControlPlaneClient:
     The Query RPC is called on its stub rather than through QueryClient, whose errors fold
     UNAVAILABLE into "failed": here "nobody answered" and "the SQL was refused" must differ."""
 
-    def __init__(self, settings: DashboardSettings):
+    def __init__(self, settings: DashboardSettings, credentials: Optional[ClientCredentials] = None):
+        """credentials: the operator's certificate or token; None = from HEADROOM_TLS_CA,
+        HEADROOM_TLS_CERT, HEADROOM_TLS_KEY, HEADROOM_TOKEN, HEADROOM_LOCAL_TOKEN."""
         self.settings = settings
         self.address = settings.address
+        self.credentials = credentials or ClientCredentials.resolve()
         self._lock = threading.Lock()
         self._admin: Optional[AdminClient] = None
         self._channel: Optional[grpc.Channel] = None
@@ -57,9 +61,10 @@ class ControlPlaneClient:
         with self._lock:
             if self._admin is None:
                 self._admin = AdminClient(self.address, actor=self.settings.operator,
-                                          timeout_s=self.settings.timeout_s)
+                                          timeout_s=self.settings.timeout_s,
+                                          credentials=self.credentials)
                 options = [("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES)]
-                self._channel = grpc.insecure_channel(self.address, options=options)
+                self._channel = self.credentials.channel(self.address, options=options)
             return self._admin, headroom_pb2_grpc.HeadroomStub(self._channel)
 
     def reset(self) -> None:

@@ -49,3 +49,31 @@ def canonical_json(doc: Mapping[str, Any]) -> bytes:
 
 def plan_hash(doc: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(doc)).hexdigest()
+
+
+# ---------------------------------------------------------------- plan signatures
+# What the control plane's Ed25519 key signs: a domain tag, the purpose, the sha256 hex, and
+# the canonical document bytes exactly as they travel in Plan.document_json. The tag keeps a
+# plan signature from being valid for anything else signed with the same key; the purpose
+# keeps a trial's plan (any candidate, applied only for the trial) from being replayed as an
+# ApplyPlan (only approved plans are signed for APPLY).
+SIGNATURE_DOMAIN = b"headroom.plan.signature/v1\n"
+ED25519_PUBLIC_KEY_BYTES = 32
+
+
+class PlanPurpose(str, enum.Enum):
+    APPLY = "apply"     # ControlMessage.apply_plan: an approved plan, kept until rolled back
+    TRIAL = "trial"     # TrialRequest.plan: applied for the trial's measurements, then undone
+
+
+def signing_payload(purpose: PlanPurpose, sha256: str, document_json: str) -> bytes:
+    return (SIGNATURE_DOMAIN + purpose.value.encode() + b"\n" + sha256.encode("utf-8") + b"\n"
+            + document_json.encode("utf-8"))
+
+
+def key_id(public_key_raw: bytes) -> str:
+    """A key's short name: the first 16 hex digits of sha256(raw 32-byte Ed25519 public key)."""
+    if len(public_key_raw) != ED25519_PUBLIC_KEY_BYTES:
+        raise ValueError(f"an Ed25519 public key is {ED25519_PUBLIC_KEY_BYTES} bytes, "
+                         f"got {len(public_key_raw)}")
+    return hashlib.sha256(public_key_raw).hexdigest()[:16]

@@ -25,6 +25,7 @@ EVAL = {"seq_len": 129, "max_sequences": 16, "prompts": 2, "prompt_tokens": 16,
         "new_tokens": 12, "latency_repeats": 3}
 POLL_S = 2.0
 BEST_PLAN_PATH = Path(".headroom/best-plan.json")   # read by `make bench-table`
+BEST_EVIDENCE_PATH = Path(".headroom/best-plan-evidence.json")   # read by bench/agree.py
 
 
 def static_int8_plan(handle) -> dict:
@@ -36,8 +37,10 @@ def static_int8_plan(handle) -> dict:
             "transforms": [{"kind": "weight_precision", "layers": layers}]}
 
 
-def wait_job(admin: AdminClient, job_id: str, serve=None, timeout_s: float = 1800) -> dict:
-    """Polls a control-plane job; `serve()` runs between polls (requests the canary watches)."""
+def wait_job(admin: AdminClient, job_id: str, handle, serve=None, timeout_s: float = 1800) -> dict:
+    """Polls a control-plane job; `serve()` runs between polls while rolling out (requests the
+    canary watches); otherwise this serving thread waits in handle.serve_pending(), so trials
+    run here, on the thread that serves requests, as they would between a server's requests."""
     deadline, seen = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
         job = admin.call("plan.status", {"job_id": job_id})
@@ -50,7 +53,7 @@ def wait_job(admin: AdminClient, job_id: str, serve=None, timeout_s: float = 180
         if serve is not None and job["stage"] == "rolling_out":
             serve()
         else:
-            time.sleep(POLL_S)
+            handle.serve_pending(POLL_S)
     raise TimeoutError(f"job {job_id} still running after {timeout_s:.0f} s")
 
 
@@ -93,7 +96,7 @@ def _plan(admin: AdminClient, handle, model, tok, args) -> dict:
         "agent_id": handle.agent_id, "max_trials": args.max_trials, "eval": EVAL,
         "budget": {"min_top1": args.min_top1, "max_ppl_ratio": args.max_ppl_ratio},
         "tenant": "demo", "route": "/chat"})
-    return wait_job(admin, job["job_id"], serve=lambda: serve_some(handle, model, tok))
+    return wait_job(admin, job["job_id"], handle, serve=lambda: serve_some(handle, model, tok))
 
 
 def _decide_and_apply(admin: AdminClient, handle, model, tok, job: dict) -> list:
@@ -109,11 +112,13 @@ def _decide_and_apply(admin: AdminClient, handle, model, tok, job: dict) -> list
         print(f"  needs a human: {operator_reason(shown)}; approving as {admin.actor}")
         rollout = admin.call("plan.approve", {"plan_id": plan_id,
                                               "reason": "demo: evidence reviewed within budget"})
-        job = wait_job(admin, rollout["job_id"], serve=lambda: serve_some(handle, model, tok))
+        job = wait_job(admin, rollout["job_id"], handle, serve=lambda: serve_some(handle, model, tok))
     status = admin.call("plan.show", {"plan_id": plan_id})["plan"]["status"]
     print(f"  rollout: {job['message']} -> plan status {status}; agent active plan: "
           f"{handle.active_plan.plan_id if handle.active_plan else None}")
     evidence = _best_evidence(shown)
+    if evidence:
+        BEST_EVIDENCE_PATH.write_text(json.dumps(evidence, indent=1, sort_keys=True) + "\n")
     return [(f"headroom plan {plan_id}", _plan_side(evidence))] if evidence else []
 
 
@@ -140,18 +145,24 @@ def _best_evidence(shown: dict) -> Any:
     return trials[-1]["evidence"] if trials else None
 
 
+def _get(ev):
+    return (lambda k: ev[k]) if isinstance(ev, dict) else (lambda k: getattr(ev, k))
+
+
 def _base_side(ev) -> dict:
-    return {"latency": ev.latency_ms_per_token_base, "bytes": ev.weight_bytes_base,
-            "top1": 1.0, "kl": 0.0, "ppl": 1.0, "em": 1.0, "base_latency": ev.latency_ms_per_token_base,
-            "base_bytes": ev.weight_bytes_base}
+    get = _get(ev)
+    return {"latency": get("latency_ms_per_token_base"), "bytes": get("weight_bytes_base"),
+            "top1": 1.0, "kl": 0.0, "ppl": 1.0, "em": 1.0, "ratio": (1.0, 1.0, 1.0, 0),
+            "base_bytes": get("weight_bytes_base")}
 
 
 def _plan_side(ev) -> dict:
-    get = (lambda k: ev[k]) if isinstance(ev, dict) else (lambda k: getattr(ev, k))
+    get = _get(ev)
     return {"latency": get("latency_ms_per_token_plan"), "bytes": get("weight_bytes_plan"),
             "top1": get("top1_agreement"), "kl": get("mean_kl"), "ppl": get("ppl_ratio"),
-            "em": get("exact_match"), "base_latency": get("latency_ms_per_token_base"),
-            "base_bytes": get("weight_bytes_base")}
+            "em": get("exact_match"), "base_bytes": get("weight_bytes_base"),
+            "ratio": (get("latency_ratio"), get("latency_ratio_min"), get("latency_ratio_max"),
+                      get("latency_pairs"))}
 
 
 def _print_decisions(admin: AdminClient) -> None:
@@ -191,11 +202,13 @@ def _short(v: Any) -> str:
 
 def _print_table(rows: list) -> None:
     print("\n== unoptimised vs static int8 vs headroom, measured in this run (decode, batch 1) ==")
-    print("   each row's cuts compare it with the unoptimised model timed in the same trial")
+    print("   latency ratio: plan / unoptimised, median of back-to-back pairs timed in the row's own")
+    print("   trial on the serving thread (min-max over the pairs, n pairs); memory vs unoptimised")
     out = []
     for name, s in rows:
-        out.append([name, s["latency"], f"{100 * (1 - s['latency'] / s['base_latency']):.1f}%",
+        ratio, lo, hi, n = s["ratio"]
+        out.append([name, s["latency"], f"{ratio:.3f} ({lo:.2f}-{hi:.2f}, n={n})",
                     s["bytes"] / 2**20, f"{100 * (1 - s['bytes'] / s['base_bytes']):.1f}%",
                     s["top1"], s["kl"], s["ppl"], s["em"]])
-    print(report.table(["configuration", "ms/token", "latency cut", "weight MiB", "memory cut",
+    print(report.table(["configuration", "ms/token", "latency ratio", "weight MiB", "memory cut",
                         "top-1", "mean KL", "ppl ratio", "exact match"], out))

@@ -33,8 +33,11 @@ class UnsupportedModelError(TypeError):
     """No adapter matched, or an adapter could not find a part it needs; says which."""
 
 
-# (attn module, hook args, hook kwargs) -> (q [B, H, Tq, D], k [B, KVH, S, D]) with positional
-# encoding applied, for the queries of this forward and all keys they attend to.
+# (attn module, hook args, hook kwargs) -> (q [B, H, Tq, D], k [B, KVH, S, D]) exactly as the
+# model's attention scores them: after its q/k norms and positional encoding, for the queries of
+# this forward and all keys they attend to. Used only when the attention module does not return
+# its probabilities (sdpa / flash); the softmax scale is the module's `scaling`, soft-capping its
+# `attn_logit_softcapping`, the mask the `attention_mask` kwarg it receives (see trace.py).
 QKProbe = Callable[[nn.Module, tuple, dict], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -51,7 +54,7 @@ class AttentionRefs:
 @dataclass(frozen=True)
 class MlpRefs:
     module: nn.Module
-    up_proj: nn.Module                  # hidden -> intermediate
+    up_proj: nn.Module                  # hidden -> intermediate (Phi-3: the fused gate|up, 2 x I)
     down_proj: nn.Module                # input [..., I] is the activation the sparsity stats see
     gate_proj: Optional[nn.Module] = None  # gated MLPs (SwiGLU); None for GPT-2
 
@@ -76,8 +79,12 @@ class ModelStructure:
     blocks: tuple[BlockRefs, ...]
     layers: nn.ModuleList            # container of the blocks, for layer skipping
     weight_layout: WeightLayout
-    qk_probe: QKProbe                # see QKProbe
+    qk_probe: Optional[QKProbe]      # see QKProbe; None: attention stats need eager attention
     name: str = ""                   # e.g. the HF name_or_path
+    # Module whose forward receives the request's padding mask as an `attention_mask` kwarg,
+    # 2D [B, S] (1 = real token), for this forward's tokens and every cached one (HF: the base
+    # model, model.model / model.transformer). None: the model takes no padding mask.
+    padding_source: Optional[nn.Module] = None
 
     @property
     def group_size(self) -> int:

@@ -53,7 +53,7 @@ class GPT2Adapter(Adapter):
             intermediate_size=getattr(cfg, "n_inner", None) or 4 * hidden,
             blocks=tuple(self._block(i, layer) for i, layer in enumerate(layers)),
             layers=layers, weight_layout=WeightLayout.IN_OUT, qk_probe=gpt2_qk_probe,
-            name=str(getattr(cfg, "name_or_path", "") or ""))
+            name=str(getattr(cfg, "name_or_path", "") or ""), padding_source=model.transformer)
 
     @staticmethod
     def _block(i: int, layer: nn.Module) -> BlockRefs:

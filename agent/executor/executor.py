@@ -20,16 +20,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from torch import nn
+from torch import Tensor, nn
 
 from agent.adapters.base import BlockRefs, ModelStructure
 from agent.executor.execution import apply_execution, execution_support
-from agent.executor.int8 import Int8Linear, apply_head_int8
+from agent.executor.int8 import Int8Linear, apply_head_int8, probe_model_int8
 from agent.executor.prune import PrunedAttention, ZeroAttention, prune_support
 from agent.executor.skip import IdentityBlock, apply_skip
 from agent.executor.sparsity import SparseDownProj
 from agent.executor.undo import UndoLog
 from agent.executor.weights import weight_bytes
+from agent.kernels.autotune import kernel_choices
 from agent.plan import (ActivationSparsity, Execution, Plan, PruneHeads, SkipLayers,
                         Transform, TransformKind, WeightPrecision, check_fit,
                         head_int8_support)
@@ -72,6 +73,8 @@ class ApplyReport:
     weight_bytes_after: int
     heads_removed: int
     layers_skipped: int
+    # module path -> {"kernel", "candidates_us", "rejected"}: each measured kernel choice
+    kernels: dict[str, dict] = field(default_factory=dict)
 
 
 _ROLES = ("attn", "mlp", "q", "k", "v", "qkv", "o", "gate", "up", "down")
@@ -117,7 +120,7 @@ class Executor:
                 TransformKind.PRUNE_HEADS: prune_support(self.structure),
                 TransformKind.ACTIVATION_SPARSITY: None if all("down" in p for p in self.paths)
                 else "down projection not found inside the block",
-                TransformKind.WEIGHT_PRECISION: None,
+                TransformKind.WEIGHT_PRECISION: _int8_support(self.structure),
                 TransformKind.EXECUTION: execution_support(self.model)}
 
     def validate(self, plan: Plan) -> list[str]:
@@ -146,7 +149,7 @@ class Executor:
             return ApplyReport(plan.plan_id, plan.hash, applied, notes,
                                (time.perf_counter() - t0) * 1e3, before,
                                weight_bytes(self.model), self._heads_removed(plan),
-                               len(_skipped(plan)))
+                               len(_skipped(plan)), kernel_choices(self.model))
 
     def rollback(self) -> None:
         with self.lock:
@@ -189,6 +192,22 @@ class Executor:
         prune, skipped = plan.get(TransformKind.PRUNE_HEADS), _skipped(plan)
         pruned = 0 if prune is None else sum(len(h) for l, h in prune.heads.items() if l not in skipped)
         return pruned + len(skipped) * self.structure.num_heads
+
+
+def _int8_support(s: ModelStructure) -> str | None:
+    """int8 replaces 2-D projection weights (nn.Linear [out, in], GPT-2 Conv1D [in, out]);
+    any other projection (fused experts, a custom module) is refused before a weight changes."""
+    for b in s.blocks:
+        for name, mod in (("q", b.attn.q_proj), ("k", b.attn.k_proj), ("v", b.attn.v_proj),
+                          ("qkv", b.attn.qkv_proj), ("o", b.attn.o_proj),
+                          ("gate", b.mlp.gate_proj), ("up", b.mlp.up_proj),
+                          ("down", b.mlp.down_proj)):
+            w = getattr(mod, "weight", None)
+            linear = isinstance(mod, nn.Linear) or s.weight_layout == WeightLayout.IN_OUT
+            if mod is not None and not (linear and isinstance(w, Tensor) and w.dim() == 2):
+                return (f"layer {b.index}: {name} projection is {type(mod).__name__}, not a "
+                        "linear layer with a 2-D weight; int8 cannot replace it")
+    return None
 
 
 def _skipped(plan: Plan) -> set[int]:
@@ -242,6 +261,7 @@ def _apply_sparsity(ex: Executor, t: ActivationSparsity, log: UndoLog) -> list[s
 
 
 def _apply_int8(ex: Executor, t: WeightPrecision, log: UndoLog) -> list[str]:
+    probe_model_int8(ex.model, ex.structure.weight_layout)   # one probe child for all shapes
     for layer in sorted(t.layers):
         if ex.is_skipped(layer):
             continue

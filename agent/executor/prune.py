@@ -14,6 +14,7 @@ A layer whose heads are all pruned gets `ZeroAttention`: output o_proj(0) (= its
 """
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Callable
 
@@ -24,8 +25,18 @@ from agent.adapters.base import ModelStructure, WeightLayout
 from agent.executor.cache_slot import cache_from_kwargs, write_placeholder
 
 
+# What PrunedAttention reproduces of a transformers attention, per head. Anything else on the
+# module (a child or a plain attribute) could change the computation in a way slicing heads
+# does not reproduce, so prune_support refuses it rather than guess.
+_KNOWN_CHILDREN = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"})
+_KNOWN_ATTRS = frozenset({"attention_dropout", "config", "head_dim", "is_causal", "layer_idx",
+                          "layer_type", "num_key_value_groups", "num_key_value_heads", "scaling",
+                          "sliding_window", "is_sliding", "attn_logit_softcapping", "training"})
+_QK_NORMS = ("q_norm", "k_norm")
+
+
 def prune_support(structure: ModelStructure) -> str | None:
-    """None when prune_heads can run on this model, else why not."""
+    """None when prune_heads can run exactly on this model, else why not."""
     attn = structure.blocks[0].attn
     if structure.weight_layout != WeightLayout.OUT_IN or attn.q_proj is None:
         return "needs separate q/k/v nn.Linear projections (Llama family); fused qkv not supported yet"
@@ -34,6 +45,28 @@ def prune_support(structure: ModelStructure) -> str | None:
     mod = sys.modules.get(type(attn.module).__module__)
     if getattr(mod, "apply_rotary_pos_emb", None) is None or not hasattr(attn.module, "config"):
         return f"{type(attn.module).__name__} is not a transformers rotary attention"
+    for block in structure.blocks:
+        reason = _attention_reason(block.attn.module, structure.head_dim)
+        if reason:
+            return f"layer {block.index}: {reason}"
+    return None
+
+
+def _attention_reason(attn: nn.Module, head_dim: int) -> str | None:
+    """Why slicing this attention's heads would not be exact, or None."""
+    name = type(attn).__name__
+    unknown = sorted({n for n, _ in attn.named_children()} - _KNOWN_CHILDREN)
+    unknown += sorted(k for k in vars(attn) if not k.startswith("_") and k not in _KNOWN_ATTRS)
+    if unknown:
+        return (f"{name} has {unknown}, which pruned attention does not reproduce; "
+                "refused rather than risk an inexact result")
+    for norm_name in _QK_NORMS:
+        norm = getattr(attn, norm_name, None)
+        width = getattr(getattr(norm, "weight", None), "shape", (None,))[-1]
+        if norm is not None and width != head_dim:
+            return (f"{name}.{norm_name} normalises over the whole projection ({width} "
+                    f"features, not one head's {head_dim}): removing heads would change "
+                    "the norm's statistics, so pruning cannot be exact")
     return None
 
 
@@ -70,17 +103,26 @@ def kv_grouping(kept: list[int], group_size: int) -> tuple[list[int], list[int],
 
 
 class PrunedAttention(nn.Module):
-    """Drop-in for a transformers Llama-family attention with only `kept` query heads."""
+    """Drop-in for a transformers Llama-family attention with only `kept` query heads.
+
+    Reproduces, per kept head, what the original does (see prune_support for what is
+    refused): per-head q/k norms (Qwen3, Gemma3), rotary embedding, the KV cache, the
+    module's scaling, causality, sliding window (Mistral, Gemma2/3) and attention-logit
+    soft-capping (Gemma2)."""
 
     def __init__(self, orig: nn.Module, kept: list[int], structure: ModelStructure):
         super().__init__()
         d, g = structure.head_dim, structure.group_size
         kept_kv, kv_map, even = kv_grouping(kept, g)
         self.config, self.layer_idx, self.head_dim = orig.config, orig.layer_idx, d
-        self.scaling, self.is_causal = orig.scaling, True
+        self.scaling, self.is_causal = orig.scaling, getattr(orig, "is_causal", True)
         self.attention_dropout = getattr(orig, "attention_dropout", 0.0)
         self.sliding_window = (orig.sliding_window if hasattr(orig, "sliding_window")
                                else getattr(orig.config, "sliding_window", None))
+        self.softcap = getattr(orig, "attn_logit_softcapping", None)
+        for attr in ("layer_type", "is_sliding"):       # read by some attention backends
+            if hasattr(orig, attr):
+                setattr(self, attr, getattr(orig, attr))
         self.kept_heads, self.kept_kv_heads = tuple(kept), tuple(kept_kv)
         # Even groups: the backend repeats each KV head `even` times; else kv_map expands.
         self.num_key_value_groups = even or 1
@@ -91,19 +133,26 @@ class PrunedAttention(nn.Module):
         self.k_proj = slice_rows(orig.k_proj, _head_rows(kept_kv, d))
         self.v_proj = slice_rows(orig.v_proj, _head_rows(kept_kv, d))
         self.o_proj = slice_cols(orig.o_proj, _head_rows(kept, d))
+        # Per-head norms ([D] weights) apply to every head alike; copies, because the original
+        # attention may be parked on another device by the undo log.
+        self.q_norm = _copy_or_none(getattr(orig, "q_norm", None))
+        self.k_norm = _copy_or_none(getattr(orig, "k_norm", None))
         mod = sys.modules[type(orig).__module__]
         self._rope: Callable = mod.apply_rotary_pos_emb
         self._eager: Callable = mod.eager_attention_forward
+
+    def _heads(self, proj: nn.Linear, norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        y = proj(x).view(*x.shape[:-1], -1, self.head_dim)              # [B, T, H', D]
+        return (y if norm is None else norm(y)).transpose(1, 2)         # [B, H', T, D]
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                 **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         cache = cache_from_kwargs(kwargs)
         kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
-        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)      # [B, H', T, D]
-        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)      # [B, KVH', T, D]
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        q = self._heads(self.q_proj, self.q_norm, hidden_states)       # [B, H', T, D]
+        k = self._heads(self.k_proj, self.k_norm, hidden_states)       # [B, KVH', T, D]
+        v = self._heads(self.v_proj, None, hidden_states)
         cos, sin = position_embeddings
         q, k = self._rope(q, k, cos, sin)
         if cache is not None:
@@ -112,15 +161,23 @@ class PrunedAttention(nn.Module):
             k, v = k.index_select(1, self.kv_map), v.index_select(1, self.kv_map)  # [B, H', S, D]
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                        self._eager)
-        extra = {} if self.sliding_window is None else {"sliding_window": self.sliding_window}
         out, weights = attend(self, q, k, v, attention_mask, scaling=self.scaling,
                               dropout=0.0 if not self.training else self.attention_dropout,
-                              **extra, **kwargs)
+                              **self._extra(), **kwargs)
         out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()   # [B, T, H' * D]
         return self.o_proj(out), weights
 
+    def _extra(self) -> dict:
+        """Keyword arguments the original passes only when it has the feature."""
+        extra = {} if self.sliding_window is None else {"sliding_window": self.sliding_window}
+        return extra if self.softcap is None else {**extra, "softcap": self.softcap}
+
     def extra_repr(self) -> str:
         return f"kept_heads={list(self.kept_heads)}, kept_kv_heads={list(self.kept_kv_heads)}"
+
+
+def _copy_or_none(module: nn.Module | None) -> nn.Module | None:
+    return None if module is None else copy.deepcopy(module)
 
 
 class ZeroAttention(nn.Module):

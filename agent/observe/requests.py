@@ -1,22 +1,28 @@
 """Request boundaries and cheap per-request metrics; starts a full trace for sampled requests.
 
-A request is, whichever is outermost: a `with tracker.request(...)` block, one call of the
-model instance's `generate`, or one top-level `forward` call. Everything nested belongs to it.
-Only two hooks live on the model permanently, on its top-level module (forward pre-hook and
-forward hook); per-layer hooks exist only while a sampled request runs (see trace.py).
+A request is, per thread, whichever is outermost: a `with tracker.request(...)` block, one call
+of the model instance's `generate`, or one top-level `forward` call. Everything nested on the
+same thread belongs to it; a forward on another thread is that thread's own request. Only two
+hooks live on the model permanently, on its top-level module (forward pre-hook and forward
+hook); per-layer hooks exist only while a sampled request runs (see trace.py). Per forward the
+hooks read a few thread-local attributes and take no lock; a lock is taken per request.
 
-Not thread-safe: one request at a time per model. Forwards from another thread while a
-request is open are counted into that request.
+Concurrency (gate.py): untraced requests hold the model shared and run concurrently. Traced
+requests hold it exclusively, because per-layer hooks are per module, not per thread: another
+thread's forwards would be counted into the trace. That is the price of sampling: while a
+traced request runs, requests on other threads wait for it (and it waits for those already in);
+each such wait is counted in `traced_serialised_waits`. At sample_rate 0.05 and N concurrent
+threads, about 5% of requests briefly serialise the model.
 
-Request boundaries (the executor's only windows): every request holds `_boundary` from open to
-close. A control thread (plan apply, rollback, trial, quality guard) takes it with
-`boundary()`, so it changes or runs the model only between requests. The serving thread never
-waits on network or disk because of this: the control side parses, tokenises and replies
-outside the boundary and holds it only for model work. A turnstile makes the handoff fair: a
-control thread waiting for the boundary gets it at the next request end, and a serving loop
-then waits at its next request open for at most that one trial / apply / guard check.
-Model calls made by the thread holding the boundary are not requests: they are neither
-recorded nor traced.
+Control work (plan apply, rollback, trial, quality guard) holds the model exclusively, so it
+changes or runs the model only between requests: it waits for the open requests to end, and
+requests arriving meanwhile queue behind it, then get in before any later control work (a
+serving loop waits at most one trial / apply / guard check). The control side parses,
+tokenises and replies outside; it holds the model only for model work. Two ways in:
+`boundary()` runs on the calling thread; `run_model_work(fn)` prefers a serving thread (the
+next request to open runs fn first, or an idle loop in `serve_pending()`), because on a CPU
+torch work on another Python thread runs its own OpenMP team and fights the serving thread's.
+Model calls made by the thread doing control work are not requests: neither recorded nor traced.
 """
 from __future__ import annotations
 
@@ -30,12 +36,15 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
 from torch import nn
 
 from agent.adapters.base import ModelStructure
+from agent.fingerprint import execution_device
+from agent.observe.gate import Holder, ModelGate
+from agent.observe.handoff import Work, WorkQueue, WorkSite, check_seconds
 from agent.observe.spans import emit_request_span, request_tracer
 from agent.observe.trace import TraceCollector
 from agent.records import RequestRecord
@@ -44,6 +53,9 @@ from agent.settings import AgentSettings
 log = logging.getLogger(__name__)
 
 Sink = Callable[[RequestRecord], None]
+T = TypeVar("T")
+
+__all__ = ["ErrorCount", "Labels", "Owner", "RequestTracker", "Sink", "WorkSite"]
 
 
 class Owner(enum.Enum):
@@ -60,18 +72,23 @@ class Labels:
     query_class: str = ""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
     request_id: int
     owner: Owner
     labels: Labels
+    ticket: int                          # ModelGate ticket, released at close
     start_ns: int                        # perf_counter_ns
     start_unix_ns: int
     trace: Optional[TraceCollector]
-    forwards: int = 0                    # completed top-level forwards
+    forwards: int = 0                    # completed top-level forwards (decode steps)
     started_forwards: int = 0
-    batch_size: int = 1
-    prompt_tokens: int = 0
+    rows: int = 1                        # B of the first top-level forward's input
+    padded_tokens: int = 0               # T of the first top-level forward's input (with padding)
+    # [2] int64 on the input's device: (real prompt tokens, rows with a real token), from the
+    # attention mask; reduced at the first forward, read at emit (no sync on the way in).
+    mask_counts: Optional[torch.Tensor] = None
+    prompt_mask: Optional[torch.Tensor] = None   # generate()'s attention_mask kwarg, [B, T]
     first_end_ns: int = 0
     last_end_ns: int = 0
     # Token ids for the quality guard, captured only while `capture_ids` is on: references,
@@ -89,6 +106,21 @@ class _Request:
             return last
         return first
 
+    def real_counts(self) -> tuple[int, int]:
+        """(prompt tokens without padding, sequences with at least one real prompt token)."""
+        if self.mask_counts is None:
+            return self.rows * self.padded_tokens, self.rows
+        tokens, rows = self.mask_counts.tolist()
+        return int(tokens), int(rows)
+
+
+class _ThreadState(threading.local):
+    """This thread's request state; class attributes are each thread's initial values."""
+    active: Optional[_Request] = None    # the open request of this thread
+    depth: int = 0                       # nesting of the top-level module's forward
+    control: int = 0                     # > 0 while this thread does control work (boundary)
+    served: bool = False                 # this thread has opened a request: a serving thread
+
 
 def _input_ids(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     x = kwargs.get("input_ids", kwargs.get("idx", args[0] if args else None))
@@ -103,6 +135,27 @@ def _input_shape(args: tuple, kwargs: dict) -> tuple[int, int]:
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         return 1, 0
     return int(x.shape[0]), int(x.shape[1])
+
+
+def _mask_counts(mask, rows: int) -> Optional[torch.Tensor]:
+    """[2] (ones, rows with a one) of a [rows, T] padding mask, on its device; None otherwise
+    (no mask, or a 4-D / custom mask we cannot read as padding)."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != rows:
+        return None
+    per_row = (mask != 0).sum(dim=1)                       # [B]
+    return torch.stack([per_row.sum(), (per_row > 0).sum()])
+
+
+@contextlib.contextmanager
+def _fresh_thread_modes(device_type: str) -> Iterator[None]:
+    """Control work sees the grad / inference / autocast modes of a fresh thread, wherever it
+    runs (they are thread-local, and a serving thread may be inside inference_mode)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        if device_type in ("cpu", "cuda"):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
 
 
 FinishedCallback = Callable[[int, object], None]
@@ -128,19 +181,20 @@ class RequestTracker:
         self._tracer = request_tracer(tracer_provider)
         self._rng = random.Random(settings.sample_seed)
         self._ids = itertools.count(1)
-        self._device = next(model.parameters()).device
-        self._active: Optional[_Request] = None
-        self._depth = 0                 # nesting of the top-level module's forward
+        self._device = execution_device(model)
+        self._local = _ThreadState()
+        self._gate = ModelGate()
+        self._work = WorkQueue()
+        self._open_requests: dict[int, _Request] = {}     # request_id -> open request, any thread
+        self._stats_lock = threading.Lock()
         self._hooks: list = []
+        self._attached = False
         self._saved_generate = None     # an instance attribute `generate` that was there before
         self.requests_seen = 0
-        self.longest_tokens = 0         # prompt + output tokens of the longest request seen
-        # Boundaries (module docstring). Lock, not RLock: a request may close on another thread.
-        self._turnstile, self._boundary = threading.Lock(), threading.Lock()
-        self._control_thread: Optional[int] = None    # holder of boundary(), if any
-        self._request_thread: Optional[int] = None    # thread that opened the active request
-        self._control_waiting = 0
-        self.boundary_waits = 0         # boundary() calls that found the model busy (request or control)
+        self.longest_tokens = 0         # padded prompt + output tokens per sequence, longest seen
+        self.boundary_waits = 0         # control work that found the model busy (request or control)
+        self.traced_serialised_waits = 0  # request opens that waited because tracing serialises
+        self.work_sites = {site: 0 for site in WorkSite}   # run_model_work items run, by site
         # While a plan is active the adapter's structure no longer matches the swapped modules:
         # sampled requests get cheap metrics only, counted in traces_paused_skipped.
         self.traces_paused = False
@@ -158,13 +212,10 @@ class RequestTracker:
         if callable(original):
             self._saved_generate = m.__dict__.get("generate")
             m.generate = self._wrap_generate(original)
-
-    def _note_output(self, req: Optional[_Request], out):
-        if self.capture_ids and req is not None:
-            req.output = out
-        return out
+        self._attached = True
 
     def detach(self) -> None:
+        self._attached = False
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -173,108 +224,181 @@ class RequestTracker:
             del m.generate
             if self._saved_generate is not None:
                 m.generate = self._saved_generate
-        if self._active is not None:      # detached mid-request: drop it, leave no hooks
-            self._close(self._active, emit=False)
+        for req in list(self._open_requests.values()):   # detached mid-request: drop, no hooks left
+            self._finish(req, emit=False)
+
+    def _note_output(self, req: Optional[_Request], out):
+        if self.capture_ids and req is not None:
+            req.output = out
+        return out
 
     def _wrap_generate(self, original: Callable) -> Callable:
         @functools.wraps(original)
         def generate(*args, **kwargs):
-            if self._bypass():
+            st = self._local
+            if st.control:
                 return original(*args, **kwargs)
-            if self._active is not None:
-                return self._note_output(self._active, original(*args, **kwargs))
-            req = self._open(Owner.GENERATE, Labels())
+            if st.active is not None:
+                return self._note_output(st.active, original(*args, **kwargs))
+            req = self._open(Owner.GENERATE, Labels(), st)
+            if req is not None:
+                req.prompt_mask = kwargs.get("attention_mask")
             try:
                 return self._note_output(req, original(*args, **kwargs))
             finally:
-                self._close(req)
+                self._close(req, st)
         generate.__headroom_wrapper__ = True
         return generate
 
-    # --- control boundaries ---------------------------------------------------------------
+    # --- control work ---------------------------------------------------------------------
 
     @contextlib.contextmanager
     def boundary(self) -> Iterator[None]:
-        """Holds the model between two requests (waits for the open one to end). Re-entrant
-        for its holder; raises on the thread of an open request, which would wait for itself."""
-        me = threading.get_ident()
-        if self._control_thread == me:
+        """Holds the model exclusively between requests, on this thread (waits for the open
+        requests to end). Re-entrant for its holder; raises on a thread inside a request, which
+        would wait for itself."""
+        st = self._local
+        if st.control:
             yield
             return
-        if self._active is not None and self._request_thread == me:
+        if st.active is not None:
             raise RuntimeError("headroom: plans and trials run between requests; this thread is "
                                "inside a request (call it after the request ends)")
-        self._control_waiting += 1
-        try:
-            with self._turnstile:
-                if not self._boundary.acquire(blocking=False):
-                    self.boundary_waits += 1
-                    self._boundary.acquire()
-        finally:
-            self._control_waiting -= 1
-        self._control_thread = me
+        ticket, blockers = self._gate.acquire(Holder.CONTROL)
+        if blockers:
+            with self._stats_lock:
+                self.boundary_waits += 1
+        st.control += 1
         try:
             yield
         finally:
-            self._control_thread = None
-            self._boundary.release()
+            st.control -= 1
+            self._gate.release(ticket)
 
     @property
     def control_waiting(self) -> bool:
-        """A control thread is waiting for the open request to end."""
-        return self._control_waiting > 0
+        """Control work is waiting for the open requests to end, or posted for a serving thread."""
+        return self._gate.control_waiting or self._work.pending
 
-    def _bypass(self) -> bool:
-        """This thread holds boundary(): its model calls are control work, not requests."""
-        return self._control_thread is not None and self._control_thread == threading.get_ident()
+    def run_model_work(self, fn: Callable[[], T], *, handoff_s: float) -> tuple[T, WorkSite]:
+        """Runs fn with the model held exclusively, between requests, preferably on a thread that
+        serves requests. Posts fn; the first of: (a) a serving thread opening its next request runs
+        fn first (that request waits, as it waited for the boundary before), (b) a serving thread
+        calling `serve_pending(timeout_s)` runs it, (c) after handoff_s with neither, the calling
+        thread runs it itself (WorkSite.CONTROL_THREAD). Called on a thread that is itself a serving
+        thread (it has served a request, not inside one): runs inline as SERVING_THREAD.
+        fn's exception propagates to the caller. Model calls made inside fn are not requests.
 
-    def _enter_boundary(self) -> None:
-        with self._turnstile:
-            self._boundary.acquire()
-        self._request_thread = threading.get_ident()
+        Also inline: on a thread already doing control work (inside boundary() or fn), and once
+        the tracker is detached (no request will come). fn runs with a fresh thread's grad /
+        inference / autocast modes wherever it runs."""
+        handoff_s = check_seconds("handoff_s", handoff_s)
+        st = self._local
+        if st.served or st.control or not self._attached:
+            site = WorkSite.SERVING_THREAD if st.served else WorkSite.CONTROL_THREAD
+            work = Work(fn)
+            self._run_work(work, st, site)
+            return work.outcome()
+        work = self._work.post(fn)
+        if not work.claimed.wait(handoff_s) and self._work.withdraw(work):
+            self._run_work(work, st, WorkSite.CONTROL_THREAD)
+        work.done.wait()
+        return work.outcome()
 
-    def _leave_boundary(self) -> None:
-        self._request_thread = None
-        self._boundary.release()
+    def serve_pending(self, timeout_s: float) -> int:
+        """For an idle serving loop: waits up to timeout_s for posted model work and runs it on
+        this thread; returns how many items ran."""
+        timeout_s = check_seconds("timeout_s", timeout_s)
+        st = self._local
+        if st.active is not None:
+            raise RuntimeError("headroom: serve_pending() runs model work between requests; this "
+                               "thread is inside a request (call it after the request ends)")
+        st.served = True
+        if not self._work.wait(timeout_s):
+            return 0
+        return self._serve_posted(st)
+
+    def _serve_posted(self, st: _ThreadState) -> int:
+        ran = 0
+        while (work := self._work.claim()) is not None:
+            self._run_work(work, st, WorkSite.SERVING_THREAD)
+            ran += 1
+        return ran
+
+    def _run_work(self, work: Work, st: _ThreadState, site: WorkSite) -> None:
+        """Runs work.fn here, holding the model; never raises (the poster gets the error)."""
+        work.site, work.thread_ident = site, threading.get_ident()
+        try:
+            with self.boundary(), _fresh_thread_modes(self._device.type):
+                work.result = work.fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the poster's thread
+            work.error = exc
+        finally:
+            with self._stats_lock:
+                self.work_sites[site] += 1
+            work.done.set()
 
     # --- request boundaries ---------------------------------------------------------------
 
     @contextlib.contextmanager
     def request(self, tenant: str = "", route: str = "", query_class: str = "") -> Iterator[None]:
         """Labels and bounds one request; a nested call joins the open request (labels ignored)."""
-        if self._active is not None or self._bypass():
+        st = self._local
+        if st.active is not None or st.control:
             yield
             return
-        req = self._open(Owner.CONTEXT, Labels(tenant, route, query_class))
+        req = self._open(Owner.CONTEXT, Labels(tenant, route, query_class), st)
         try:
             yield
         finally:
-            self._close(req)
+            self._close(req, st)
 
-    def _open(self, owner: Owner, labels: Labels) -> Optional[_Request]:
-        self._enter_boundary()
+    def _open(self, owner: Owner, labels: Labels, st: _ThreadState) -> Optional[_Request]:
+        """Opens this thread's request: first runs model work posted for a serving thread, then
+        waits for the gate (shared if untraced, exclusive if traced). None if that failed."""
+        st.served = True
+        if self._work.pending:
+            self._serve_posted(st)
         try:
             traced = self._rng.random() < self._settings.sample_rate
             if traced and self.traces_paused:
                 traced = False
-                self.traces_paused_skipped += 1
-            trace = TraceCollector(self._structure, self._device, self._settings.attn_decode_stride,
-                                   self._errors) if traced else None
-            self._active = _Request(next(self._ids), owner, labels, time.perf_counter_ns(),
-                                    time.time_ns(), trace)
+                with self._stats_lock:
+                    self.traces_paused_skipped += 1
+            holder = Holder.TRACED if traced else Holder.REQUEST
+            ticket, blockers = self._gate.acquire(holder)
         except Exception as exc:  # noqa: BLE001 - never raise into the caller's model call
             self._errors(exc)
-            self._active = None
-            self._leave_boundary()
-        return self._active
+            return None
+        if Holder.TRACED in blockers or (traced and Holder.REQUEST in blockers):
+            with self._stats_lock:
+                self.traced_serialised_waits += 1
+        req = _Request(next(self._ids), owner, labels, ticket, time.perf_counter_ns(),
+                       time.time_ns(), None)
+        if traced:
+            try:
+                req.trace = TraceCollector(self._structure, self._device,
+                                           self._settings.attn_decode_stride, self._errors)
+            except Exception as exc:  # noqa: BLE001 - the request goes on untraced
+                self._errors(exc)
+        self._open_requests[req.request_id] = req
+        st.active = req
+        return req
 
-    def _close(self, req: Optional[_Request], emit: bool = True) -> None:
-        if req is None or req is not self._active:
+    def _close(self, req: Optional[_Request], st: _ThreadState, emit: bool = True) -> None:
+        if req is None:
             return
-        self._active = None
+        if st.active is req:
+            st.active = None
+        self._finish(req, emit)
+
+    def _finish(self, req: _Request, emit: bool) -> None:
+        """Ends `req` once (its thread, or detach on any thread), then emits its record."""
+        if self._open_requests.pop(req.request_id, None) is None:
+            return                                    # already finished (detach got there first)
         try:
             end_ns = time.perf_counter_ns()
-            # Before the boundary opens: trace hooks sit on modules a plan may swap out.
+            # Before the gate opens: trace hooks sit on modules a plan may swap out.
             trace = req.trace.finish() if req.trace is not None else None
         except Exception as exc:  # noqa: BLE001
             if req.trace is not None:
@@ -282,7 +406,7 @@ class RequestTracker:
             self._errors(exc)
             return
         finally:
-            self._leave_boundary()
+            self._gate.release(req.ticket)
         if not (emit and req.forwards > 0):
             return
         try:
@@ -292,20 +416,21 @@ class RequestTracker:
         except Exception as exc:  # noqa: BLE001
             self._errors(exc)
 
-    # --- top-level hooks (always on: a few attribute updates per forward) -----------------
+    # --- top-level hooks (always on: a few thread-local attribute updates per forward) ----
 
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._control_thread is not None and self._bypass():
+        st = self._local
+        if st.control:
             return None
-        self._depth += 1
-        if self._depth != 1:
+        st.depth += 1
+        if st.depth != 1:
             return None
         try:
-            req = self._active if self._active is not None else self._open(Owner.FORWARD, Labels())
+            req = st.active if st.active is not None else self._open(Owner.FORWARD, Labels(), st)
             if req is None:
                 return None
             if req.started_forwards == 0:
-                req.batch_size, req.prompt_tokens = _input_shape(args, kwargs)
+                self._note_prompt(req, args, kwargs)
             if self.capture_ids:
                 ids = _input_ids(args, kwargs)
                 if req.started_forwards == 0:
@@ -318,13 +443,24 @@ class RequestTracker:
             self._errors(exc)
         return None
 
+    @staticmethod
+    def _note_prompt(req: _Request, args: tuple, kwargs: dict) -> None:
+        """Prompt size from the first top-level forward: padded shape now, real counts from the
+        forward's 2-D attention mask, else generate()'s (reduced on device, read at emit)."""
+        req.rows, req.padded_tokens = _input_shape(args, kwargs)
+        counts = _mask_counts(kwargs.get("attention_mask"), req.rows)
+        if counts is None:
+            counts = _mask_counts(req.prompt_mask, req.rows)
+        req.mask_counts, req.prompt_mask = counts, None
+
     def _post_forward(self, module: nn.Module, args: tuple, output) -> None:
         # always_call: runs even when forward raised, with output None, so the depth stays right.
-        if self._control_thread is not None and self._bypass():
+        st = self._local
+        if st.control:
             return None
-        self._depth = max(0, self._depth - 1)
-        req = self._active
-        if self._depth != 0 or req is None:
+        st.depth = max(0, st.depth - 1)
+        req = st.active
+        if st.depth != 0 or req is None:
             return None
         now_ns = time.perf_counter_ns()
         if req.trace is not None:
@@ -334,22 +470,24 @@ class RequestTracker:
             req.first_end_ns = req.first_end_ns or now_ns
             req.last_end_ns = now_ns
         if req.owner is Owner.FORWARD:
-            self._close(req)
+            self._close(req, st)
         return None
 
     # --- the record -----------------------------------------------------------------------
 
     def _emit(self, req: _Request, end_ns: int, trace) -> None:
         n = req.forwards
+        prompt_tokens, sequences = req.real_counts()
         tpot_ms = (req.last_end_ns - req.first_end_ns) / (n - 1) / 1e6 if n >= 2 else math.nan
         rec = RequestRecord(
             request_id=req.request_id, start_unix_us=req.start_unix_ns // 1000,
             tenant=req.labels.tenant, route=req.labels.route, query_class=req.labels.query_class,
-            batch_size=req.batch_size, prompt_tokens=req.prompt_tokens, output_tokens=n,
+            batch_size=sequences, prompt_tokens=prompt_tokens, output_tokens=n * sequences,
             ttft_ms=(req.first_end_ns - req.start_ns) / 1e6, tpot_ms=tpot_ms,
             latency_ms=(end_ns - req.start_ns) / 1e6, trace=trace)
-        self.requests_seen += 1
-        self.longest_tokens = max(self.longest_tokens, req.prompt_tokens + n)
+        with self._stats_lock:
+            self.requests_seen += 1
+            self.longest_tokens = max(self.longest_tokens, req.padded_tokens + n)
         try:
             self._sink(rec)
         except Exception as exc:  # noqa: BLE001 - a broken sink must not break serving

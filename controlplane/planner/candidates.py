@@ -5,7 +5,7 @@ Every list is deterministic: ties are broken by layer, then head.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from controlplane.planner.settings import PlannerSettings
 
@@ -68,8 +68,41 @@ class Candidates:
         return tuple(ranked + sorted(set(range(self.num_layers)) - set(ranked)))
 
 
-def _scope_sql(scope: CandidateScope) -> tuple[str, list]:
-    clauses, params = [], []
+# An index beyond any uint16 layer or head: "no registered bound".
+_UNBOUNDED = 1 << 16
+
+
+@dataclass(frozen=True)
+class _Valid:
+    """Which rows count, whatever slipped into the file: indices not NULL and inside the
+    registered structure (None: no agent registered one), statistics not NULL nor NaN."""
+    num_layers: Optional[int] = None
+    num_heads: Optional[int] = None
+
+    def clauses(self, *stats: str, heads: bool = False) -> list[str]:
+        out = [f"s.layer IS NOT NULL AND s.layer < {self.num_layers or _UNBOUNDED}"]
+        if heads:
+            out.append(f"s.head IS NOT NULL AND s.head < {self.num_heads or _UNBOUNDED}")
+        return out + [f"NOT isnan(s.{c})" for c in stats]   # NULL and NaN both fail this
+
+
+def registered_structure(con, scope: CandidateScope) -> _Valid:
+    """The largest structure the scope's agents registered at hello (max over agents: the
+    scope is one model fingerprint in practice); unknown without an agents table or hello."""
+    if not con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'agents'"
+                       ).fetchone()[0]:
+        return _Valid()
+    where, params = "", []
+    if scope.agent_ids is not None:
+        where = f"WHERE agent_id IN ({', '.join('?' * len(scope.agent_ids)) or 'NULL'})"
+        params = list(scope.agent_ids)
+    layers, heads = con.execute(f"SELECT max(nullif(num_layers, 0)), max(nullif(num_heads, 0)) "
+                                f"FROM agents {where}", params).fetchone()
+    return _Valid(None if layers is None else int(layers), None if heads is None else int(heads))
+
+
+def _scope_sql(scope: CandidateScope, valid: Sequence[str] = ()) -> tuple[str, list]:
+    clauses, params = list(valid), []
     if scope.agent_ids is not None:
         clauses.append(f"s.agent_id IN ({', '.join('?' * len(scope.agent_ids)) or 'NULL'})")
         params += list(scope.agent_ids)
@@ -80,8 +113,10 @@ def _scope_sql(scope: CandidateScope) -> tuple[str, list]:
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
-def head_candidates(con, scope: CandidateScope) -> tuple[HeadCandidate, ...]:
-    where, params = _scope_sql(scope)
+def head_candidates(con, scope: CandidateScope,
+                    valid: Optional[_Valid] = None) -> tuple[HeadCandidate, ...]:
+    valid = valid or registered_structure(con, scope)
+    where, params = _scope_sql(scope, valid.clauses("out_share", heads=True))
     rows = con.execute(f"""
         SELECT layer, head, avg(out_share) AS share, count(*) AS n
         FROM head_stats s {where}
@@ -89,8 +124,10 @@ def head_candidates(con, scope: CandidateScope) -> tuple[HeadCandidate, ...]:
     return tuple(HeadCandidate(int(l), int(h), float(s), int(n)) for l, h, s, n in rows)
 
 
-def layer_candidates(con, scope: CandidateScope) -> tuple[LayerCandidate, ...]:
-    where, params = _scope_sql(scope)
+def layer_candidates(con, scope: CandidateScope,
+                     valid: Optional[_Valid] = None) -> tuple[LayerCandidate, ...]:
+    valid = valid or registered_structure(con, scope)
+    where, params = _scope_sql(scope, valid.clauses("influence", "attn_ms", "mlp_ms"))
     rows = con.execute(f"""
         SELECT layer, avg(influence) AS infl, avg(attn_ms + mlp_ms) AS ms
         FROM layer_stats s {where}
@@ -98,10 +135,12 @@ def layer_candidates(con, scope: CandidateScope) -> tuple[LayerCandidate, ...]:
     return tuple(LayerCandidate(int(l), float(i), float(ms)) for l, i, ms in rows)
 
 
-def sparse_candidates(con, scope: CandidateScope,
-                      settings: PlannerSettings) -> tuple[SparseLayerCandidate, ...]:
+def sparse_candidates(con, scope: CandidateScope, settings: PlannerSettings,
+                      valid: Optional[_Valid] = None) -> tuple[SparseLayerCandidate, ...]:
     """Layers whose MLP activations are mostly near zero, each with its threshold ladder."""
-    where, params = _scope_sql(scope)
+    valid = valid or registered_structure(con, scope)
+    where, params = _scope_sql(scope, valid.clauses("frac_below_1e3", "frac_below_1e2",
+                                                    "frac_below_1e1", "q50", "q90"))
     rows = con.execute(f"""
         SELECT layer, avg(frac_below_1e3), avg(frac_below_1e2), avg(frac_below_1e1),
                avg(q50), avg(q90)
@@ -136,14 +175,18 @@ def threshold_ladder(stats: dict[str, float], min_step_fraction: float) -> tuple
 def load_candidates(con, scope: CandidateScope = CandidateScope(),
                     settings: Optional[PlannerSettings] = None) -> Candidates:
     settings = settings or PlannerSettings.resolve()
-    where, params = _scope_sql(scope)
+    valid = registered_structure(con, scope)
+    where, params = _scope_sql(scope, valid.clauses(heads=True))
     per_layer = con.execute(f"SELECT layer, count(DISTINCT head) FROM head_stats s {where} "
                             "GROUP BY layer ORDER BY layer", params).fetchall()
+    where, params = _scope_sql(scope, valid.clauses())
     traced = con.execute(f"SELECT count(*) FROM (SELECT DISTINCT agent_id, request_id "
                          f"FROM layer_stats s {where})", params).fetchone()[0]
-    layers = layer_candidates(con, scope)
-    sparse = sparse_candidates(con, scope, settings)
-    num_layers = 1 + max([c.layer for c in layers] + [int(l) for l, _ in per_layer]
-                         + [c.layer for c in sparse] + [-1])
+    layers = layer_candidates(con, scope, valid)
+    sparse = sparse_candidates(con, scope, settings, valid)
+    # The registered structure when there is one: the traces' largest layer index is only a
+    # fallback (an agent cannot grow the model by sending a large index).
+    num_layers = valid.num_layers or 1 + max([c.layer for c in layers] + [int(l) for l, _ in per_layer]
+                                             + [c.layer for c in sparse] + [-1])
     return Candidates(num_layers, {int(l): int(n) for l, n in per_layer},
-                      head_candidates(con, scope), layers, sparse, int(traced))
+                      head_candidates(con, scope, valid), layers, sparse, int(traced))

@@ -9,6 +9,13 @@ evidence is within the quality budget. Last, on a trial kept for it: static KV c
 compiled decode on top of the best plan, kept only if it is also faster (a compile per trial
 would cost about a minute on a CPU, so it is tried once, at the end).
 
+A hypothesis is kept when its evidence is inside the quality budget and its latency ratio
+(plan / unoptimised, timed back to back in the same trial) is at most the budget's
+max_latency_ratio (1.0 unless a policy states a trade). The best plan is chosen among the kept
+ones by the objective: LATENCY (the default) takes the fastest, and among plans within
+`latency_tie_fraction` of it the smallest; MEMORY (where a policy's latency rule trades speed
+for memory) takes the smallest, then the fastest.
+
 Binary searches assume that more of one change never costs less quality (a larger threshold,
 more heads). With that, each search keeps the largest prefix that fits in about log2(n) trials.
 """
@@ -26,6 +33,7 @@ from controlplane.plans import (HEAD_KEY, ActivationSparsity, CompileMode, Execu
                                 layer_ranges)
 from controlplane.planner.candidates import Candidates
 from controlplane.planner.settings import PlannerSettings
+from controlplane.policy.schema import Objective
 
 
 class TrialError(RuntimeError):
@@ -39,6 +47,8 @@ class EvidenceKey(str, enum.Enum):
     MEAN_KL = "mean_kl"         # mean KL(baseline || plan) of next-token distributions, nats
     EXACT_MATCH = "exact_match" # fraction of greedy continuations identical to the baseline's
     LATENCY_PLAN = "latency_ms_per_token_plan"   # median decode step with the plan
+    LATENCY_RATIO = "latency_ratio"   # plan / unoptimised, median of back-to-back pairs
+    MEMORY_RATIO = "memory_ratio"     # weight bytes with the plan / without
     ERROR = "error"             # non-empty: the trial failed
 
 
@@ -57,6 +67,8 @@ class QualityBudget:
     max_ppl_ratio: float = 1.01
     max_mean_kl: float = 0.02
     min_exact_match: Optional[float] = None   # None: not checked
+    # Latency (plan / unoptimised): 1.0 = never slower; a policy's stated trade may raise it.
+    max_latency_ratio: float = 1.0
 
     def _checks(self):
         # (label, key, is_minimum, limit), in a fixed order so reasons read the same every time
@@ -65,6 +77,7 @@ class QualityBudget:
                   ("mean_kl", EvidenceKey.MEAN_KL, False, self.max_mean_kl)]
         if self.min_exact_match is not None:
             checks.append(("exact_match", EvidenceKey.EXACT_MATCH, True, self.min_exact_match))
+        checks.append(("latency_ratio", EvidenceKey.LATENCY_RATIO, False, self.max_latency_ratio))
         return checks
 
     def check(self, evidence: Mapping[str, Any]) -> tuple[bool, str]:
@@ -97,10 +110,32 @@ class TrialRecord:
 
 @dataclass(frozen=True)
 class SearchResult:
-    best: Optional[dict]        # the last kept plan document; None if no change fit
+    best: Optional[dict]        # the kept plan the objective prefers; None if no change fit
     best_trial: Optional[TrialRecord]
     trail: list[TrialRecord]
     stop_reason: str
+    objective: Objective = Objective.LATENCY
+
+
+def choose_best(trail: list[TrialRecord], objective: Objective,
+                tie_fraction: float) -> Optional[TrialRecord]:
+    """Among kept trials: the best on the objective's metric; among those within tie_fraction
+    of it, the best on the other (latency first: the smallest of the near-fastest)."""
+    kept = [r for r in trail if r.kept and r.evidence]
+    if not kept:
+        return None
+    first, second = (EvidenceKey.LATENCY_RATIO, EvidenceKey.MEMORY_RATIO)
+    if objective is Objective.MEMORY:
+        first, second = second, first
+    value = lambda r, key: _finite(r.evidence.get(key.value))
+    top = min(value(r, first) for r in kept)
+    near = [r for r in kept if value(r, first) <= top * (1 + tie_fraction)]
+    return min(near, key=lambda r: (value(r, second), value(r, first), r.index))
+
+
+def _finite(v: Any) -> float:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return float(v) if ok else math.inf
 
 
 @dataclass(frozen=True)
@@ -167,8 +202,10 @@ class Planner:
 
     def __init__(self, evaluate: Evaluate, budget: QualityBudget, max_trials: Optional[int] = None,
                  record: Optional[Record] = None, settings: Optional[PlannerSettings] = None,
-                 propose: Optional[Callable[[dict], None]] = None):
+                 propose: Optional[Callable[[dict], None]] = None,
+                 objective: Objective = Objective.LATENCY):
         self.settings = settings or PlannerSettings.resolve()
+        self.objective = objective
         self.max_trials = self.settings.max_trials if max_trials is None else max_trials
         if self.max_trials < 0:
             raise ValueError(f"max_trials must be >= 0, got {self.max_trials}")
@@ -177,7 +214,7 @@ class Planner:
 
     def run(self, target: PlanTarget, candidates: Candidates) -> SearchResult:
         self._target, self._cands = target, candidates
-        self._kept, self._trail, self._best = _Parts(), [], None
+        self._kept, self._trail, self._head = _Parts(), [], None
         stop = "every candidate tried"
         phases = (self._phase_int8, self._phase_int8_head, self._phase_sparsity,
                   self._phase_heads, self._phase_skip)
@@ -194,8 +231,9 @@ class Planner:
             stop = f"max_trials ({self.max_trials}) reached"
         if compile_last and len(self._trail) < self.max_trials:
             self._phase_execution()
-        best = self._best
-        return SearchResult(best.plan if best else None, best, list(self._trail), stop)
+        best = choose_best(self._trail, self.objective, self.settings.latency_tie_fraction)
+        return SearchResult(best.plan if best else None, best, list(self._trail), stop,
+                            self.objective)
 
     # ------------------------------------------------------------ phases
     def _phase_int8(self) -> None:
@@ -216,8 +254,8 @@ class Planner:
                         dataclasses.replace(self._kept, int8_head=True))
 
     def _phase_execution(self) -> None:
-        """Quality-neutral, so kept only when it is also faster than the best plan so far."""
-        before = (self._best.evidence or {}).get(EvidenceKey.LATENCY_PLAN.value) if self._best else None
+        """Quality-neutral, so kept only when it is also faster than the plan it builds on."""
+        before = (self._head.evidence or {}).get(EvidenceKey.LATENCY_RATIO.value) if self._head else None
         self._limit = self.max_trials
         self._trial(Phase.EXECUTION, "static KV cache + compiled decode",
                     dataclasses.replace(self._kept, compiled=True), faster_than=before)
@@ -295,7 +333,7 @@ class Planner:
                           (time.perf_counter() - t0) * 1e3)
         self._trail.append(rec)
         if kept:
-            self._kept, self._best = parts, rec
+            self._kept, self._head = parts, rec
         self._record(rec)
         return kept
 
@@ -310,13 +348,16 @@ class Planner:
         return evidence, kept, reason
 
 
-def _faster(evidence: Mapping[str, Any], before_ms: float, reason: str) -> tuple[bool, str]:
-    after_ms = evidence.get(EvidenceKey.LATENCY_PLAN.value)
-    if after_ms is None or not math.isfinite(before_ms) or not math.isfinite(after_ms):
+def _faster(evidence: Mapping[str, Any], before: float, reason: str) -> tuple[bool, str]:
+    """Latency ratios (each against the unoptimised model timed in its own trial) compare
+    across trials; milliseconds from different windows do not."""
+    after = _finite(evidence.get(EvidenceKey.LATENCY_RATIO.value))
+    before = _finite(before)
+    if not math.isfinite(before):
         return True, reason
-    if after_ms < before_ms:
-        return True, f"{reason}; {after_ms:.1f} vs {before_ms:.1f} ms/token before"
-    return False, f"dropped: not faster ({after_ms:.1f} vs {before_ms:.1f} ms/token before)"
+    if after < before:
+        return True, f"{reason}; latency ratio {after:.3f} vs {before:.3f} before"
+    return False, f"dropped: not faster (latency ratio {after:.3f} vs {before:.3f} before)"
 
 
 def _largest_ok(n: int, probe: Callable[[int], bool], try_all_first: bool) -> int:

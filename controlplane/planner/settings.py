@@ -35,6 +35,10 @@ class PlannerSettings:
     # The first and last blocks carry the embedding and the logits: never skip, prune or
     # sparsify them (int8 is still tried there: weight-only, its quality is measured).
     protect_edge_layers: bool = field(default=True, metadata=_env("PROTECT_EDGE_LAYERS"))
+    # Best plan: kept plans whose primary metric (latency ratio, or memory ratio where a
+    # policy trades speed for memory) is within this fraction of the best count as tied, and
+    # the other metric decides. Back-to-back timing still varies by a few percent.
+    latency_tie_fraction: float = field(default=0.03, metadata=_env("LATENCY_TIE_FRACTION"))
 
     def __post_init__(self):
         problems = [f"{n}={getattr(self, n)} must be >= 0" for n in (
@@ -42,7 +46,7 @@ class PlannerSettings:
             "max_skip_layers") if getattr(self, n) < 0]
         if self.min_heads_per_layer < 1:
             problems.append(f"min_heads_per_layer={self.min_heads_per_layer} must be >= 1")
-        for n in ("min_zero_fraction", "min_step_fraction"):
+        for n in ("min_zero_fraction", "min_step_fraction", "latency_tie_fraction"):
             if not 0.0 <= getattr(self, n) <= 1.0:
                 problems.append(f"{n}={getattr(self, n)} is not in [0, 1]")
         if problems:

@@ -8,8 +8,8 @@ from typing import Any, Callable, Mapping, Optional, Union
 from controlplane.policy.plan import PER_LAYER, PlanMode, PlanView, parse_plan
 from controlplane.policy.risk import RiskLevel, risk_level, risk_score
 from controlplane.policy.schema import (
-    Determinism, MetricBound, OnFail, PolicySet, Protect, RateLimit, RemovalCap, RemovalUnit,
-    RiskApproval, Rule, TransformAccess)
+    Determinism, Latency, MetricBound, OnFail, PolicySet, Protect, RateLimit, RemovalCap,
+    RemovalUnit, RiskApproval, Rule, RuleKind, TransformAccess)
 from controlplane.policy.types import (
     Context, Decision, Evidence, ModelFacts, Outcome, RuleOutcome, RuleResult)
 
@@ -42,10 +42,34 @@ def evaluate(policy_set: PolicySet, plan: Mapping[str, Any],
     Raises PlanError for a malformed plan and ValueError for malformed evidence/model/context.
     """
     ins = make_inputs(plan, evidence, model, context, clock)
-    results = tuple(evaluate_rule(rule, ins) for rule in policy_set.rules)
+    traded = trade_rule(policy_set, ins.context)
+    results = tuple(_superseded(rule, traded) if _is_superseded(rule, traded)
+                    else evaluate_rule(rule, ins) for rule in policy_set.rules)
     return Decision(outcome=combine(results), plan_id=ins.plan.plan_id, plan_sha256=ins.plan.sha256,
                     risk=ins.risk.value, risk_score=ins.risk_score, results=results,
                     revision=policy_set.revision, evaluated_at_s=ins.now_s)
+
+
+def trade_rule(policy_set: PolicySet, context: Context) -> Optional[Rule]:
+    """The first latency rule with a trade whose scope matches: where one applies, the latency
+    rules without a trade step aside (a slower plan is approved only where a policy says why)."""
+    for rule in policy_set.rules:
+        if rule.kind is RuleKind.LATENCY and rule.params.trade is not None \
+                and rule.scope.matches(context):
+            return rule
+    return None
+
+
+def _is_superseded(rule: Rule, traded: Optional[Rule]) -> bool:
+    return traded is not None and rule.kind is RuleKind.LATENCY and rule.params.trade is None
+
+
+def _superseded(rule: Rule, traded: Rule) -> RuleResult:
+    p: Latency = traded.params
+    return RuleResult(rule_id=rule.id, file=rule.file, line=rule.line, kind=rule.kind.value,
+                      measured=None, threshold=rule.params.max_ratio,
+                      outcome=RuleOutcome.NOT_APPLICABLE,
+                      message=f"superseded by {traded.id} ({p.trade.value} first: {p.reason})")
 
 
 def make_inputs(plan, evidence, model, context, clock: Clock = time.time) -> Inputs:
@@ -94,6 +118,23 @@ def _metric_bound(p: MetricBound, ins: Inputs) -> Check:
     if p.max is not None and value > p.max:
         return Check(False, value, threshold, f"{p.metric} {value:g} > max {p.max:g}")
     return Check(True, value, threshold, f"{p.metric} {value:g} within bounds")
+
+
+def _latency(p: Latency, ins: Inputs) -> Check:
+    ratio, pairs = ins.evidence.latency_ratio, ins.evidence.latency_pairs
+    threshold = {"max_ratio": p.max_ratio, "min_pairs": p.min_pairs}
+    if p.trade is not None:
+        threshold["trade"] = p.trade.value
+    if ratio is None:
+        return Check(False, None, threshold, "latency_ratio was not measured")
+    if pairs is None or pairs < p.min_pairs:
+        return Check(False, ratio, threshold, f"latency from {0 if pairs is None else int(pairs)} "
+                     f"back-to-back pair(s), fewer than {p.min_pairs}: not evidence of speed")
+    if ratio > p.max_ratio:
+        return Check(False, ratio, threshold, f"latency_ratio {ratio:.4g} > max {p.max_ratio:g}: "
+                     f"{'slower' if ratio > 1 else 'less faster'} than the policy allows")
+    traded = f" ({p.trade.value} first: {p.reason})" if p.trade is not None else ""
+    return Check(True, ratio, threshold, f"latency_ratio {ratio:.4g} <= max {p.max_ratio:g}{traded}")
 
 
 def _protect(p: Protect, ins: Inputs) -> Check:
@@ -221,4 +262,5 @@ _CHECKS: dict[type, Callable[[Any, Inputs], Check]] = {
     RiskApproval: _risk_approval,
     RateLimit: _rate_limit,
     Determinism: _determinism,
+    Latency: _latency,
 }

@@ -11,7 +11,8 @@ from controlplane.policy.plan import Component, PER_LAYER, TransformKind
 from controlplane.policy.revision import revision_of
 from controlplane.policy.risk import RiskLevel
 from controlplane.policy.schema import (
-    POLICY_SCHEMA, ComponentTarget, Determinism, MetricBound, OnFail, Params, PolicyError,
+    POLICY_SCHEMA, ComponentTarget, Determinism, Latency, MetricBound, Objective, OnFail, Params,
+    PolicyError,
     PolicySet, Problem, Protect, RateLimit, RemovalCap, RemovalUnit, RiskApproval, Rule, RuleKind,
     Scope, TransformAccess)
 from controlplane.policy.types import METRICS
@@ -205,6 +206,25 @@ def _determinism(r: Reader) -> Optional[Params]:
                        min_probe_runs=runs)
 
 
+def _latency(r: Reader) -> Optional[Params]:
+    max_ratio = r.number("max_ratio", required=True)
+    min_pairs = r.integer("min_pairs", default=4)
+    trade = r.choice("trade", Objective)
+    reason = r.string("reason", default="")
+    if max_ratio is not None and max_ratio <= 0:
+        r.fail(r.value_node("max_ratio"), "max_ratio", f"{max_ratio} must be > 0")
+        return None
+    if min_pairs is not None and min_pairs < 1:
+        r.fail(r.value_node("min_pairs"), "min_pairs", f"{min_pairs} must be >= 1")
+        return None
+    if trade is not None and not reason.strip():
+        r.fail(r.node, "reason", "a latency rule with a trade must say why (reason)")
+        return None
+    if max_ratio is None or min_pairs is None:
+        return None
+    return Latency(max_ratio=max_ratio, min_pairs=min_pairs, trade=trade, reason=reason.strip())
+
+
 _KIND_READERS: dict[RuleKind, Callable[[Reader], Optional[Params]]] = {
     RuleKind.METRIC_BOUND: _metric_bound,
     RuleKind.PROTECT: _protect,
@@ -213,6 +233,7 @@ _KIND_READERS: dict[RuleKind, Callable[[Reader], Optional[Params]]] = {
     RuleKind.RISK_APPROVAL: _risk_approval,
     RuleKind.RATE_LIMIT: _rate_limit,
     RuleKind.DETERMINISM: _determinism,
+    RuleKind.LATENCY: _latency,
 }
 
 

@@ -21,6 +21,13 @@ class RuleKind(str, enum.Enum):
     RISK_APPROVAL = "risk_approval"
     RATE_LIMIT = "rate_limit"
     DETERMINISM = "determinism"
+    LATENCY = "latency"
+
+
+class Objective(str, enum.Enum):
+    """What a latency rule's trade puts first (the planner's objective where the rule applies)."""
+    LATENCY = "latency"   # fastest inside the quality budget, memory as tie-break
+    MEMORY = "memory"     # smallest inside the quality budget, latency as tie-break
 
 
 class OnFail(str, enum.Enum):
@@ -139,7 +146,19 @@ class Determinism:
                 or (self.when_requested and ctx.requires_determinism))
 
 
-Params = Union[MetricBound, Protect, RemovalCap, TransformAccess, RiskApproval, RateLimit, Determinism]
+@dataclass(frozen=True)
+class Latency:
+    """latency_ratio (plan / unoptimised, median of back-to-back pairs) at most max_ratio, from
+    at least min_pairs pairs. A rule with a `trade` states why a slower plan is worth it (e.g.
+    memory first); where it applies, it supersedes the latency rules without one."""
+    max_ratio: float
+    min_pairs: int
+    trade: Optional[Objective] = None
+    reason: str = ""
+
+
+Params = Union[MetricBound, Protect, RemovalCap, TransformAccess, RiskApproval, RateLimit,
+               Determinism, Latency]
 
 
 @dataclass(frozen=True)

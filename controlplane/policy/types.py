@@ -50,6 +50,7 @@ class Evidence:
     latency_ms_per_token_base: Optional[float] = None
     latency_ms_per_token_plan: Optional[float] = None
     latency_ratio: Optional[float] = None
+    latency_pairs: Optional[float] = None     # back-to-back pairs behind latency_ratio
     weight_bytes_base: Optional[float] = None
     weight_bytes_plan: Optional[float] = None
     memory_ratio: Optional[float] = None

@@ -16,7 +16,7 @@ from agent.adapters import resolve_structure
 from agent.control import ControlHandler, EvalSpec, build_evalset
 from agent.executor import Executor
 from agent.exporter import NoopExporter
-from agent.fingerprint import fingerprint
+from agent.fingerprint import OffloadError, execution_device, fingerprint
 from agent.handle import AgentHandle
 from agent.settings import AgentSettings
 from agent.trial import Evidence, stdlib_doc_texts
@@ -187,3 +187,52 @@ def test_model_keeps_serving_and_plans_work_while_the_control_plane_is_down(dead
         t0 = time.monotonic()
         handle.detach()
         assert time.monotonic() - t0 < 3.0
+
+
+# --- accelerate offload: weights on disk / host, parameters on the meta device ----------------
+
+def _offloaded(tmp_path, disk_layer: int = 1):
+    """A tiny llama dispatched by accelerate with one decoder layer offloaded to disk."""
+    from accelerate import dispatch_model
+    model = tiny_llama()
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",
+                  "lm_head": "cpu", **{f"model.layers.{i}": "cpu" for i in range(3)}}
+    device_map[f"model.layers.{disk_layer}"] = "disk"
+    return dispatch_model(model, device_map=device_map, offload_dir=str(tmp_path))
+
+
+def test_attach_observes_a_model_with_a_layer_offloaded_to_disk(tmp_path):
+    bare = tiny_llama()
+    bare_fp = fingerprint(bare, resolve_structure(bare))
+    model = _offloaded(tmp_path)
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    assert meta and all(n.startswith("model.layers.1.") for n in meta)
+    handle = attach(model, export_enabled=False, sample_rate=1.0)
+    records = []
+    handle._tracker._sink = records.append
+    try:
+        assert handle.model_info.fingerprint == bare_fp           # read from the offloaded weights
+        assert handle.model_info.device == "cpu"
+        assert torch.equal(greedy(model, 4), greedy(bare, 4))
+        (rec,) = records
+        assert rec.traced and rec.trace.head_entropy.shape == (3, 4) and handle.errors == 0
+    finally:
+        handle.detach()
+    assert torch.equal(logits(model), logits(bare))
+
+
+def test_fingerprint_of_a_fully_cpu_offloaded_model_reads_the_weights_map():
+    from accelerate import cpu_offload
+    bare, other = tiny_llama(), tiny_llama(seed=1)
+    s = resolve_structure(bare)
+    model = cpu_offload(tiny_llama())                              # every parameter on meta
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert fingerprint(model, s) == fingerprint(bare, s) != fingerprint(cpu_offload(other), s)
+    assert execution_device(model) == torch.device("cpu")
+
+
+def test_attach_refuses_meta_weights_that_nothing_holds():
+    model = tiny_llama().to("meta")                                # e.g. init_empty_weights
+    with pytest.raises(OffloadError, match=r"'model\.embed_tokens\.weight' is on the meta device"):
+        attach(model, export_enabled=False)
+    assert not model._forward_hooks and not model._forward_pre_hooks and "generate" not in vars(model)

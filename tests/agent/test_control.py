@@ -14,6 +14,7 @@ from agent.trial import Evidence
 from controlplane.server import InboundKind, start_server
 from controlplane.settings import ServerSettings
 from proto import headroom_pb2 as pb
+from proto.plandoc import PlanPurpose
 from tests.agent.executor import assert_bitwise_equal, logits, plan, state_snapshot
 from tests.agent.test_exporter import wait_until
 from tests.builders import tiny_llama, token_ids
@@ -49,9 +50,10 @@ class Link:
         server.state.on(InboundKind.TRIAL_RESULT, self._collect(self.trials))
         self.model = tiny_llama()
         self.before = state_snapshot(self.model), logits(self.model)
+        self.signer = server.state.control.client.signer   # the agent trusts its public key
         self.handle = attach(self.model, address=server.address, agent_id=agent_id,
                              sample_rate=0.0, guard_every_n_requests=0, shutdown_timeout_ms=2000,
-                             **settings)
+                             plan_verify_keys=self.signer.public_b64, **settings)
         self.fp = self.handle.model_info.fingerprint
         assert wait_until(lambda: agent_id in server.state.connected_agents())
 
@@ -62,12 +64,23 @@ class Link:
         assert self.server.state.send_to_agent(self.agent_id, pb.ControlMessage(**body))
 
     def apply(self, p, sha256: str | None = None) -> None:
-        self.push(apply_plan=_pb_plan(p, sha256))
+        self.push(apply_plan=self.signer.sign(_pb_plan(p, sha256), PlanPurpose.APPLY))
 
     def trial(self, trial_id: str, p, eval_json) -> pb.TrialResult:
         n = len(self.trials)
         text = eval_json if isinstance(eval_json, str) else json.dumps(eval_json)
-        self.push(trial=pb.TrialRequest(trial_id=trial_id, plan=_pb_plan(p), eval_json=text))
+        signed = self.signer.sign(_pb_plan(p), PlanPurpose.TRIAL)
+        self.push(trial=pb.TrialRequest(trial_id=trial_id, plan=signed, eval_json=text))
+        # This thread is the serving loop: trials run here, as they would between requests.
+        assert wait_until(lambda: self.handle.serve_pending(0.05) >= 0 and len(self.trials) > n, 30)
+        return self.trials[n]
+
+    def trial_unserved(self, trial_id: str, p, eval_json) -> pb.TrialResult:
+        """A trial while no thread serves: the control thread runs it after trial_handoff_s."""
+        n = len(self.trials)
+        signed = self.signer.sign(_pb_plan(p), PlanPurpose.TRIAL)
+        self.push(trial=pb.TrialRequest(trial_id=trial_id, plan=signed,
+                                        eval_json=json.dumps(eval_json)))
         assert wait_until(lambda: len(self.trials) > n, 30)
         return self.trials[n]
 
@@ -104,12 +117,25 @@ def test_identity_trial_then_cached_baseline(link):
     first = Evidence.from_json(link.trial("t2", plan(link.fp, SKIP), eval_doc()).evidence_json)
     again = Evidence.from_json(link.trial("t3", plan(link.fp, SKIP), eval_doc()).evidence_json)
     assert link.handle.stats().control.baseline_cache_hits == 2
-    assert any("baseline: reused" in n for n in again.notes)
+    assert any("baseline quality: reused" in n for n in again.notes)
+    # quality is reused, latency never: each trial timed its own back-to-back pairs
+    assert again.latency_pairs == first.latency_pairs > 0
     assert first.top1_agreement < 1.0
     assert (again.top1_agreement, again.mean_kl, again.ppl_ratio, again.exact_match) == \
            (first.top1_agreement, first.mean_kl, first.ppl_ratio, first.exact_match)
     link.trial("t4", plan(link.fp, SKIP), eval_doc(seed=5))          # another eval set: measured
     assert link.handle.stats().control.baseline_cache_hits == 2
+    assert again.timed_on == "MainThread (serving_thread)"
+
+
+def test_trial_nobody_serves_runs_on_the_control_thread_and_says_so(server, request):
+    link = Link(server, request.node.name, trial_handoff_s=0.2)
+    try:
+        e = Evidence.from_json(link.trial_unserved("u1", plan(link.fp, SKIP), eval_doc()).evidence_json)
+    finally:
+        link.handle.detach()
+    assert e.timed_on.endswith("(control_thread)") and not e.timed_on.startswith("MainThread")
+    assert any("no serving thread took the trial within 0.2 s" in n for n in e.notes)
     assert link.handle.active_plan is None and link.statuses == []
     link.assert_unchanged()
 

@@ -18,6 +18,7 @@ from agent.settings import AgentSettings
 from controlplane.server import InboundKind, start_server
 from controlplane.settings import ServerSettings
 from proto import headroom_pb2 as pb
+from proto.plandoc import PlanPurpose
 from tests.agent.executor import (assert_bitwise_equal, greedy, logits, plan, plan_doc, rig,
                                   state_snapshot)
 from tests.agent.test_exporter import wait_until
@@ -169,12 +170,15 @@ def test_guard_rollback_reaches_the_control_plane(server):
     server.state.on(InboundKind.PLAN_STATUS, lambda agent, msg: statuses.append(msg))
     model = tiny_llama()
     base = logits(model)
+    signer = server.state.control.client.signer          # plans from the network are signed
     handle = attach(model, address=server.address, agent_id="guard-agent", sample_rate=0.0,
-                    guard_every_n_requests=2, shutdown_timeout_ms=2000)
+                    guard_every_n_requests=2, shutdown_timeout_ms=2000,
+                    plan_verify_keys=signer.public_b64)
     try:
         assert wait_until(lambda: "guard-agent" in server.state.connected_agents())
         p = plan(handle.model_info.fingerprint, *DESTRUCTIVE, plan_id="bad")
-        msg = pb.Plan(plan_id=p.plan_id, version=p.version, document_json=p.to_json(), sha256=p.hash)
+        msg = signer.sign(pb.Plan(plan_id=p.plan_id, version=p.version, document_json=p.to_json(),
+                                  sha256=p.hash), PlanPurpose.APPLY)
         assert server.state.send_to_agent("guard-agent", pb.ControlMessage(apply_plan=msg))
         assert wait_until(lambda: len(statuses) == 1)
         assert statuses[0].state == pb.PlanStatus.APPLIED

@@ -86,12 +86,43 @@ def test_generate_is_one_request_with_its_token_counts():
     before_us = time.time_ns() // 1000
     out = _generate(model, ids, new_tokens=6)
     (rec,) = records
-    assert (rec.batch_size, rec.prompt_tokens, rec.output_tokens) == (2, 8, out.shape[1] - 8)
-    assert rec.output_tokens >= 2 and not rec.traced and handle.requests_seen == 1
+    steps = out.shape[1] - 8
+    # No mask: every position is real; a batch's tokens are totals over its sequences.
+    assert (rec.batch_size, rec.prompt_tokens, rec.output_tokens) == (2, 2 * 8, 2 * steps)
+    assert steps >= 2 and not rec.traced and handle.requests_seen == 1
     assert 0 < rec.ttft_ms <= rec.latency_ms and 0 < rec.tpot_ms < rec.latency_ms
-    assert rec.ttft_ms + rec.tpot_ms * (rec.output_tokens - 1) <= rec.latency_ms + 1e-6
+    assert rec.ttft_ms + rec.tpot_ms * (steps - 1) <= rec.latency_ms + 1e-6
     assert before_us <= rec.start_unix_us <= time.time_ns() // 1000
     assert (rec.tenant, rec.route, rec.query_class) == ("", "", "")
+    assert handle._tracker.longest_tokens == 8 + steps                # per sequence, padded
+
+
+def _left_padded(pads: list[int], length: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, length] and their attention mask with pads[b] leading zeros in row b."""
+    ids = token_ids(length, batch=len(pads)).clone()
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+        ids[row, :pad] = 0
+    return ids, mask
+
+
+def test_token_counts_exclude_padding_from_generate_and_forward_masks():
+    model = tiny_llama()
+    handle, records = _attach(model, TRACE_NONE)
+    ids, mask = _left_padded([0, 3, 7])                              # 8 + 5 + 1 real tokens
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)
+        steps = out.shape[1] - 8
+        ids2, mask2 = _left_padded([8, 2])                           # a fully padded row
+        model(ids2, attention_mask=mask2)
+        model(ids2, attention_mask=mask2[:, None, None, :].float())   # 4-D: not read as padding
+    gen, fwd, custom = records
+    assert (gen.batch_size, gen.prompt_tokens, gen.output_tokens) == (3, 14, 3 * steps)
+    assert (fwd.batch_size, fwd.prompt_tokens, fwd.output_tokens) == (1, 6, 1)
+    assert (custom.batch_size, custom.prompt_tokens, custom.output_tokens) == (2, 16, 2)
+    handle.detach()
 
 
 def test_plain_forward_is_one_request_and_nested_calls_join_the_labelled_one():
@@ -141,7 +172,7 @@ def test_a_failing_stats_hook_is_counted_and_the_request_goes_on_untraced():
     assert torch.equal(logits, bare_logits) and torch.equal(gen, bare_gen)
     assert handle.errors == 2                                         # once per request, then off
     assert [r.traced for r in records] == [False, False]
-    assert records[1].output_tokens == gen.shape[1] - ids.shape[1]
+    assert records[1].output_tokens == 2 * (gen.shape[1] - ids.shape[1])   # 2 sequences
     assert _hook_count(model) == 0
     handle.detach()
 

@@ -1,6 +1,7 @@
 """Trials: evidence measured against the same model without the plan, in one run."""
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -35,6 +36,19 @@ def test_identity_plan_gives_perfect_agreement():
     assert e.weight_bytes_base == e.weight_bytes_plan and e.memory_ratio == 1.0
     assert e.latency_ms_per_token_base > 0 and e.latency_ms_per_token_plan > 0
     assert e.heads_removed_fraction == 0 and e.layers_removed_fraction == 0
+    # 2 rounds x 2 prompts, each pair back to back; spread and warm-up reported apart
+    assert e.latency_pairs == 4 and e.latency_ratio == e.latency_ratio_median > 0
+    assert e.latency_ratio_min <= e.latency_ratio <= e.latency_ratio_max
+    assert e.latency_ms_per_token_plan_min <= e.latency_ms_per_token_plan <= e.latency_ms_per_token_plan_max
+    assert e.warmup_ms_plan > 0 and e.timed_on == "MainThread"
+
+
+def test_one_new_token_has_no_decode_to_time():
+    r = rig(tiny_llama())
+    e = run_trial(r.model, r.structure, r.executor, plan(r.fingerprint), _evalset(new_tokens=1),
+                  latency_repeats=2)
+    assert e.latency_pairs == 0 and math.isnan(e.latency_ratio)
+    assert any("latency: not timed" in n for n in e.notes)
 
 
 def test_destructive_plan_lowers_agreement_and_model_ends_unoptimised():
@@ -106,9 +120,26 @@ def test_keep_applied():
 
 def test_evidence_json_roundtrip():
     e = Evidence("p", "h" * 64, 0.9, 0.1, 1.05, 0.5, 2.0, 1.5, 400, 100, 10, 2, 0.1, 0.0, 3.0, 3.15,
-                 notes=["n"])
+                 notes=["n"], latency_pairs=6, latency_ratio_median=0.7, latency_ratio_min=0.6,
+                 latency_ratio_max=0.8, latency_ms_per_token_base_min=1.9,
+                 latency_ms_per_token_base_max=2.2, latency_ms_per_token_plan_min=1.4,
+                 latency_ms_per_token_plan_max=1.6, warmup_ms_base=30.0, warmup_ms_plan=900.0,
+                 timed_on="MainThread (serving_thread)", kernels={"model.layers.0.mlp.up_proj": {
+                     "kernel": "int8pack_bf16"}})
     back = Evidence.from_json(e.to_json())
-    assert back == e and back.latency_ratio == 0.75 and back.memory_ratio == 0.25
+    # the paired median, not the ratio of the medians (0.75), is the latency ratio
+    assert back == e and back.latency_ratio == 0.7 and back.memory_ratio == 0.25
+    unpaired = Evidence("p", "h" * 64, 0.9, 0.1, 1.05, 0.5, 2.0, 1.5, 400, 100, 10, 2, 0.1, 0.0)
+    assert unpaired.latency_ratio == 0.75
+
+
+def test_unmeasured_figures_are_null_in_strict_json():
+    e = Evidence("p", "h" * 64, 0.9, 0.1, 1.05, 0.5, float("nan"), float("nan"), 400, 100, 10, 0,
+                 0.1, 0.0)
+    text = e.to_json()
+    assert "NaN" not in text and json.loads(text)["latency_ratio"] is None
+    back = Evidence.from_json(text)
+    assert math.isnan(back.latency_ms_per_token_base) and math.isnan(back.ppl_base)
 
 
 def test_evalset_from_texts():

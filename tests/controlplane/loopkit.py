@@ -74,10 +74,17 @@ def control_settings(policies: str, canary_s: float = 0.3, canary_requests: int 
         eval=EVAL, planner=PlannerSettings(max_sparse_layers=1, skip_candidates=1))
 
 
+# address -> the server's plan signing public key: what an operator puts in the agents'
+# HEADROOM_PLAN_VERIFY_KEYS (agents refuse unsigned plans and keys they were not given).
+PLAN_KEYS: dict[str, str] = {}
+
+
 def start(tmp_path: Path, needs_human: bool = False, **kw):
     policies = write_policies(tmp_path / "policies", needs_human)
-    return start_server(ServerSettings(db_path=str(tmp_path / "cp.duckdb"), port=0),
-                        control_settings(policies, **kw))
+    server = start_server(ServerSettings(db_path=str(tmp_path / "cp.duckdb"), port=0),
+                          control_settings(policies, **kw))
+    PLAN_KEYS[server.address] = server.state.control.client.signer.public_b64
+    return server
 
 
 def token_eval_args(vocab: int = 128) -> dict:
@@ -89,6 +96,10 @@ class LiveAgent:
 
     def __init__(self, address: str, agent_id: str, seed: int = 0, **settings):
         self.model = tiny_llama(seed=seed)
+        settings.setdefault("plan_verify_keys", PLAN_KEYS.get(address))
+        # The test thread polls jobs instead of serving: the control thread takes each trial
+        # after 50 ms (tests/agent/test_control.py covers the hand-off to a serving thread).
+        settings.setdefault("trial_handoff_s", 0.05)
         self.handle = attach(self.model, address=address, sample_rate=1.0, agent_id=agent_id,
                              flush_interval_ms=50, **settings)
         self.agent_id = agent_id

@@ -1,3 +1,4 @@
+import dataclasses
 import threading
 
 import duckdb
@@ -34,7 +35,7 @@ def test_append_links_rows_and_verifies(log):
     r = rows[2]
     assert r.row_hash == row_hash(r.prev_hash, r.seq, r.ts_us, r.kind.value, r.actor, r.subject, r.details)
     assert log.verify().ok and log.verify().rows_checked == 6
-    assert log.head() == AuditHead(6, rows[-1].row_hash)
+    assert log.head() == AuditHead(6, rows[-1].row_hash, rows[-1].mac, keyed_since=1)
 
 
 def test_empty_log_verifies(log):
@@ -61,20 +62,20 @@ def test_tampering_is_detected_at_its_seq(con, log, sql, bad_seq, words):
     assert words in result.reason
 
 
-def test_rehashed_edit_breaks_the_next_link(con, log):
+def test_rehashed_edit_is_caught_by_its_mac(con, log):
     fill(log, 5)
     r = log.rows(kind=AuditKind.PROPOSED, subject="plan-1")[0]
     forged = row_hash(r.prev_hash, r.seq, r.ts_us, r.kind.value, "operator:mallory", r.subject, r.details)
     con.execute("UPDATE audit_log SET actor = 'operator:mallory', row_hash = ? WHERE seq = ?",
                 [forged, r.seq])
     result = log.verify()
-    assert (result.ok, result.first_bad_seq) == (False, r.seq + 1)
+    assert (result.ok, result.first_bad_seq) == (False, r.seq) and "MAC" in result.reason
 
 
-def test_rewritten_chain_is_caught_by_an_anchor_kept_elsewhere(con, log):
+def test_rewritten_chain_is_caught_by_the_mac_and_an_anchor_kept_elsewhere(con, log):
     fill(log, 4)
     anchor = log.head()
-    # Rewrite the whole chain consistently (what someone with write access could do).
+    # Rewrite the whole hash chain consistently (what someone with write access could do).
     rows = log.rows(newest_first=False)
     prev = GENESIS_HASH
     for r in rows:
@@ -84,9 +85,11 @@ def test_rewritten_chain_is_caught_by_an_anchor_kept_elsewhere(con, log):
                     [actor, prev, h, r.seq])
         prev = h
     con.execute("UPDATE audit_head SET row_hash = ?", [prev])
-    assert log.verify().ok   # the documented limit
-    result = log.verify(anchor=anchor)
-    assert (result.ok, result.first_bad_seq) == (False, 4)
+    # Without the key the MACs cannot follow: the edited row is named.
+    result = log.verify()
+    assert (result.ok, result.first_bad_seq) == (False, 2) and "MAC" in result.reason
+    result = log.verify(anchor=dataclasses.replace(anchor, mac="", keyed_since=0))
+    assert (result.ok, result.first_bad_seq) == (False, 2)
 
 
 def test_concurrent_appends_keep_the_chain(log):

@@ -1,5 +1,6 @@
 """The search against a synthetic quality model: every change costs a known amount of top-1
 agreement, so the plan that fits the budget is known in advance."""
+import dataclasses
 import math
 
 import pytest
@@ -7,7 +8,9 @@ import pytest
 from controlplane.plans import PlanDoc, PlanMode, TransformKind
 from controlplane.planner.candidates import (Candidates, HeadCandidate, LadderStep, LayerCandidate,
                                              SparseLayerCandidate)
-from controlplane.planner.search import (Phase, Planner, PlanTarget, QualityBudget, TrialError)
+from controlplane.planner.search import (Phase, Planner, PlanTarget, QualityBudget, TrialError,
+                                         TrialRecord, choose_best)
+from controlplane.policy.schema import Objective
 from controlplane.planner.settings import PlannerSettings
 
 FP = "0f" * 32
@@ -63,13 +66,36 @@ def quality_loss(doc: dict, int8_cost: float = INT8_COST, head_cost: float = HEA
     return loss
 
 
+def changed_units(doc: dict) -> int:
+    """How many things a plan changes (int8 layers, thresholds, heads, skipped layers)."""
+    plan = PlanDoc.from_doc(doc)
+    units = 0
+    for t in plan.transforms:
+        if t.kind == TransformKind.WEIGHT_PRECISION:
+            units += len(t.precisions) + (t.head is not None)
+        elif t.kind == TransformKind.ACTIVATION_SPARSITY:
+            units += len(t.thresholds)
+        elif t.kind == TransformKind.PRUNE_HEADS:
+            units += sum(len(h) for h in t.heads.values())
+        elif t.kind == TransformKind.SKIP_LAYERS:
+            units += 10 * len(t.skipped)   # a whole block: more than anything inside it
+    return units
+
+
+def speed(doc: dict) -> dict:
+    """Synthetic latency and memory: every change makes the plan faster and smaller."""
+    ratio = 1.0 / (1.0 + 0.05 * changed_units(doc))
+    return {"latency_ratio": ratio, "memory_ratio": ratio}
+
+
 def evaluator(int8_cost: float = INT8_COST, calls: list | None = None,
               head_cost: float = HEAD_INT8_COST):
     def evaluate(doc: dict) -> dict:
         if calls is not None:
             calls.append(doc)
         loss = quality_loss(doc, int8_cost, head_cost)
-        return {"top1_agreement": 1.0 - loss, "ppl_ratio": 1.0 + loss / 4, "mean_kl": loss / 4}
+        return {"top1_agreement": 1.0 - loss, "ppl_ratio": 1.0 + loss / 4, "mean_kl": loss / 4,
+                **speed(doc)}
     return evaluate
 
 
@@ -121,12 +147,14 @@ def test_records_every_hypothesis_in_order_with_reasons():
     assert all(r.plan["query_classes"] == ["code"] and r.plan["model_fingerprint"] == FP
                for r in recorded)
     first, head, dropped = recorded[0], recorded[1], recorded[6]
-    assert first.reason == "kept: top1 0.9994 >= 0.97, ppl_ratio 1 <= 1.01, mean_kl 0.00015 <= 0.02"
+    assert first.reason == ("kept: top1 0.9994 >= 0.97, ppl_ratio 1 <= 1.01, mean_kl 0.00015 <= 0.02, "
+                            "latency_ratio 0.7692 <= 1")
     assert dropped.reason == "dropped: top1 0.9692 < 0.97"     # 0.0002 of it is the head
     assert dropped.change == "layer 1 MLP: zero |a| < 0.5 (~90% of activations)"
     assert first.change == "int8 weights on layers 0-5"
     assert (head.phase, head.change, head.kept) == (Phase.INT8_HEAD, "int8 weights on lm_head", True)
-    assert head.reason == "kept: top1 0.9992 >= 0.97, ppl_ratio 1 <= 1.01, mean_kl 0.0002 <= 0.02"
+    assert head.reason == ("kept: top1 0.9992 >= 0.97, ppl_ratio 1 <= 1.01, mean_kl 0.0002 <= 0.02, "
+                           "latency_ratio 0.7407 <= 1")
 
 
 @pytest.mark.parametrize("max_trials", [0, 1, 6, 12])
@@ -236,7 +264,7 @@ def test_failed_trials_are_dropped_and_the_search_goes_on():
 
 
 def everything_fits(doc):
-    return {"top1_agreement": 1.0, "ppl_ratio": 1.0, "mean_kl": 0.0}
+    return {"top1_agreement": 1.0, "ppl_ratio": 1.0, "mean_kl": 0.0, **speed(doc)}
 
 
 def test_heads_leave_min_heads_per_layer():
@@ -281,24 +309,30 @@ def test_dynamic_plans_only_search_thresholds():
 
 
 def test_nothing_fits_gives_no_plan():
-    hopeless = lambda doc: {"top1_agreement": 0.5, "ppl_ratio": 2.0, "mean_kl": 1.0}
+    hopeless = lambda doc: {"top1_agreement": 0.5, "ppl_ratio": 2.0, "mean_kl": 1.0, **speed(doc)}
     result = Planner(hopeless, BUDGET, settings=SETTINGS).run(TARGET, candidates())
     assert result.best is None and result.best_trial is None and result.trail
     assert not any(r.kept for r in result.trail)
 
 
 @pytest.mark.parametrize("evidence, ok, reason", [
-    ({"top1_agreement": 0.985, "ppl_ratio": 1.004, "mean_kl": 0.01}, True,
-     "kept: top1 0.985 >= 0.97, ppl_ratio 1.004 <= 1.01, mean_kl 0.01 <= 0.02"),
-    ({"top1_agreement": 0.985, "ppl_ratio": 1.02, "mean_kl": 0.01}, False,
+    ({"top1_agreement": 0.985, "ppl_ratio": 1.004, "mean_kl": 0.01, "latency_ratio": 0.9}, True,
+     "kept: top1 0.985 >= 0.97, ppl_ratio 1.004 <= 1.01, mean_kl 0.01 <= 0.02, latency_ratio 0.9 <= 1"),
+    ({"top1_agreement": 0.985, "ppl_ratio": 1.02, "mean_kl": 0.01, "latency_ratio": 0.9}, False,
      "dropped: ppl_ratio 1.02 > 1.01"),
-    ({"top1_agreement": 0.9, "ppl_ratio": 1.02, "mean_kl": 0.03}, False,
+    ({"top1_agreement": 0.9, "ppl_ratio": 1.02, "mean_kl": 0.03, "latency_ratio": 0.9}, False,
      "dropped: top1 0.9 < 0.97, ppl_ratio 1.02 > 1.01, mean_kl 0.03 > 0.02"),
-    ({"ppl_ratio": 1.0, "mean_kl": 0.0}, False, "dropped: evidence has no finite top1_agreement (got None)"),
-    ({"top1_agreement": math.nan, "ppl_ratio": 1.0, "mean_kl": 0.0}, False,
+    ({"ppl_ratio": 1.0, "mean_kl": 0.0, "latency_ratio": 0.9}, False,
+     "dropped: evidence has no finite top1_agreement (got None)"),
+    ({"top1_agreement": math.nan, "ppl_ratio": 1.0, "mean_kl": 0.0, "latency_ratio": 0.9}, False,
      "dropped: evidence has no finite top1_agreement (got nan)"),
-    ({"top1_agreement": 0.97, "ppl_ratio": 1.01, "mean_kl": 0.02}, True,
-     "kept: top1 0.97 >= 0.97, ppl_ratio 1.01 <= 1.01, mean_kl 0.02 <= 0.02"),
+    ({"top1_agreement": 0.97, "ppl_ratio": 1.01, "mean_kl": 0.02, "latency_ratio": 1.0}, True,
+     "kept: top1 0.97 >= 0.97, ppl_ratio 1.01 <= 1.01, mean_kl 0.02 <= 0.02, latency_ratio 1 <= 1"),
+    # Inside the quality budget but slower than unoptimised: not kept.
+    ({"top1_agreement": 1.0, "ppl_ratio": 1.0, "mean_kl": 0.0, "latency_ratio": 1.001}, False,
+     "dropped: latency_ratio 1.001 > 1"),
+    ({"top1_agreement": 1.0, "ppl_ratio": 1.0, "mean_kl": 0.0}, False,
+     "dropped: evidence has no finite latency_ratio (got None)"),
 ])
 def test_budget_check(evidence, ok, reason):
     assert BUDGET.check(evidence) == (ok, reason)
@@ -306,7 +340,8 @@ def test_budget_check(evidence, ok, reason):
 
 def test_budget_with_exact_match():
     budget = QualityBudget(min_exact_match=0.9)
-    assert budget.check({"top1_agreement": 1, "ppl_ratio": 1, "mean_kl": 0, "exact_match": 0.8}) == \
+    assert budget.check({"top1_agreement": 1, "ppl_ratio": 1, "mean_kl": 0, "exact_match": 0.8,
+                         "latency_ratio": 0.5}) == \
         (False, "dropped: exact_match 0.8 < 0.9")
 
 
@@ -329,13 +364,14 @@ def test_settings_from_environment(monkeypatch):
 
 # ------------------------------------------------------------ the execution trial (compiled decode)
 
-def timed(compiled_ms: float, eager_ms: float = 80.0):
+def timed(compiled_ms: float, eager_ms: float = 80.0, base_ms: float = 100.0):
     """The synthetic quality model, plus a decode latency that only compilation changes."""
     inner = evaluator()
 
     def evaluate(doc: dict) -> dict:
         compiled = any(t["kind"] == "execution" for t in doc["transforms"])
-        return {**inner(doc), "latency_ms_per_token_plan": compiled_ms if compiled else eager_ms}
+        plan_ms = compiled_ms if compiled else eager_ms
+        return {**inner(doc), "latency_ms_per_token_plan": plan_ms, "latency_ratio": plan_ms / base_ms}
     return evaluate
 
 
@@ -363,3 +399,49 @@ def test_dynamic_plans_get_no_compiled_decode():
     settings = settings_(max_trials=40, compiled_decode=True)
     result = Planner(timed(50.0), BUDGET, settings=settings).run(target, candidates())
     assert all(t.phase != Phase.EXECUTION for t in result.trail)
+
+
+# ------------------------------------------------------------ the objective: fastest, or smallest
+
+def _record(index: int, latency: float, memory: float, kept: bool = True) -> TrialRecord:
+    ev = {"latency_ratio": latency, "memory_ratio": memory}
+    return TrialRecord(index, Phase.INT8, f"t{index}", {"plan_id": f"t{index}"}, ev, kept, "", 0.0)
+
+
+def test_latency_objective_takes_the_fastest_not_the_last_kept():
+    trail = [_record(1, 0.80, 0.50), _record(2, 0.70, 0.60), _record(3, 0.90, 0.30)]
+    assert choose_best(trail, Objective.LATENCY, 0.0).index == 2
+
+
+def test_memory_objective_takes_the_smallest():
+    trail = [_record(1, 0.80, 0.50), _record(2, 0.70, 0.60), _record(3, 0.90, 0.30)]
+    assert choose_best(trail, Objective.MEMORY, 0.0).index == 3
+
+
+@pytest.mark.parametrize("second_latency, best", [
+    (0.70 * 1.03, 2),      # exactly at the tie fraction: tied, the smaller plan wins
+    (0.70 * 1.0301, 1),    # just past it: the faster plan wins
+])
+def test_memory_breaks_a_latency_tie(second_latency, best):
+    trail = [_record(1, 0.70, 0.60), _record(2, second_latency, 0.40)]
+    assert choose_best(trail, Objective.LATENCY, 0.03).index == best
+
+
+def test_dropped_trials_and_missing_latency_never_win():
+    trail = [_record(1, 0.5, 0.1, kept=False), _record(2, 0.9, 0.9),
+             TrialRecord(3, Phase.INT8, "t3", {}, {"memory_ratio": 0.1}, True, "", 0.0)]
+    assert choose_best(trail, Objective.LATENCY, 0.0).index == 2
+    assert choose_best([_record(1, 0.5, 0.1, kept=False)], Objective.LATENCY, 0.0) is None
+
+
+def test_a_slower_plan_is_never_kept_under_the_default_budget():
+    slow = lambda doc: {**everything_fits(doc), "latency_ratio": 1.05}
+    result = Planner(slow, BUDGET, settings=SETTINGS).run(TARGET, candidates())
+    assert result.best is None and all("latency_ratio 1.05 > 1" in r.reason for r in result.trail)
+
+
+def test_a_stated_trade_raises_the_latency_bound_and_optimises_memory():
+    slow = lambda doc: {**everything_fits(doc), "latency_ratio": 1.05}
+    budget = dataclasses.replace(BUDGET, max_latency_ratio=1.1)
+    result = Planner(slow, budget, settings=SETTINGS, objective=Objective.MEMORY).run(TARGET, candidates())
+    assert result.best is not None and result.objective is Objective.MEMORY

@@ -20,7 +20,7 @@ BASE_PLAN = {
     "notes": "",
 }
 BASE_EVIDENCE = {"top1_agreement": 0.99, "mean_kl": 0.005, "ppl_ratio": 1.004, "exact_match": 0.95,
-                 "eval_tokens": 4096, "n_prompts": 8,
+                 "eval_tokens": 4096, "n_prompts": 8, "latency_ratio": 0.9, "latency_pairs": 6,
                  "determinism_probe": {"runs": 2, "bitwise_identical": True}}
 BASE_CONTEXT = {"tenant": "acme", "route": "chat", "query_class": "", "requires_determinism": False,
                 "recent_applies_s": [], "now_s": NOW_S}

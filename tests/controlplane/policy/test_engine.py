@@ -34,6 +34,11 @@ RATE = "- {id: r, kind: rate_limit, max_applies: 2, window_s: 600}"
 RATE_HUMAN = "- {id: r, kind: rate_limit, max_applies: 2, window_s: 600, on_fail: needs_human}"
 DET = "- {id: r, kind: determinism, routes: [batch-*]}"
 DET_HUMAN = "- {id: r, kind: determinism, tenants: [bank], on_fail: needs_human}"
+LATENCY = "- {id: r, kind: latency, max_ratio: 1.0}"
+LATENCY_HUMAN = "- {id: r, kind: latency, max_ratio: 1.0, on_fail: needs_human}"
+LATENCY_TRADE = ("- {id: r, kind: latency, max_ratio: 1.2, trade: memory, scope: {routes: [batch-*]},"
+                 " reason: sized by memory}")
+LATENCY_WITH_TRADE = f"{LATENCY}\n{LATENCY_TRADE.replace('id: r', 'id: t')}"
 
 SKIP_2 = {"transforms": [{"kind": "skip_layers", "layers": [2, 4]}]}  # 2/8 layers: high risk
 SKIP_LAST = {"transforms": [{"kind": "skip_layers", "layers": [7]}]}
@@ -93,6 +98,19 @@ CASES = [
     ("det-requested", DET,
      {"context": {"requires_determinism": True}, "evidence": {"determinism_probe": None}}, R, F),
     ("det-human", DET_HUMAN, {"context": {"tenant": "bank"}, "plan": {"mode": "dynamic"}}, H, NH),
+    ("latency-faster", LATENCY, {}, A, P),
+    ("latency-equal-is-inclusive", LATENCY, {"evidence": {"latency_ratio": 1.0}}, A, P),
+    ("latency-slower", LATENCY, {"evidence": {"latency_ratio": 1.01}}, R, F),
+    ("latency-human", LATENCY_HUMAN, {"evidence": {"latency_ratio": 1.01}}, H, NH),
+    ("latency-not-measured", LATENCY, {"evidence": {"latency_ratio": None}}, R, F),
+    ("latency-too-few-pairs", LATENCY, {"evidence": {"latency_pairs": 3}}, R, F),
+    ("latency-min-pairs-is-inclusive", LATENCY, {"evidence": {"latency_pairs": 4}}, A, P),
+    ("latency-no-pairs", LATENCY, {"evidence": {"latency_pairs": None}}, R, F),
+    # Where a trade applies, the untraded rule steps aside (not_applicable) ...
+    ("latency-superseded", LATENCY_WITH_TRADE,
+     {"evidence": {"latency_ratio": 1.1}, "context": BATCH}, A, NA),
+    # ... and only there.
+    ("latency-trade-elsewhere", LATENCY_WITH_TRADE, {"evidence": {"latency_ratio": 1.1}}, R, F),
 ]
 
 
@@ -109,6 +127,27 @@ def test_every_rule_kind_has_every_outcome_covered():
     seen = {(c[1].split("kind: ")[1].split(",")[0], c[3]) for c in CASES}
     for kind in RuleKind:
         assert {(kind.value, A), (kind.value, R), (kind.value, H)} <= seen, kind
+
+
+def test_a_trade_has_its_own_bound(policy_dir):
+    policy_set = load_policy_set(str(policy_dir(LATENCY_WITH_TRADE)))
+    ok = evaluate(policy_set, **inputs(evidence={"latency_ratio": 1.2}, context=BATCH))
+    over = evaluate(policy_set, **inputs(evidence={"latency_ratio": 1.21}, context=BATCH))
+    assert ok.outcome is A and "memory first: sized by memory" in ok.results[1].message
+    assert "superseded by t" in ok.results[0].message
+    assert over.outcome is R and [r.rule_id for r in over.failing()] == ["t"]
+
+
+@pytest.mark.parametrize("rule, error", [
+    ("- {id: r, kind: latency, max_ratio: 1.2, trade: memory}", "must say why"),
+    ("- {id: r, kind: latency, max_ratio: 0}", "must be > 0"),
+    ("- {id: r, kind: latency, max_ratio: 1.0, min_pairs: 0}", "must be >= 1"),
+    ("- {id: r, kind: latency, max_ratio: 1.0, trade: speed, reason: x}", "trade"),
+])
+def test_latency_rules_are_validated(policy_dir, rule, error):
+    from controlplane.policy import PolicyError
+    with pytest.raises(PolicyError, match=error):
+        load_policy_set(str(policy_dir(rule)))
 
 
 def test_reject_beats_needs_human_beats_approve(policy_dir):

@@ -1,0 +1,139 @@
+"""Resources: agent streams and operator calls have separate limits (neither starves the other),
+a stream that never says hello is closed at the deadline, one agent certificate holds a bounded
+number of streams, and oversized Query/Admin requests are refused."""
+import time
+
+import grpc
+import pytest
+
+from controlplane.query import QueryError
+from controlplane.server import start_server
+from controlplane.settings import ServerSettings
+from proto import headroom_pb2 as pb
+from tests.controlplane import helpers
+from tests.security.conftest import SecureWorld, tls_settings
+
+MAX_AGENT_STREAMS = 4
+
+
+@pytest.fixture
+def tight(pki, tmp_path):
+    """8 threads: 4 for agent streams, 4 for Query/Admin; hello within 1.5 s."""
+    settings = tls_settings(pki, str(tmp_path / "tight.duckdb"), max_workers=8,
+                            max_agent_streams=MAX_AGENT_STREAMS, max_streams_per_client=100,
+                            hello_timeout_s=1.5, max_operator_request_bytes=4096)
+    running = start_server(settings)
+    yield SecureWorld(running, pki)
+    running.stop(grace_s=0.5)
+
+
+def _wait(predicate, timeout_s=10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_idle_streams_beyond_the_limit_are_refused_and_query_still_answers(tight):
+    streams = [tight.agent("agent-1") for _ in range(MAX_AGENT_STREAMS + 3)]   # never say hello
+    try:
+        assert _wait(lambda: sum(s.status is not None for s in streams) == 3)
+        refused = [s for s in streams if s.status is not None]
+        assert {s.status for s in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert "max_agent_streams=4" in refused[0].details
+        assert tight.server.state.agent_streams() == MAX_AGENT_STREAMS   # exactly the limit
+        with tight.query_client() as q:     # operators keep their threads meanwhile
+            assert q.query("SELECT 7 AS x").table.to_pylist() == [{"x": 7}]
+        with tight.admin("vera") as admin:
+            assert admin.call("agents.list") == []
+        held = [s for s in streams if s.status is None]
+        assert {s.wait_end(timeout_s=15) for s in held} == {grpc.StatusCode.DEADLINE_EXCEEDED}
+        assert "no hello within hello_timeout_s=1.5" in held[0].details
+        assert _wait(lambda: tight.server.state.agent_streams() == 0)
+    finally:
+        for s in streams:
+            s.close()
+    with tight.agent("agent-1") as fresh:          # the slots are free again
+        fresh.send(helpers.hello("agent-1"))
+        fresh.send(helpers.batch(1, helpers.tables(helpers.records(1))))
+        assert fresh.recv().ack.seq == 1
+
+
+def test_a_stream_that_said_hello_outlives_the_deadline(tight):
+    with tight.agent("agent-1") as s:
+        s.send(helpers.hello("agent-1"))
+        time.sleep(2.0)                             # past hello_timeout_s=1.5
+        s.send(helpers.batch(1, helpers.tables(helpers.records(1))))
+        assert s.recv().ack.seq == 1 and s.status is None
+
+
+def test_per_client_stream_limit(pki, tmp_path):
+    settings = tls_settings(pki, str(tmp_path / "pc.duckdb"), max_streams_per_client=2)
+    running = start_server(settings)
+    world = SecureWorld(running, pki)
+    streams = [world.agent("agent-1") for _ in range(2)]
+    try:
+        assert _wait(lambda: running.state.agent_streams() == 2)
+        with world.agent("agent-1") as third:
+            assert third.wait_end() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_streams_per_client=2" in third.details
+        with world.agent("agent-2") as other:       # another agent is not affected
+            other.send(helpers.hello("agent-2"))
+            other.send(helpers.batch(1, helpers.tables(helpers.records(1))))
+            assert other.recv().ack.seq == 1
+    finally:
+        for s in streams:
+            s.close()
+        running.stop(grace_s=0.5)
+
+
+def test_operator_calls_beyond_their_share_are_refused(tight):
+    state = tight.server.state
+    share = tight.server.state.settings.max_operator_calls
+    assert share == 8 - MAX_AGENT_STREAMS
+    taken = 0
+    try:
+        for _ in range(share - 1):                  # one slot left: the call goes through
+            assert state.operator_call()
+            taken += 1
+        with tight.query_client() as q:
+            assert q.query("SELECT 1 AS ok").table.to_pylist() == [{"ok": 1}]
+            assert state.operator_call()            # none left: refused at once
+            taken += 1
+            with pytest.raises(QueryError, match="Query/Admin calls are running"):
+                q.query("SELECT 1")
+    finally:
+        for _ in range(taken):
+            state.operator_call_done()
+
+
+def _query_of_size(size_bytes: int) -> str:
+    """SQL whose QueryRequest encodes to exactly size_bytes."""
+    base = "SELECT 1 AS ok --"
+    for pad in range(size_bytes):
+        sql = base + "x" * pad
+        n = pb.QueryRequest(sql=sql).ByteSize()
+        if n == size_bytes:
+            return sql
+        assert n < size_bytes
+    raise AssertionError(size_bytes)
+
+
+def test_operator_request_size_limit_boundary(tight):
+    with tight.query_client() as q:
+        assert q.query(_query_of_size(4096)).table.to_pylist() == [{"ok": 1}]
+        with pytest.raises(QueryError, match="exceeds max_operator_request_bytes=4096"):
+            q.query(_query_of_size(4097))
+
+
+@pytest.mark.parametrize("streams, ok", [(63, True), (64, False)])
+def test_agent_streams_must_leave_threads_for_operators(tmp_path, streams, ok):
+    make = lambda: ServerSettings(db_path=str(tmp_path / "x.duckdb"), max_workers=64,
+                                  max_agent_streams=streams)
+    if ok:
+        assert make().max_operator_calls == 64 - streams
+    else:
+        with pytest.raises(ValueError, match="max_agent_streams=64 must be below max_workers=64"):
+            make()
