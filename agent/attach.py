@@ -66,6 +66,10 @@ def attach(model: nn.Module, *, tokenizer=None, address: Optional[str] = None,
     need none). address: "host:port" of a running control plane; None starts an embedded one
     on localhost (DuckDB file: settings.embedded_db_path). Other keyword arguments are
     AgentSettings fields. Plans and trials pushed by the control plane run between requests.
+    A model dispatched by accelerate with weights offloaded to the host or disk (parameters on
+    the meta device) is fingerprinted from the offload hooks' weights_map and observed as usual;
+    a plan that must move offloaded weights fails with TransformError, the model restored.
+    Meta parameters that no offload hook holds raise fingerprint.OffloadError here.
     """
     if settings is None:
         settings = AgentSettings.resolve(address=address, **overrides)

@@ -2,7 +2,8 @@
 BatchSpanProcessor: a bounded queue on the hot path, one worker thread that batches, encodes
 and sends over the `Connect` stream, reconnecting with backoff.
 
-Delivery is exactly once while the control plane keeps its store. A batch written to a stream
+Delivery is exactly once while the control plane keeps its store (and de-duplicates batches, as
+it does by default). A batch written to a stream
 that breaks before its Ack stays kept (bounded: RESEND_MAX_BATCHES / RESEND_MAX_BYTES, the oldest
 dropped and counted in failed_batches / lost_records past that) and is resent after the
 reconnect, in seq order, with its original seq: the server stores a batch once per

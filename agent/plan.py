@@ -24,6 +24,7 @@ from torch import nn
 from agent.adapters.base import ModelStructure
 from proto.plandoc import (HEAD_KEY, PLAN_SCHEMA, CompileMode, PlanMode, Precision,  # noqa: F401
                            TransformKind, canonical_json, plan_hash)
+from proto.plandoc import DRAFT_PLAN_KINDS, SPECULATIVE_K_MAX, SpeculativeDraft  # noqa: F401
 
 SCHEMA = PLAN_SCHEMA
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -74,9 +75,18 @@ class WeightPrecision:
 
 
 @dataclass(frozen=True)
+class Speculative:
+    """execution.speculative: `draft` proposes k tokens, the model verifies them in one forward."""
+    draft: SpeculativeDraft
+    k: int                                        # drafted tokens per verify forward
+    draft_transforms: tuple["Transform", ...] = ()   # draft "self": the draft plan, in APPLY_ORDER
+
+
+@dataclass(frozen=True)
 class Execution:
     static_kv_cache: bool
     compile: CompileMode
+    speculative: Speculative | None = None
     kind: TransformKind = TransformKind.EXECUTION
 
 
@@ -132,6 +142,7 @@ _FIELDS = {
     TransformKind.WEIGHT_PRECISION: {"layers"},
     TransformKind.EXECUTION: {"static_kv_cache", "compile"},
 }
+_OPTIONAL_FIELDS = {TransformKind.EXECUTION: {"speculative"}}
 
 
 def _is_int(v) -> bool:
@@ -208,8 +219,8 @@ class _Parser:
             out.append(t)
         return out
 
-    def _transform(self, i: int, item: Any) -> Transform | None:
-        where = f"transforms[{i}]"
+    def _transform(self, i: int, item: Any, prefix: str = "transforms") -> Transform | None:
+        where = f"{prefix}[{i}]"
         if not isinstance(item, dict):
             self.bad(f"{where}: must be an object with a 'kind'")
             return None
@@ -221,11 +232,12 @@ class _Parser:
             return None
         where = f"{where} ({kind.value})"
         fields = item.keys() - {"kind"}
-        for k in sorted(fields - _FIELDS[kind]):
+        optional = _OPTIONAL_FIELDS.get(kind, set())
+        for k in sorted(fields - _FIELDS[kind] - optional):
             self.bad(f"{where}: unknown field {k!r}")
         for k in sorted(_FIELDS[kind] - fields):
             self.bad(f"{where}: missing field {k!r}")
-        if fields != _FIELDS[kind]:
+        if not _FIELDS[kind] <= fields <= _FIELDS[kind] | optional:
             return None
         return getattr(self, f"_{kind.value}")(where, item)
 
@@ -308,7 +320,64 @@ class _Parser:
         if compile_mode not in (None, CompileMode.NONE) and static is False:
             self.bad(f"{where}: compile={compile_mode.value} needs static_kv_cache=true "
                      "(a compiled decode needs fixed cache shapes)")
-        return Execution(static_kv_cache=bool(static), compile=compile_mode or CompileMode.NONE)
+        spec = None
+        if "speculative" in item:
+            spec = self._speculative(f"{where}.speculative", item["speculative"])
+            if spec is not None and (static is not False or compile_mode != CompileMode.NONE):
+                self.bad(f"{where}.speculative: needs static_kv_cache=false and compile='none' "
+                         "(speculation keeps its own dynamic KV caches and crops them)")
+        return Execution(static_kv_cache=bool(static), compile=compile_mode or CompileMode.NONE,
+                         speculative=spec)
+
+    def _speculative(self, where: str, spec: Any) -> Speculative | None:
+        if not isinstance(spec, dict):
+            self.bad(f"{where}: must be an object with 'draft' and 'k'")
+            return None
+        for k in sorted(spec.keys() - {"draft", "k", "draft_plan"}):
+            self.bad(f"{where}: unknown field {k!r}")
+        for k in sorted({"draft", "k"} - spec.keys()):
+            self.bad(f"{where}: missing field {k!r}")
+        draft = self._enum(SpeculativeDraft, spec.get("draft"), f"{where}.draft")
+        if "draft" in spec and spec["draft"] is None:
+            self.bad(f"{where}.draft: must be one of {[d.value for d in SpeculativeDraft]}")
+        k = spec.get("k")
+        if "k" in spec and not (_is_int(k) and 1 <= k <= SPECULATIVE_K_MAX):
+            self.bad(f"{where}.k: must be an integer from 1 to {SPECULATIVE_K_MAX}, got {k!r}")
+        if draft == SpeculativeDraft.PROMPT_LOOKUP and "draft_plan" in spec:
+            self.bad(f"{where}.draft_plan: only draft 'self' takes a draft plan")
+        if draft == SpeculativeDraft.SELF and "draft_plan" not in spec:
+            self.bad(f"{where}: missing field 'draft_plan' (draft 'self' runs the model under it)")
+        drafted = self._draft_plan(f"{where}.draft_plan", spec["draft_plan"]) \
+            if draft == SpeculativeDraft.SELF and "draft_plan" in spec else ()
+        if draft is None or not (_is_int(k) and 1 <= k <= SPECULATIVE_K_MAX):
+            return None
+        order = {kind: n for n, kind in enumerate(APPLY_ORDER)}
+        return Speculative(draft, k, tuple(sorted(drafted, key=lambda t: order[t.kind])))
+
+    def _draft_plan(self, where: str, value: Any) -> tuple[Transform, ...]:
+        if not (isinstance(value, dict) and set(value) == {"transforms"}):
+            self.bad(f"{where}: must be an object with exactly one field 'transforms'")
+            return ()
+        items = value["transforms"]
+        if not (isinstance(items, list) and items):
+            self.bad(f"{where}.transforms: must be a non-empty list (an empty draft plan drafts "
+                     "with the verifier itself)")
+            return ()
+        out, seen = [], {}
+        for i, item in enumerate(items):
+            t = self._transform(i, item, f"{where}.transforms")
+            if t is None:
+                continue
+            if t.kind not in DRAFT_PLAN_KINDS:
+                self.bad(f"{where}.transforms[{i}]: kind {t.kind.value!r} cannot be in a draft "
+                         f"plan; allowed: {[k.value for k in DRAFT_PLAN_KINDS]}")
+            elif t.kind in seen:
+                self.bad(f"{where}.transforms[{i}] ({t.kind.value}): duplicate kind, already in "
+                         f"transforms[{seen[t.kind]}]")
+            else:
+                seen[t.kind] = i
+                out.append(t)
+        return tuple(out)
 
 
 # ---------------------------------------------------------------------------- fit to model
@@ -358,6 +427,7 @@ def check_fit(plan: Plan, structure: ModelStructure, fingerprint: str,
             problems.append(f"mode 'dynamic': only activation_sparsity can be dynamic; "
                             f"{static_kinds} are structural")
     _check_layers(plan, structure, problems, notes)
+    _check_draft(plan, structure, supported or {}, head_reason, problems)
     precision = plan.get(TransformKind.WEIGHT_PRECISION)
     if precision is not None and precision.head is not None and head_reason:
         i = next(i for i, t in enumerate(plan.transforms) if t is precision)
@@ -366,6 +436,32 @@ def check_fit(plan: Plan, structure: ModelStructure, fingerprint: str,
     if problems:
         raise PlanError(problems, plan.plan_id)
     return notes
+
+
+def _check_draft(plan: Plan, s: ModelStructure, supported: Mapping[TransformKind, str | None],
+                 head_reason: str | None, problems: list[str]) -> None:
+    """execution.speculative.draft_plan: the same fit rules as the plan's own transforms."""
+    ex = plan.get(TransformKind.EXECUTION)
+    spec = ex.speculative if ex is not None else None
+    if spec is None or not spec.draft_transforms:
+        return
+    where, n = "execution.speculative.draft_plan", s.num_layers
+    for t in spec.draft_transforms:
+        if supported.get(t.kind):
+            problems.append(f"{where}: {t.kind.value}: not supported for {s.architecture}: "
+                            f"{supported[t.kind]}")
+        bad = sorted(x for x in layers_of(t) if x >= n)
+        if bad:
+            problems.append(f"{where}: {t.kind.value}: layer(s) {bad} out of range "
+                            f"(model has {n} layers)")
+        if isinstance(t, WeightPrecision) and t.head is not None and head_reason:
+            problems.append(f"{where}: weight_precision.layers[{HEAD_KEY}]: {head_reason}")
+        if isinstance(t, PruneHeads) and any(h >= s.num_heads for hs in t.heads.values() for h in hs):
+            problems.append(f"{where}: prune_heads: head index out of range "
+                            f"(model has {s.num_heads} query heads)")
+        if isinstance(t, SkipLayers) and set(t.layers) >= set(range(n)):
+            problems.append(f"{where}: skip_layers: all {n} layers skipped; the draft would be "
+                            "an identity")
 
 
 def layers_of(t: Transform) -> tuple[int, ...]:

@@ -186,7 +186,7 @@ def env(**values: str):
                 os.environ[k] = v
 
 
-def headroom_row(base: nn.Module, name: str, source: str, doc: dict, *, int8_cpu: str = "int8pack_bf16",
+def headroom_row(base: nn.Module, name: str, source: str, doc: dict, *, int8_cpu: str = "auto",
                  sparse_decode: bool = False) -> Row:
     """A copy of the model with plan `doc` applied by the Executor (compile in the warm-up)."""
     model = copy.deepcopy(base)

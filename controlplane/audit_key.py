@@ -33,7 +33,7 @@ ANCHOR_SUFFIX = ".audit-anchor"
 _PROCESS_KEY = secrets.token_bytes(KEY_BYTES)
 
 
-class AuditKeyError(RuntimeError):
+class AuditKeyError(OSError):
     """The key file cannot be read, created or parsed; the message names the file."""
 
 
@@ -58,6 +58,7 @@ def load_or_create_key(path: str) -> bytes:
     if not path:
         return _PROCESS_KEY
     try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         return _read_key(path)

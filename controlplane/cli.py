@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import pyarrow as pa
 
+from controlplane.auth import AuthMode
 from controlplane.query import QueryClient, QueryError, QueryResult, open_read_only, run_query
 from controlplane.server import RunningServer, serve_forever
 from controlplane.settings import ServerSettings
@@ -181,9 +182,11 @@ def _serve(args: argparse.Namespace) -> int:
     def listening(running: RunningServer) -> None:
         if args.port_file:
             _write_port_file(args.port_file, running.port)
-        extra = f" operator_port={running.operator_port}" if running.operator_port >= 0 else ""
-        print(f"headroom control plane listening on {running.host}:{running.port}{extra} "
-              f"({running.state.auth.mode.value}) db={settings.db_path}", flush=True)
+        mode = running.state.auth.mode
+        extra = "" if mode is AuthMode.OPEN_LOOPBACK else f" auth={mode.value}"
+        extra += f" operator_port={running.operator_port}" if running.operator_port >= 0 else ""
+        print(f"headroom control plane listening on {running.host}:{running.port} "
+              f"db={settings.db_path}{extra}", flush=True)
 
     serve_forever(settings, on_listening=listening)
     return 0

@@ -49,6 +49,7 @@ class Job:
     plan_status: Optional[str] = None
     message: str = ""
     last_error: Optional[str] = None
+    objective: Optional[str] = None   # planning: what "best" meant (latency, or a policy's trade)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -58,7 +59,7 @@ class Job:
 
 _COLUMNS = ("job_id, kind, state, stage, fingerprint, agent_ids, query_class, actor, plan_id, "
             "decision, plan_status, trials, message, last_error, started_at_us, updated_at_us, "
-            "finished_at_us")
+            "finished_at_us, objective")
 
 
 def _us(seconds: Optional[float]) -> Optional[int]:
@@ -69,7 +70,7 @@ def _row(job: Job) -> list:
     return [job.job_id, job.kind, job.state.value, job.stage.value, job.fingerprint,
             [job.agent_id] if job.agent_id else [], job.query_class, job.actor, job.plan_id,
             job.decision, job.plan_status, job.trials, job.message, job.last_error,
-            _us(job.started_at_s), time.time_ns() // 1000, _us(job.finished_at_s)]
+            _us(job.started_at_s), time.time_ns() // 1000, _us(job.finished_at_s), job.objective]
 
 
 def _job(r: tuple) -> Job:
@@ -77,7 +78,7 @@ def _job(r: tuple) -> Job:
                agent_id=r[5][0] if r[5] else "", query_class=r[6], actor=r[7], plan_id=r[8],
                decision=r[9], plan_status=r[10], trials=int(r[11]), message=r[12],
                last_error=r[13], started_at_s=r[14] / 1e6,
-               finished_at_s=None if r[16] is None else r[16] / 1e6)
+               finished_at_s=None if r[16] is None else r[16] / 1e6, objective=r[17])
 
 
 class JobStore:
@@ -93,7 +94,7 @@ class JobStore:
         """Inserts or replaces the job's row: called on every change the job goes through."""
         updates = ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS.split(", ")[1:])
         with self._lock:
-            self._con.execute(f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 17)}) "
+            self._con.execute(f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * len(_COLUMNS.split(', ')))}) "
                               f"ON CONFLICT (job_id) DO UPDATE SET {updates}", _row(job))
 
     def get(self, job_id: str) -> Optional[Job]:

@@ -332,6 +332,7 @@ class ControlLoop:
         if max_trials is None and self.settings.max_trials:
             max_trials = self.settings.max_trials
         objective, budget = self._objective(request)
+        job.objective = objective.value
         planner = Planner(evaluate, budget, max_trials=max_trials, record=recorder.record,
                           settings=self.planner_settings, propose=recorder.propose,
                           objective=objective)
@@ -345,7 +346,7 @@ class ControlLoop:
         context = Context(tenant=request.tenant, route=request.route,
                           query_class=request.query_class or "",
                           requires_determinism=request.requires_determinism)
-        traded = trade_rule(self.policies.require().current(), context)
+        traded = trade_rule(self.policies.require().current, context)
         if traded is None:
             return Objective.LATENCY, request.budget
         # The trade's bound replaces the default 1.0; a caller's own stricter bound still holds.

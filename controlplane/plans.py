@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional, Union
 
 from proto.plandoc import (HEAD_KEY, PLAN_SCHEMA, CompileMode, PlanMode, Precision,  # noqa: F401
                            TransformKind, canonical_json, plan_hash)
+from proto.plandoc import DRAFT_PLAN_KINDS, SPECULATIVE_K_MAX, SpeculativeDraft
 
 SCHEMA = PLAN_SCHEMA
 _PLAN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -185,14 +186,61 @@ class WeightPrecision:
 
 
 @dataclass(frozen=True)
+class Speculative:
+    """execution.speculative (proto/plandoc.py): a draft proposes k tokens, the model verifies."""
+    draft: SpeculativeDraft
+    k: int
+    draft_transforms: tuple = ()    # draft "self": the draft plan's transforms, in kind order
+
+    @classmethod
+    def from_doc(cls, d: Any, path: str) -> "Speculative":
+        d = _mapping(d, path)
+        _keys(d, path, {"draft", "k"}, {"draft_plan"})
+        draft = _enum(SpeculativeDraft, d["draft"], f"{path}.draft")
+        k = _int(d["k"], f"{path}.k", 1)
+        if k > SPECULATIVE_K_MAX:
+            raise PlanValidationError(f"{path}.k", f"must be at most {SPECULATIVE_K_MAX}, got {k}")
+        if draft == SpeculativeDraft.PROMPT_LOOKUP:
+            if "draft_plan" in d:
+                raise PlanValidationError(f"{path}.draft_plan", "only draft 'self' takes a draft plan")
+            return cls(draft, k)
+        if "draft_plan" not in d:
+            raise PlanValidationError(f"{path}.draft_plan", "is required for draft 'self'")
+        return cls(draft, k, _draft_plan(d["draft_plan"], f"{path}.draft_plan"))
+
+    def to_doc(self) -> dict:
+        out = {"draft": self.draft.value, "k": self.k}
+        if self.draft == SpeculativeDraft.SELF:
+            ordered = sorted(self.draft_transforms, key=lambda t: _KIND_ORDER[t.kind])
+            out["draft_plan"] = {"transforms": [t.to_doc() for t in ordered]}
+        return out
+
+
+def _draft_plan(value: Any, path: str) -> tuple:
+    d = _mapping(value, path)
+    _keys(d, path, {"transforms"})
+    transforms = _transforms(d["transforms"], f"{path}.transforms")
+    if not transforms:
+        raise PlanValidationError(f"{path}.transforms", "is empty: the draft would be the "
+                                  "verifier itself")
+    for i, t in enumerate(transforms):
+        if t.kind not in DRAFT_PLAN_KINDS:
+            raise PlanValidationError(f"{path}.transforms[{i}].kind", f"{t.kind.value!r} cannot "
+                                      "be in a draft plan; allowed: "
+                                      + ", ".join(repr(k.value) for k in DRAFT_PLAN_KINDS))
+    return tuple(sorted(transforms, key=lambda t: _KIND_ORDER[t.kind]))
+
+
+@dataclass(frozen=True)
 class Execution:
     static_kv_cache: bool = False
     compile: CompileMode = CompileMode.NONE
+    speculative: Optional[Speculative] = None
     kind = TransformKind.EXECUTION
 
     @classmethod
     def from_doc(cls, d: Mapping, path: str) -> "Execution":
-        _keys(d, path, {"kind", "static_kv_cache", "compile"})
+        _keys(d, path, {"kind", "static_kv_cache", "compile"}, {"speculative"})
         if not isinstance(d["static_kv_cache"], bool):
             raise PlanValidationError(f"{path}.static_kv_cache",
                                       f"must be true or false, got {d['static_kv_cache']!r}")
@@ -200,11 +248,21 @@ class Execution:
         if mode != CompileMode.NONE and not d["static_kv_cache"]:
             raise PlanValidationError(f"{path}.compile", f"{mode.value!r} needs static_kv_cache "
                                       "true (a compiled decode needs fixed cache shapes)")
-        return cls(d["static_kv_cache"], mode)
+        spec = None
+        if "speculative" in d:
+            spec = Speculative.from_doc(d["speculative"], f"{path}.speculative")
+            if d["static_kv_cache"] or mode != CompileMode.NONE:
+                raise PlanValidationError(f"{path}.speculative", "needs static_kv_cache false and "
+                                          "compile 'none' (speculation keeps its own dynamic KV "
+                                          "caches and crops them)")
+        return cls(d["static_kv_cache"], mode, spec)
 
     def to_doc(self) -> dict:
-        return {"kind": self.kind.value, "static_kv_cache": self.static_kv_cache,
-                "compile": self.compile.value}
+        out = {"kind": self.kind.value, "static_kv_cache": self.static_kv_cache,
+               "compile": self.compile.value}
+        if self.speculative is not None:      # absent, not null: older plans keep their hash
+            out["speculative"] = self.speculative.to_doc()
+        return out
 
     def layers(self) -> set[int]:
         return set()
@@ -282,10 +340,10 @@ class PlanDoc:
         return next((t for t in self.transforms if t.kind == kind), None)
 
 
-def _transforms(value: Any) -> tuple[Transform, ...]:
+def _transforms(value: Any, where: str = "transforms") -> tuple[Transform, ...]:
     out, seen = [], {}
-    for i, t in enumerate(_list(value, "transforms")):
-        path = f"transforms[{i}]"
+    for i, t in enumerate(_list(value, where)):
+        path = f"{where}[{i}]"
         t = _mapping(t, path)
         if "kind" not in t:
             raise PlanValidationError(f"{path}.kind", "is required")
@@ -345,18 +403,32 @@ def check_against(plan: PlanDoc, facts: Union[ModelFacts, Mapping[str, Any]]) ->
     """Layer and head indices within the model; no layer loses all its heads."""
     facts = ModelFacts.of(facts)
     for i, t in enumerate(sorted(plan.transforms, key=lambda t: _KIND_ORDER[t.kind])):
-        path = f"transforms[{i}]"
-        for layer in sorted(t.layers()):
-            if layer >= facts.num_layers:
-                raise PlanValidationError(path, f"layer {layer} >= the model's {facts.num_layers} layers")
-        if isinstance(t, PruneHeads):
-            for layer, heads in sorted(t.heads.items()):
-                if heads[-1] >= facts.num_heads:
-                    raise PlanValidationError(f"{path}.heads.{layer}", f"head {heads[-1]} >= the "
-                                              f"model's {facts.num_heads} heads")
-                if len(heads) >= facts.num_heads:
-                    raise PlanValidationError(f"{path}.heads.{layer}", "removes every head; "
-                                              "skip the layer instead")
+        _check_transform(t, f"transforms[{i}]", facts)
+        spec = getattr(t, "speculative", None)
+        if spec is not None:
+            _check_draft(spec, f"transforms[{i}].speculative.draft_plan", facts)
+
+
+def _check_draft(spec: Speculative, path: str, facts: ModelFacts) -> None:
+    for j, d in enumerate(spec.draft_transforms):
+        _check_transform(d, f"{path}.transforms[{j}]", facts)
+        if isinstance(d, SkipLayers) and len(d.layers()) >= facts.num_layers:
+            raise PlanValidationError(f"{path}.transforms[{j}].layers", "skips every layer: "
+                                      "the draft would be an identity")
+
+
+def _check_transform(t: "Transform", path: str, facts: ModelFacts) -> None:
+    for layer in sorted(t.layers()):
+        if layer >= facts.num_layers:
+            raise PlanValidationError(path, f"layer {layer} >= the model's {facts.num_layers} layers")
+    if isinstance(t, PruneHeads):
+        for layer, heads in sorted(t.heads.items()):
+            if heads[-1] >= facts.num_heads:
+                raise PlanValidationError(f"{path}.heads.{layer}", f"head {heads[-1]} >= the "
+                                          f"model's {facts.num_heads} heads")
+            if len(heads) >= facts.num_heads:
+                raise PlanValidationError(f"{path}.heads.{layer}", "removes every head; "
+                                          "skip the layer instead")
 
 
 _DTYPE_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
@@ -417,7 +489,14 @@ def _diff_skip(t: SkipLayers, facts: ModelFacts) -> list[str]:
 def _diff_execution(t: Execution, facts: ModelFacts) -> list[str]:
     parts = (["static KV cache"] if t.static_kv_cache else []) + \
             ([_COMPILE_WORDS[t.compile]] if t.compile in _COMPILE_WORDS else [])
-    return [f"execution: {', '.join(parts) if parts else 'unchanged'}"]
+    lines = [f"execution: {', '.join(parts) if parts else 'unchanged'}"]
+    spec = t.speculative
+    if spec is not None:
+        drafted = "" if not spec.draft_transforms else " under " + "; ".join(
+            line for d in spec.draft_transforms for line in _DIFF[d.kind](d, facts))
+        lines.append(f"execution: speculative decoding, {spec.k} tokens drafted per verify by "
+                     f"{spec.draft.value}{drafted}; output stays the verifier's")
+    return lines
 
 
 _DIFF = {TransformKind.WEIGHT_PRECISION: _diff_precision,

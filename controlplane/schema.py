@@ -116,7 +116,8 @@ JOBS_DDL = """CREATE TABLE IF NOT EXISTS jobs (
   last_error VARCHAR,
   started_at_us BIGINT NOT NULL,
   updated_at_us BIGINT NOT NULL,
-  finished_at_us BIGINT
+  finished_at_us BIGINT,
+  objective VARCHAR
 )"""
 
 

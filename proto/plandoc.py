@@ -43,6 +43,24 @@ class CompileMode(str, enum.Enum):
     CUDA_GRAPH = "cuda_graph"
 
 
+class SpeculativeDraft(str, enum.Enum):
+    """Who drafts the tokens the model verifies (execution.speculative.draft)."""
+    PROMPT_LOOKUP = "prompt_lookup"   # copied from n-grams of the prompt and the output so far
+    SELF = "self"                     # the same model under a cheaper plan (draft_plan)
+
+
+# execution.speculative: drafted tokens per verify forward, 1..SPECULATIVE_K_MAX. A plan of
+# draft "self" carries its draft plan as {"transforms": [...]}, of these kinds only (execution
+# settings of its own would nest speculation). Speculation runs its own dynamic KV caches,
+# cropped after a rejection, so it needs static_kv_cache false and compile "none".
+#   {"kind": "execution", "static_kv_cache": false, "compile": "none",
+#    "speculative": {"draft": "self", "k": 4,
+#                    "draft_plan": {"transforms": [{"kind": "skip_layers", "layers": [3]}]}}}
+SPECULATIVE_K_MAX = 16
+DRAFT_PLAN_KINDS = (TransformKind.WEIGHT_PRECISION, TransformKind.ACTIVATION_SPARSITY,
+                    TransformKind.PRUNE_HEADS, TransformKind.SKIP_LAYERS)
+
+
 def canonical_json(doc: Mapping[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 

@@ -24,6 +24,10 @@ from workloads.prompts import PROMPTS, chat_ids
 EVAL = {"seq_len": 129, "max_sequences": 16, "prompts": 2, "prompt_tokens": 16,
         "new_tokens": 12, "latency_repeats": 3}
 POLL_S = 2.0
+OBJECTIVES = {"latency": "the fastest plan inside the quality budget, never slower than "
+                         "unoptimised; memory breaks near-ties",
+              "memory": "a policy states the memory trade for this route: the smallest plan "
+                        "inside its latency bound"}
 BEST_PLAN_PATH = Path(".headroom/best-plan.json")   # read by `make bench-table`
 BEST_EVIDENCE_PATH = Path(".headroom/best-plan-evidence.json")   # read by bench/agree.py
 
@@ -96,7 +100,10 @@ def _plan(admin: AdminClient, handle, model, tok, args) -> dict:
         "agent_id": handle.agent_id, "max_trials": args.max_trials, "eval": EVAL,
         "budget": {"min_top1": args.min_top1, "max_ppl_ratio": args.max_ppl_ratio},
         "tenant": "demo", "route": "/chat"})
-    return wait_job(admin, job["job_id"], handle, serve=lambda: serve_some(handle, model, tok))
+    job = wait_job(admin, job["job_id"], handle, serve=lambda: serve_some(handle, model, tok))
+    print(f"  objective: {job.get('objective')} ({OBJECTIVES.get(job.get('objective'), '')}); "
+          f"{job['message']}")
+    return job
 
 
 def _decide_and_apply(admin: AdminClient, handle, model, tok, job: dict) -> list:

@@ -10,6 +10,7 @@ class QueryClass(str, enum.Enum):
     CODE = "code"
     CREATIVE = "creative"
     ARITHMETIC = "arithmetic"
+    GROUNDED = "grounded"     # the answer copies from the prompt: code edits, summaries, quotes
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,28 @@ PROMPTS: tuple[Prompt, ...] = (
     Prompt(QueryClass.ARITHMETIC, "What is 9 times 8?"),
     Prompt(QueryClass.ARITHMETIC, "If I have 30 apples and give away 12, how many are left?"),
     Prompt(QueryClass.ARITHMETIC, "What is half of 64?"),
+)
+
+
+_FUNC = '''def total_price(items, tax_rate):
+    total = 0
+    for item in items:
+        total = total + item["price"] * item["quantity"]
+    total = total + total * tax_rate
+    return total'''
+
+# Kept apart from PROMPTS (whose mix the demo and the other benchmarks serve): the class that
+# prompt-lookup drafting is for (bench/speculative.py).
+GROUNDED_PROMPTS: tuple[Prompt, ...] = (
+    Prompt(QueryClass.GROUNDED, "Rewrite this Python function so that the variable `total` is "
+           "called `subtotal`. Reply with the whole function only.\n\n" + _FUNC),
+    Prompt(QueryClass.GROUNDED, "Add a docstring to this Python function and reply with the "
+           "whole function.\n\n" + _FUNC),
+    Prompt(QueryClass.GROUNDED, "Repeat the following sentence exactly, then say how many words "
+           "it has: The quick brown fox jumps over the lazy dog near the quiet river bank."),
+    Prompt(QueryClass.GROUNDED, "Here is a note: 'The meeting moved from Tuesday at 10 am to "
+           "Thursday at 2 pm in room 4B; bring the quarterly budget report.' Quote the new time "
+           "and room from the note."),
 )
 
 

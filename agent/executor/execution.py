@@ -10,16 +10,20 @@
   C++ compiler; without one (or without CUDA for cuda_graph) the transform falls back to eager
   and says so in the apply notes. transformers' own auto-compile of `__call__` is disabled:
   the swap replaces it.
+- speculative: a draft (prompt n-grams, or this model under a cheaper draft plan) proposes k
+  tokens and the model verifies them in one forward; `model.generate` runs that loop (see
+  agent/speculative/install.py). Greedy output stays the model's own.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Optional
 
 from torch import nn
 
 from agent.executor.compiled import CompiledDecoder
 from agent.executor.undo import UndoLog
 from agent.plan import CompileMode, Execution
+from agent.speculative.install import install_speculative
 
 CACHE_ROUND_TOKENS = 256
 
@@ -61,9 +65,15 @@ def decoder_stack(model: nn.Module, layers: nn.ModuleList) -> tuple[nn.Module, s
 
 def apply_execution(model: nn.Module, layers: nn.ModuleList, t: Execution, log: UndoLog, *,
                     fixed_cache_tokens: int = 0,
-                    longest_seen: Callable[[], int] = lambda: 0) -> list[str]:
-    """Returns notes (the cache length chosen, fallbacks taken)."""
+                    longest_seen: Callable[[], int] = lambda: 0,
+                    draft_builder: Optional[Callable[[tuple], Any]] = None) -> list[str]:
+    """Returns notes (the cache length chosen, fallbacks taken). `draft_builder` turns a
+    speculative draft plan's transforms into swappable draft modules (the executor's)."""
     notes, gen = [], model.generation_config
+    if t.speculative is not None:     # parsers refuse it with a static cache or a compile
+        if draft_builder is None and t.speculative.draft_transforms:
+            raise ValueError("execution.speculative: a self draft needs the executor's appliers")
+        notes += install_speculative(model, t.speculative, log, draft_builder)
     if t.static_kv_cache:
         length = cache_tokens(fixed_cache_tokens, longest_seen())
         log.set_attr(gen, "cache_implementation", "static")

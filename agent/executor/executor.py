@@ -116,6 +116,9 @@ class Executor:
 
     def supported(self) -> dict[TransformKind, str | None]:
         """Each kind -> None if it can run on this model, else the reason it cannot."""
+        offloaded = _offloaded(self.model)
+        if offloaded:
+            return {kind: offloaded for kind in TransformKind}
         return {TransformKind.SKIP_LAYERS: None,
                 TransformKind.PRUNE_HEADS: prune_support(self.structure),
                 TransformKind.ACTIVATION_SPARSITY: None if all("down" in p for p in self.paths)
@@ -210,6 +213,16 @@ def _int8_support(s: ModelStructure) -> str | None:
     return None
 
 
+def _offloaded(model: nn.Module) -> str | None:
+    """Weights on the meta device live elsewhere (accelerate offload): a transform would have to
+    move or copy them, so every plan is refused before it touches one."""
+    for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            return (f"parameter {name} is offloaded (meta device, accelerate): plans need every "
+                    f"weight resident")
+    return None
+
+
 def _skipped(plan: Plan) -> set[int]:
     skip = plan.get(TransformKind.SKIP_LAYERS)
     return set(skip.layers) if skip else set()
@@ -287,9 +300,11 @@ def _has_role(ex: Executor, layer: int, role: str) -> bool:
 
 
 def _apply_execution(ex: Executor, t: Execution, log: UndoLog) -> list[str]:
+    from agent.speculative.install import build_draft
     return apply_execution(ex.model, ex.structure.layers, t, log,
                            fixed_cache_tokens=ex.settings.static_cache_tokens,
-                           longest_seen=ex.longest_request_tokens)
+                           longest_seen=ex.longest_request_tokens,
+                           draft_builder=lambda transforms: build_draft(ex, transforms))
 
 
 DEFAULT_APPLIERS: dict[TransformKind, Applier] = {

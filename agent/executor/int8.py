@@ -146,12 +146,13 @@ def choose_int8_kernel(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor 
     settings = settings or KernelSettings.resolve()
     (n, k), dtype, device = q.shape, scale.dtype, q.device
     safe, rejected = safe_int8_kernels(device, dtype, n, k, settings)
-    if _forced(settings, device, dtype):
+    forced = _forced(settings, device, dtype)
+    if forced:
         safe = safe[:1] + ([Int8Kernel.DEQUANT] if safe[0] != Int8Kernel.DEQUANT else [])
-    key = (str(device), n, k, dtype, bias is not None, tuple(safe), _forced(settings, device, dtype))
+    key = (str(device), n, k, dtype, bias is not None, tuple(safe), forced)
     with _CHOICES_LOCK:
         if key not in _CHOICES:
-            _CHOICES[key] = _measure(safe, q, scale, bias, _forced(settings, device, dtype))
+            _CHOICES[key] = _measure(safe, q, scale, bias, forced)
         choice = _CHOICES[key]
     return KernelChoice(choice.kernel, choice.candidates_us, {**rejected, **choice.rejected})
 
@@ -164,11 +165,24 @@ def _measure(safe: list[Int8Kernel], q: torch.Tensor, scale: torch.Tensor,
     x = torch.randn(1, q.shape[1], generator=g).to(q.device, scale.dtype)   # [1, K]: decode
     check = _reference_check(x, q, scale, bias)
     if forced:                   # the named kernel if its output is right, else the fallback
-        wrong = check(safe[0].value, prepare(safe[0], q, scale, bias)(x))
+        wrong = autotune.checked_call(safe[0].value, _prepared(safe[0], q, scale, bias), x, check)
         return KernelChoice(safe[-1].value, {}, {safe[0].value: wrong}) if wrong \
             else KernelChoice(safe[0].value)
-    fns = {kern.value: prepare(kern, q, scale, bias) for kern in safe}
+    fns = {kern.value: _prepared(kern, q, scale, bias) for kern in safe}
     return autotune.fastest(fns, x, check)
+
+
+def _prepared(kernel: Int8Kernel, q: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None) -> autotune.Linear:
+    """prepare(), or a function raising its error when called (the candidate is dropped)."""
+    try:
+        return prepare(kernel, q, scale, bias)
+    except Exception as e:       # noqa: BLE001  e.g. fbgemm cannot pack: try the next one
+        error = RuntimeError(f"preparing its layout failed: {type(e).__name__}: {e}")
+
+        def failed(x: torch.Tensor) -> torch.Tensor:
+            raise error
+        return failed
 
 
 _CHECK_ROWS = 256     # output rows compared with the reference (bounds its fp32 weight copy)
@@ -323,10 +337,10 @@ def int8_embedding_reason(emb: nn.Module) -> str | None:
         return (f"{name} overrides nn.Embedding.forward without a scalar embed_scale: "
                 "int8 cannot tell what its forward computes")
     ids = torch.arange(min(_PROBE_IDS, emb.num_embeddings), device=emb.weight.device)[None]
-    expected = F.embedding(ids, emb.weight) * scale.to(emb.weight.dtype)   # [1, N, H]
     try:
+        expected = F.embedding(ids, emb.weight) * scale.to(emb.weight.dtype)   # [1, N, H]
         same = torch.equal(emb(ids), expected)
-    except Exception as e:                       # a forward that cannot even run on a probe
+    except Exception as e:       # e.g. weights offloaded to "meta": nothing to compare with
         return f"{name}.forward failed on a probe lookup ({type(e).__name__}: {e})"
     return None if same else (f"{name}.forward is not the lookup times embed_scale: "
                               "int8 would not reproduce it")

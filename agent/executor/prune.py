@@ -1,4 +1,14 @@
-"""prune_heads: query heads are physically removed (structured pruning), Llama family.
+"""prune_heads: query heads are physically removed (structured pruning), transformers
+attentions with separate q/k/v projections and rotary embeddings (Llama, Mistral, Qwen2/3,
+Gemma2/3, Mixtral's attention, ...).
+
+`PrunedAttention` reproduces each kept head exactly: q/k norms, the module's scaling, sliding
+window and attention-logit soft-capping. A q/k norm over one head's features (Qwen3, Gemma3)
+applies to the sliced projection. A norm over the whole projection (OLMo2) mixes every head's
+statistics, so its projection stays whole (q_proj, k_proj not sliced: no saving there) and the
+kept heads are selected after the norm; v_proj, o_proj, the attention and the KV cache still
+shrink. What it cannot reproduce is refused by `prune_support` before any weight is touched:
+fused qkv, an attention child or attribute it does not know, a norm of any other width.
 
 The attention module is swapped for `PrunedAttention`, which holds sliced copies of the
 projections: q_proj rows and o_proj input columns of the kept query heads, k_proj/v_proj rows
@@ -15,6 +25,8 @@ A layer whose heads are all pruned gets `ZeroAttention`: output o_proj(0) (= its
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import sys
 from typing import Callable
 
@@ -53,21 +65,59 @@ def prune_support(structure: ModelStructure) -> str | None:
 
 
 def _attention_reason(attn: nn.Module, head_dim: int) -> str | None:
-    """Why slicing this attention's heads would not be exact, or None."""
+    """Why pruned attention would not reproduce this attention exactly, or None."""
     name = type(attn).__name__
     unknown = sorted({n for n, _ in attn.named_children()} - _KNOWN_CHILDREN)
     unknown += sorted(k for k in vars(attn) if not k.startswith("_") and k not in _KNOWN_ATTRS)
     if unknown:
         return (f"{name} has {unknown}, which pruned attention does not reproduce; "
                 "refused rather than risk an inexact result")
-    for norm_name in _QK_NORMS:
+    if getattr(attn, "attn_logit_softcapping", None) is not None \
+            and _forward_source(type(attn)) is None:
+        return f"{name}: no source to tell whether its attn_logit_softcapping is applied"
+    for norm_name, proj_name in zip(_QK_NORMS, ("q_proj", "k_proj")):
         norm = getattr(attn, norm_name, None)
-        width = getattr(getattr(norm, "weight", None), "shape", (None,))[-1]
-        if norm is not None and width != head_dim:
-            return (f"{name}.{norm_name} normalises over the whole projection ({width} "
-                    f"features, not one head's {head_dim}): removing heads would change "
-                    "the norm's statistics, so pruning cannot be exact")
+        if norm is not None and _norm_width(norm) not in (head_dim, _out(attn, proj_name)):
+            return (f"{name}.{norm_name} normalises {_norm_width(norm)} features: neither one "
+                    f"head ({head_dim}) nor the whole {proj_name} ({_out(attn, proj_name)}), "
+                    "so pruned attention cannot reproduce it")
+    widths = {_norm_width(n) == head_dim for n in (getattr(attn, m, None) for m in _QK_NORMS)
+              if n is not None}
+    if len(widths) > 1:
+        return f"{name}: one q/k norm is per head, the other over the whole projection"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_source(cls: type) -> str | None:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return None
+
+
+def attention_softcap(attn: nn.Module) -> float | None:
+    """The logit cap the attention applies: Gemma2 passes attn_logit_softcapping to the
+    attention function; Gemma3 has the attribute but does not use it."""
+    cap = getattr(attn, "attn_logit_softcapping", None)
+    src = _forward_source(type(attn)) or ""
+    return cap if cap is not None and "self.attn_logit_softcapping" in src else None
+
+
+def _norm_width(norm: nn.Module) -> int | None:
+    """Features a q/k norm normalises together: the size of its weight (None: no weight)."""
+    w = getattr(norm, "weight", None)
+    return int(w.shape[-1]) if isinstance(w, torch.Tensor) and w.dim() == 1 else None
+
+
+def _out(attn: nn.Module, proj_name: str) -> int:
+    return getattr(attn, proj_name).weight.shape[0]
+
+
+def whole_projection_norm(orig: nn.Module, head_dim: int) -> bool:
+    """True when a q/k norm spans the whole projection (OLMo2), not one head."""
+    norms = [getattr(orig, n, None) for n in _QK_NORMS]
+    return any(n is not None and _norm_width(n) != head_dim for n in norms)
 
 
 def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
@@ -106,9 +156,9 @@ class PrunedAttention(nn.Module):
     """Drop-in for a transformers Llama-family attention with only `kept` query heads.
 
     Reproduces, per kept head, what the original does (see prune_support for what is
-    refused): per-head q/k norms (Qwen3, Gemma3), rotary embedding, the KV cache, the
-    module's scaling, causality, sliding window (Mistral, Gemma2/3) and attention-logit
-    soft-capping (Gemma2)."""
+    refused): q/k norms per head (Qwen3, Gemma3) or over the projection (OLMo2), rotary
+    embedding, the KV cache, the module's scaling, causality, sliding window (Mistral,
+    Gemma2/3) and attention-logit soft-capping (Gemma2)."""
 
     def __init__(self, orig: nn.Module, kept: list[int], structure: ModelStructure):
         super().__init__()
@@ -119,7 +169,7 @@ class PrunedAttention(nn.Module):
         self.attention_dropout = getattr(orig, "attention_dropout", 0.0)
         self.sliding_window = (orig.sliding_window if hasattr(orig, "sliding_window")
                                else getattr(orig.config, "sliding_window", None))
-        self.softcap = getattr(orig, "attn_logit_softcapping", None)
+        self.softcap = attention_softcap(orig)
         for attr in ("layer_type", "is_sliding"):       # read by some attention backends
             if hasattr(orig, attr):
                 setattr(self, attr, getattr(orig, attr))
@@ -129,29 +179,46 @@ class PrunedAttention(nn.Module):
         self.register_buffer("kv_map", torch.tensor(kv_map, device=orig.o_proj.weight.device),
                              persistent=False)
         self.expand_kv = even == 0
-        self.q_proj = slice_rows(orig.q_proj, _head_rows(kept, d))
-        self.k_proj = slice_rows(orig.k_proj, _head_rows(kept_kv, d))
-        self.v_proj = slice_rows(orig.v_proj, _head_rows(kept_kv, d))
-        self.o_proj = slice_cols(orig.o_proj, _head_rows(kept, d))
-        # Per-head norms ([D] weights) apply to every head alike; copies, because the original
-        # attention may be parked on another device by the undo log.
+        self._projections(orig, kept, kept_kv)
+        # Copies: the undo log may park the original attention on another device.
         self.q_norm = _copy_or_none(getattr(orig, "q_norm", None))
         self.k_norm = _copy_or_none(getattr(orig, "k_norm", None))
         mod = sys.modules[type(orig).__module__]
         self._rope: Callable = mod.apply_rotary_pos_emb
         self._eager: Callable = mod.eager_attention_forward
 
-    def _heads(self, proj: nn.Linear, norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-        y = proj(x).view(*x.shape[:-1], -1, self.head_dim)              # [B, T, H', D]
-        return (y if norm is None else norm(y)).transpose(1, 2)         # [B, H', T, D]
+    def _projections(self, orig: nn.Module, kept: list[int], kept_kv: list[int]) -> None:
+        """Sliced copies of q/k/v/o. Whole-projection norms (OLMo2) need every head's
+        features: q/k then stay whole, and q_keep / k_keep pick the kept heads after the norm."""
+        d, device = self.head_dim, orig.o_proj.weight.device
+        self.whole_norm = whole_projection_norm(orig, d)
+        for name, heads in (("q", kept), ("k", kept_kv)):
+            proj = getattr(orig, f"{name}_proj")
+            rows = torch.arange(proj.weight.shape[0]) if self.whole_norm else _head_rows(heads, d)
+            setattr(self, f"{name}_proj", slice_rows(proj, rows))
+            self.register_buffer(f"{name}_keep", torch.tensor(heads, device=device)
+                                 if self.whole_norm else None, persistent=False)
+        self.v_proj = slice_rows(orig.v_proj, _head_rows(kept_kv, d))
+        self.o_proj = slice_cols(orig.o_proj, _head_rows(kept, d))
+
+    def _heads(self, proj: nn.Linear, norm: nn.Module | None, x: torch.Tensor,
+               keep: torch.Tensor | None = None) -> torch.Tensor:
+        if keep is None:                  # sliced projection; a norm (if any) is per head
+            y = proj(x).view(*x.shape[:-1], -1, self.head_dim)          # [B, T, H', D]
+            y = y if norm is None else norm(y)
+        else:                             # whole projection, norm over it, then kept heads
+            y = proj(x)                                                 # [B, T, H * D]
+            y = (y if norm is None else norm(y)).view(*x.shape[:-1], -1, self.head_dim)
+            y = y.index_select(-2, keep)                                # [B, T, H', D]
+        return y.transpose(1, 2)                                        # [B, H', T, D]
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                 **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         cache = cache_from_kwargs(kwargs)
         kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
-        q = self._heads(self.q_proj, self.q_norm, hidden_states)       # [B, H', T, D]
-        k = self._heads(self.k_proj, self.k_norm, hidden_states)       # [B, KVH', T, D]
+        q = self._heads(self.q_proj, self.q_norm, hidden_states, self.q_keep)  # [B, H', T, D]
+        k = self._heads(self.k_proj, self.k_norm, hidden_states, self.k_keep)  # [B, KVH', T, D]
         v = self._heads(self.v_proj, None, hidden_states)
         cos, sin = position_embeddings
         q, k = self._rope(q, k, cos, sin)

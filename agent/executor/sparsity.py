@@ -13,6 +13,9 @@ once when the plan is applied (and again when the executor swaps `inner` for int
 - CPU (1 token): the same w_t, read by embedding_bag over the surviving rows; for an int8
   inner, fbgemm's 8-bit row-wise bag on w_t (see agent/kernels/cpu.py);
 - reference: gather the surviving columns of the weight, then a dense matmul.
+Before the module uses the Triton or CPU kernel, that kernel is run for the layer's shape
+class in a child process (agent/kernels/probe.py, runner agent/kernels/sparse_impls.py): if it
+crashes or is wrong there, the module keeps `gathered` (and says why in `.choice`).
 The layout is a second copy of the down weight (a GPT-2 Conv1D weight already is w_t, so none
 there); it is a buffer, so weight memory reports it. Prefill (more tokens) runs dense.
 Measured on the 2-core CPU with `.venv/bin/python bench/table.py --kernel-rows` (SmolLM2,
@@ -29,12 +32,14 @@ from torch import nn
 
 from agent.executor.int8 import Int8Linear
 from agent.kernels import cpu as cpu_kernels
-from agent.kernels import ops
+from agent.kernels import ops, probe
+from agent.kernels.autotune import KernelChoice
 from agent.kernels.ops import TRITON_MAX_TOKENS
 from agent.kernels.select import select_backend
 from agent.kernels.settings import Backend, KernelSettings
+from agent.kernels.sparse_impls import CPU_MAX_TOKENS, SparseKernel
 
-CPU_MAX_TOKENS = 1     # embedding_bag reads each token's rows separately: a batch re-reads them
+SPARSE_RUNNER = "agent.kernels.sparse_impls"
 
 
 class SparseDownProj(nn.Module):
@@ -61,10 +66,14 @@ class SparseDownProj(nn.Module):
         self.decode_w = None
         self.decode_scale, self.max_tokens, self.backend = None, 0, None
         self._op, self._op_fn = "", None
+        self.choice = None             # KernelChoice of the decode path, when there is one
         if not self.decode_gather:
             return
         self.backend = select_backend(self._any_weight().device, self.kernel_settings)
-        if self.backend == Backend.REFERENCE:
+        kernel, rejected = self._probed_kernel()
+        self.choice = KernelChoice(kernel.value, {}, rejected)
+        if kernel == SparseKernel.GATHERED:
+            self.backend = Backend.REFERENCE
             self.max_tokens = 1                                       # gathered(): one token
             return
         w_t, self.decode_scale = self._w_t()
@@ -74,6 +83,30 @@ class SparseDownProj(nn.Module):
         self.max_tokens = TRITON_MAX_TOKENS if self.backend == Backend.TRITON else CPU_MAX_TOKENS
         self._op = "sparse_gemv_u8rows" if w_t.dtype == torch.uint8 else "sparse_gemv"
         self._op_fn = ops.impl(self._op, w_t.device)
+
+    def _probed_kernel(self) -> tuple[SparseKernel, dict[str, str]]:
+        """The backend's sparse kernel if its child-process probe passed for this shape
+        class (see agent/kernels/probe.py), else the gathered reference (and why)."""
+        int8 = isinstance(self.inner, Int8Linear)
+        kernel = {Backend.CPU_FAST: SparseKernel.U8ROWS if int8 else SparseKernel.EMBEDDING_BAG,
+                  Backend.TRITON: SparseKernel.TRITON_INT8 if int8 else SparseKernel.TRITON,
+                  }.get(self.backend, SparseKernel.GATHERED)
+        if kernel == SparseKernel.GATHERED:
+            return kernel, {}
+        w = self._any_weight()
+        dtype = self.inner.scale.dtype if int8 else w.dtype
+        out_f, in_f = self._out_in()
+        case = probe.ProbeCase.for_shape(kernel, out_f, in_f, dtype, w.device, SPARSE_RUNNER)
+        verdict = probe.ensure([case], self.kernel_settings)[case.key]
+        if verdict.safe:
+            return kernel, {}
+        return SparseKernel.GATHERED, {kernel.value: f"probe: {verdict.reason}"}
+
+    def _out_in(self) -> tuple[int, int]:
+        if isinstance(self.inner, Int8Linear):
+            return self.inner.out_features, self.inner.in_features
+        o, i = self.inner.weight.shape
+        return (i, o) if self.weight_in_out else (o, i)
 
     def _any_weight(self) -> torch.Tensor:
         return self.inner.scale if isinstance(self.inner, Int8Linear) else self.inner.weight

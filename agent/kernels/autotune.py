@@ -42,18 +42,37 @@ def fastest(fns: dict[str, Linear], x: torch.Tensor, check: Check,
             budget_ms: float = TIME_BUDGET_MS) -> KernelChoice:
     """Time each of `fns` (the last is the fallback) on x, keep the fastest correct one.
     Falls back to the last candidate when none is correct."""
-    live, rejected = {}, {}
+    live, rejected, warm_s = {}, {}, {}
     for name, fn in fns.items():
-        wrong = check(name, fn(x))                   # warm-up call (one-time init), checked
+        t0 = time.perf_counter()
+        wrong = checked_call(name, fn, x, check)     # warm-up call (one-time init), checked
+        warm_s[name] = time.perf_counter() - t0
         if wrong:
             rejected[name] = wrong
-        else:
+        elif not _hopeless(warm_s[name], [warm_s[n] for n in live], budget_ms / len(fns)):
             live[name] = fn
     if not live:
         return KernelChoice(list(fns)[-1], {}, rejected)
     samples = _round_robin(live, x, budget_ms)
+    samples.update({n: [warm_s[n]] for n in fns if n not in live and n not in rejected})
     timings = {name: round(statistics.median(s) * 1e6, 1) for name, s in samples.items()}
     return KernelChoice(min(timings, key=timings.get), timings, rejected)
+
+
+def _hopeless(warm_s: float, others_warm_s: list[float], share_ms: float) -> bool:
+    """A warm-up call longer than its share of the budget and SLOW_FACTOR times slower than
+    another candidate's (whose warm-up even includes its one-time init) is not timed again:
+    on a lm_head-sized weight one dequant call is ~50 ms."""
+    return warm_s * 1e3 > share_ms and any(warm_s > SLOW_FACTOR * o for o in others_warm_s)
+
+
+def checked_call(name: str, fn: Linear, x: torch.Tensor, check: Check) -> str:
+    """"" or what is wrong with fn(x): a wrong output, or the error it raised (a probed
+    kernel may still raise here, e.g. out of memory on the real shape: it is then dropped)."""
+    try:
+        return check(name, fn(x))
+    except Exception as e:       # noqa: BLE001  apply must go on with the next candidate
+        return f"{type(e).__name__}: {str(e)[:200]}"
 
 
 def _round_robin(fns: dict[str, Linear], x: torch.Tensor, budget_ms: float) -> dict[str, list]:

@@ -16,6 +16,7 @@ case that began without a verdict is the unsafe one, and a new child runs the re
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -35,7 +36,10 @@ from agent.kernels.settings import KernelSettings
 K_CLASS, N_CLASS = 64, 16       # shape class: (in_features % 64, out_features % 16)
 K_BASE, N_BASE = 128, 32        # the representative: K_BASE + k % 64 by N_BASE + n % 16
 PROBE_ROWS = (1, 2, 5, 37)      # decode, and prefill-sized row counts off the 4-row tiling
-DEFAULT_RUNNER = "agent.kernels.int8_impls"   # a module with prepare() and rel_error_bound()
+# A runner is a module with prepare(kernel, q, scale, bias) -> (x [M, K] -> [M, N]) computing
+# x @ (q * scale[:, None]).T + bias, rel_error_bound(kernel, dtype), and optionally
+# probe_rows(kernel) (default PROBE_ROWS).
+DEFAULT_RUNNER = "agent.kernels.int8_impls"
 _LINE = "HEADROOM-PROBE "        # prefix of the child's protocol lines on stdout
 
 
@@ -72,7 +76,8 @@ class Verdict:
     transient: bool = False     # the child failed outside any case: not cached on disk
 
 
-def ensure(cases: Iterable[ProbeCase], settings: KernelSettings | None = None) -> dict[str, Verdict]:
+def ensure(cases: Iterable[ProbeCase],
+           settings: KernelSettings | None = None) -> dict[str, Verdict]:
     """Verdict for each case: from the memo, the machine's cache file, or child processes
     (one child for all the missing cases of a device, more only after a crash)."""
     settings = settings or KernelSettings.resolve()
@@ -97,7 +102,8 @@ def _ensure_device(cases: list[ProbeCase], device: str,
         if missing:
             found = run_children(missing, settings.probe_timeout_s)
             memo.update(found)
-            _save(path, ident, {k: v for k, v in memo.items() if not v.transient})
+            kept = {k: v for k, v in memo.items() if not v.transient}
+            _save(path, ident, {**_load(path), **kept})    # another process may have added some
         return {c.key: memo[c.key] for c in cases}
 
 
@@ -111,6 +117,11 @@ def clear_memo() -> None:
 
 def machine(device: str) -> dict[str, str]:
     """What a verdict depends on: the processor (model, ISA flags) or GPU, and torch."""
+    return dict(_machine(str(torch.device(device))))
+
+
+@functools.lru_cache(maxsize=None)
+def _machine(device: str) -> tuple[tuple[str, str], ...]:
     dev = torch.device(device)
     ident = {"torch": torch.__version__, "device_type": dev.type}
     if dev.type == "cuda":
@@ -120,7 +131,7 @@ def machine(device: str) -> dict[str, str]:
         model_name, flags = _cpuinfo()
         ident.update(cpu=model_name, machine=platform.machine(),
                      flags_sha=hashlib.sha256(flags.encode()).hexdigest()[:16])
-    return ident
+    return tuple(ident.items())
 
 
 def _cpuinfo() -> tuple[str, str]:
@@ -200,9 +211,12 @@ def _launch(cases: list[ProbeCase], timeout_s: float) -> tuple[list[dict], str]:
     root = str(Path(__file__).resolve().parents[2])     # the folder holding agent/
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
-    proc = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP, root], cwd=root, env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP, root], cwd=root, env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    except OSError as e:         # no python, no fork: unsafe for now, probed again next time
+        return [], f"could not start {sys.executable}: {e}"
     try:
         stdout, stderr = proc.communicate(job, timeout=timeout_s)
         failure = _describe(proc.returncode, stderr)

@@ -40,7 +40,7 @@ def run_case(case: ProbeCase) -> tuple[bool, str]:
         bias = torch.randn(n, generator=g).to(device, dtype)
         fn = runner.prepare(case.kernel, q, scale, bias)
         bound = runner.rel_error_bound(case.kernel, dtype)
-        for rows in PROBE_ROWS:
+        for rows in getattr(runner, "probe_rows", lambda kernel: PROBE_ROWS)(case.kernel):
             x = torch.randn(rows, k, generator=g).to(device, dtype)          # [M, K]
             wrong = _compare(fn(x), int8_linear_ref(x.float(), q, scale.float(), bias.float()),
                              bound)

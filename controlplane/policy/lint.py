@@ -1,8 +1,11 @@
-"""lint: load problems (errors) plus rules that load but cannot do what their author meant (warnings)."""
+"""lint: load problems (errors), thresholds looser than the safe bounds (errors, or warnings
+naming the rule's `allow_unsafe` reason), plus rules that load but cannot do what their author
+meant (warnings). `policy lint --strict` fails on warnings too."""
 from __future__ import annotations
 
 from typing import Callable, Optional
 
+from controlplane.policy.bounds import METRIC_BOUNDS, REMOVAL_BOUNDS, SafeBound, Side
 from controlplane.policy.loader import read_policy_set
 from controlplane.policy.plan import TransformKind
 from controlplane.policy.schema import (
@@ -17,10 +20,11 @@ def lint(folder: str) -> list[Problem]:
     policy_set, problems = read_policy_set(folder)
     if policy_set is None:
         return problems
-    warnings = []
+    found = []
     for rule in policy_set.rules:
-        warnings += [_warning(rule, w) for w in _rule_warnings(rule)]
-    return warnings
+        found += _unsafe(rule)
+        found += [_warning(rule, w) for w in _rule_warnings(rule)]
+    return found
 
 
 def has_errors(problems: list[Problem]) -> bool:
@@ -29,6 +33,36 @@ def has_errors(problems: list[Problem]) -> bool:
 
 def _warning(rule: Rule, reason: str) -> Problem:
     return Problem(rule.file, rule.line, rule.id, reason, Severity.WARNING)
+
+
+def _unsafe(rule: Rule) -> list[Problem]:
+    """An error for a threshold looser than its safe bound; a warning if the rule says why."""
+    found = _loose_threshold(rule.params)
+    if found is None:
+        return [_warning(rule, "allow_unsafe is set but every threshold is within the safe "
+                               "bounds: drop it")] if rule.allow_unsafe else []
+    if rule.allow_unsafe:
+        return [_warning(rule, f"{found}; allowed as unsafe: {rule.allow_unsafe}")]
+    return [Problem(rule.file, rule.line, rule.id,
+                    f"{found}; tighten it, or say why with allow_unsafe: <reason>")]
+
+
+def _loose_threshold(params) -> Optional[str]:
+    bound, name, value = None, "", None
+    if isinstance(params, MetricBound) and params.metric in METRIC_BOUNDS:
+        bound = METRIC_BOUNDS[params.metric]
+        name = f"{params.metric} {bound.side.value}"
+        value = params.min if bound.side is Side.MIN else params.max
+    elif isinstance(params, RemovalCap) and params.unit in REMOVAL_BOUNDS:
+        bound, name, value = REMOVAL_BOUNDS[params.unit], f"{params.unit.value} max_fraction", \
+            params.max_fraction
+    if bound is None or not bound.violated_by(value):
+        return None
+    return f"{name} {value:g} is outside the safe bound {_spell(bound)} ({bound.why})"
+
+
+def _spell(bound: SafeBound) -> str:
+    return f"{'>=' if bound.side is Side.MIN else '<='} {bound.limit:g}"
 
 
 def _rule_warnings(rule: Rule) -> list[str]:

@@ -82,6 +82,9 @@ def _read_rule(node: yaml.Node, file: str, where: str, problems: list[Problem]) 
         r.fail(r.value_node("id"), "id", f"{rule_id!r} must match {RULE_ID.pattern}")
     kind = r.choice("kind", RuleKind, required=True)
     description = r.string("description", default="")
+    allow_unsafe = r.string("allow_unsafe", default="")
+    if r.has("allow_unsafe") and allow_unsafe is not None and not allow_unsafe.strip():
+        r.fail(r.value_node("allow_unsafe"), "allow_unsafe", "give the reason the bound is unsafe")
     default_on_fail = OnFail.NEEDS_HUMAN if kind is RuleKind.RISK_APPROVAL else OnFail.REJECT
     on_fail = r.choice("on_fail", OnFail, default=default_on_fail)
     scope = _read_scope(r)
@@ -92,7 +95,8 @@ def _read_rule(node: yaml.Node, file: str, where: str, problems: list[Problem]) 
     if len(problems) > before or params is None:
         return None
     return Rule(id=rule_id, kind=kind, file=file, line=line_of(node), on_fail=on_fail,
-                scope=scope, description=description, params=params)
+                scope=scope, description=description, params=params,
+                allow_unsafe=(allow_unsafe or "").strip())
 
 
 def _read_scope(r: Reader) -> Scope:

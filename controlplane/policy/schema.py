@@ -171,6 +171,9 @@ class Rule:
     scope: Scope
     description: str
     params: Params
+    # Why this rule may sit outside lint's safe bounds (controlplane/policy/bounds.py); lint
+    # then warns instead of failing. "" : it may not.
+    allow_unsafe: str = ""
 
 
 @dataclass(frozen=True)

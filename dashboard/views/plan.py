@@ -61,6 +61,18 @@ def evidence_rows(ev: dict) -> list[dict]:
             {"metric": "mean KL (nats)", "before": 0.0, "after": ev["mean_kl"], "relative change": ""}]
 
 
+def latency_caption(ev: dict) -> str:
+    """How the latency ratio was measured: back-to-back pairs, their spread, where, warm-up."""
+    pairs = ev.get("latency_pairs") or 0
+    if not pairs:
+        return "latency: not timed in back-to-back pairs (an older agent, or nothing to time)"
+    where = ev.get("timed_on") or "an unknown thread"
+    return (f"latency ratio {ev['latency_ratio']:.3f} (plan / unoptimised): median of {pairs} "
+            f"back-to-back pairs, {ev['latency_ratio_min']:.3f}-{ev['latency_ratio_max']:.3f}, "
+            f"timed on {where}; warm-up (incl. any compile) {ev['warmup_ms_plan']:.0f} ms, "
+            f"not in the figures")
+
+
 def _evidence(trials: list[dict]) -> None:
     st.subheader("Trial evidence")
     done = [t for t in trials if t.get("evidence")]
@@ -75,6 +87,7 @@ def _evidence(trials: list[dict]) -> None:
     st.caption(f"{len(done)} trial(s); latest {latest['trial_id']} on {latest['agent_id']}, "
                f"{latest['evidence']['eval_tokens']} eval tokens, "
                f"{latest['evidence']['n_prompts']} prompts")
+    st.caption(latency_caption(latest["evidence"]))
     table = pd.DataFrame(evidence_rows(latest["evidence"]))
     st.dataframe(table, hide_index=True, width="stretch",
                  column_config={"before": st.column_config.NumberColumn(format="%.4f"),

@@ -14,7 +14,8 @@ import torch
 from agent import attach, wire
 from agent.adapters import resolve_structure
 from agent.control import ControlHandler, EvalSpec, build_evalset
-from agent.executor import Executor
+from agent.executor import Executor, TransformError
+from agent.plan import PlanError
 from agent.exporter import NoopExporter
 from agent.fingerprint import OffloadError, execution_device, fingerprint
 from agent.handle import AgentHandle
@@ -23,6 +24,7 @@ from agent.trial import Evidence, stdlib_doc_texts
 from controlplane.server import InboundKind, start_server
 from controlplane.settings import ServerSettings
 from proto import headroom_pb2 as pb
+from proto.plandoc import PlanPurpose
 from tests.agent.executor import assert_bitwise_equal, greedy, logits, plan, state_snapshot
 from tests.agent.test_exporter import wait_until
 from tests.builders import tiny_llama, token_ids
@@ -96,7 +98,8 @@ def test_control_handler_never_raises_into_the_exporter_thread():
         handle.control.handle(bad_doc)
         assert handle.stats().control.errors == 1                 # the unknown command
         refused = handle.control.history[-1]
-        assert refused.state == wire.PlanState.REFUSED and "not JSON" in refused.detail
+        # refused before parsing: no signature, no sha256 (tests/security/test_plans_signed.py)
+        assert refused.state == wire.PlanState.REFUSED and "sha256" in refused.detail
     finally:
         handle.detach()
 
@@ -138,15 +141,18 @@ def test_text_trial_through_the_control_plane(tmp_path, texts):
     results = []
     server.state.on(InboundKind.TRIAL_RESULT, lambda agent, msg: results.append(msg))
     model = tiny_llama()
+    signer = server.state.control.client.signer          # plans from the network are signed
     handle = attach(model, tokenizer=_word_tokenizer(texts, 128), address=server.address,
-                    agent_id="texts", sample_rate=0.0, shutdown_timeout_ms=2000)
+                    agent_id="texts", sample_rate=0.0, shutdown_timeout_ms=2000,
+                    plan_verify_keys=signer.public_b64)
     try:
         assert wait_until(lambda: "texts" in server.state.connected_agents())
         p = plan(handle.model_info.fingerprint, plan_id="identity")
         eval_json = json.dumps({"texts": texts, "seq_len": 16, "max_sequences": 2, "prompts": 1,
                                 "prompt_tokens": 6, "new_tokens": 3, "latency_repeats": 1})
-        trial = pb.TrialRequest(trial_id="t-text", eval_json=eval_json, plan=pb.Plan(
-            plan_id=p.plan_id, version=1, document_json=p.to_json(), sha256=p.hash))
+        trial = pb.TrialRequest(trial_id="t-text", eval_json=eval_json, plan=signer.sign(pb.Plan(
+            plan_id=p.plan_id, version=1, document_json=p.to_json(), sha256=p.hash),
+            PlanPurpose.TRIAL))
         assert server.state.send_to_agent("texts", pb.ControlMessage(trial=trial))
         assert wait_until(lambda: results, 30)
         assert results[0].error == ""
@@ -209,13 +215,17 @@ def test_attach_observes_a_model_with_a_layer_offloaded_to_disk(tmp_path):
     assert meta and all(n.startswith("model.layers.1.") for n in meta)
     handle = attach(model, export_enabled=False, sample_rate=1.0)
     records = []
-    handle._tracker._sink = records.append
+    handle._tracker._sink = records.append        # the records themselves, not the exporter's queue
     try:
         assert handle.model_info.fingerprint == bare_fp           # read from the offloaded weights
         assert handle.model_info.device == "cpu"
         assert torch.equal(greedy(model, 4), greedy(bare, 4))
         (rec,) = records
         assert rec.traced and rec.trace.head_entropy.shape == (3, 4) and handle.errors == 0
+        # refused before any weight is touched: the plan would have to move the offloaded layer
+        with pytest.raises(PlanError, match="model.layers.1.* is offloaded"):
+            handle.apply_plan(plan(bare_fp, SKIP))
+        assert handle.active_plan is None and torch.equal(logits(model), logits(bare))
     finally:
         handle.detach()
     assert torch.equal(logits(model), logits(bare))

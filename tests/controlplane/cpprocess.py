@@ -35,7 +35,7 @@ class ControlPlaneProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "controlplane", "serve", "--db", str(self.db),
              "--port", str(self.port), "--port-file", str(port_file)],
-            cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=self._log)
+            cwd=ROOT, env=self.env, stdout=self._log, stderr=self._log)
         deadline = time.monotonic() + self.start_timeout_s
         while not port_file.exists() or not port_file.read_text().strip():
             if self.proc.poll() is not None:

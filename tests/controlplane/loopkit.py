@@ -25,7 +25,9 @@ from tests.builders import tiny_llama, token_ids
 EVAL = EvalSettings(seq_len=24, max_sequences=2, prompts=1, prompt_tokens=8, new_tokens=4,
                     latency_repeats=1)
 # The tiny random model's quality numbers mean nothing: a budget every hypothesis meets.
-LOOSE_BUDGET = {"min_top1": 0.0, "max_ppl_ratio": 1e6, "max_mean_kl": 1e6}
+# Tiny models say nothing about speed (int8 on 64-wide layers is slower): these tests are about
+# the decision flow, so the latency bound is loose too.
+LOOSE_BUDGET = {"min_top1": 0.0, "max_ppl_ratio": 1e6, "max_mean_kl": 1e6, "max_latency_ratio": 1e6}
 
 PERMISSIVE = """\
 schema: headroom.policy/v1
@@ -36,11 +38,13 @@ rules:
     metric: top1_agreement
     min: 0.0
     description: measured, any value
+    allow_unsafe: a tiny random model agrees with nothing; the loop is under test, not quality
   - id: structure.layers-cap
     kind: removal_cap
     unit: layers
     max_fraction: 0.5
     description: at most half the blocks
+    allow_unsafe: the tiny test models have 2-4 layers; one skipped is already a quarter
   - id: process.rate-limit
     kind: rate_limit
     max_applies: 100

@@ -9,7 +9,6 @@ child process in the middle of a real rollout to a tiny Llama for the whole path
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -134,6 +133,26 @@ def test_finished_jobs_are_not_touched_by_a_restart(tmp_path):
     assert again.to_dict() == done.to_dict() and notes == []
 
 
+def test_a_job_that_ended_keeps_its_end_across_a_restart(tmp_path):
+    """Written as it ends, so a restart finds it failed (with why), not running/interrupted."""
+    server = _start(tmp_path)
+    control = server.state.control
+    _add(control, PLAN, 1, (PlanStatus.NEEDS_HUMAN,))
+    job_id = control.loop.approve(PLAN, "carol", "go").job_id     # no agent runs the model
+    ended = control.loop.wait(job_id, timeout_s=30).to_dict()
+    server.stop(grace_s=0)
+    server = _start(tmp_path)
+    try:
+        with AdminClient(server.address, actor="test") as admin:
+            again = admin.call("plan.status", {"job_id": job_id})
+    finally:
+        server.stop(grace_s=0.5)
+    assert ended["state"] == "failed" and "no connected agent runs model" in ended["last_error"]
+    assert {k: again[k] for k in ("state", "stage", "plan_id", "plan_status", "last_error")} == \
+        {"state": "failed", "stage": "finished", "plan_id": PLAN, "plan_status": "approved",
+         "last_error": ended["last_error"]}
+
+
 # ------------------------------------------------------------------ the canary settles the plan
 @pytest.mark.parametrize("recorded, runs, plan_status, app_state", [
     ("requested", True, PlanStatus.APPLIED, "applied"),        # its answer was lost in the kill
@@ -181,6 +200,8 @@ def test_fleet_agent_settles_only_itself_and_the_canary_settles_the_plan(tmp_pat
         assert _status(control) is PlanStatus.APPLYING        # the canary has not spoken
         b.shutdown(2000)
         assert _settled(server, ("agent-a", (PLAN, sha))) is PlanStatus.APPLIED
+        assert control.plans.history(PLAN).transitions[-1].reason.startswith(
+            f"{RESTART_REASON}; canary agent-a:")             # settled by the canary, not b
         assert _latest(control, "agent-a") == "applied" and _latest(control, "agent-b") == "applied"
         b_again = _agent(server.address, "agent-b", None)     # settled once: a later hello is not
         wait_for(lambda: "agent-b" in server.state.connected_agents(), what="agent-b again")
@@ -281,4 +302,3 @@ def test_sigkill_mid_rollout_then_restart_settles_the_plan_from_the_agent(tmp_pa
     finally:
         agent.close()
         cp.stop()
-    assert os.path.exists(tmp_path / "cp.duckdb")

@@ -4,6 +4,7 @@ import pytest
 
 from agent.records import to_tables
 from controlplane.ingest import ErrorCode, IngestError, decode_batch
+from controlplane.ingest_rules import MAX_BATCH_ROWS, ModelShape
 from controlplane.schema import TELEMETRY_COLUMNS
 from controlplane.store import Counters, Registration, Store, StoreError
 from proto import columnar
@@ -175,3 +176,108 @@ def test_duplicate_table_in_one_batch_is_refused():
     with pytest.raises(IngestError) as err:
         decode_batch(pb.TelemetryBatch(seq=3, tables=[tables[0], tables[0]]))
     assert err.value.code == ErrorCode.DUPLICATE_TABLE and "'requests'" in err.value.message
+
+
+# ---------------------------------------------------------------------- column rules (ingest_rules)
+SHAPE = ModelShape(num_layers=3, num_heads=4)
+
+
+def _one_table(name: str, **columns) -> pb.TelemetryBatch:
+    """One table of h.records' traces with `columns` replaced (same length)."""
+    base = to_tables(h.records(1, traced_every=1)).columns[name]   # 1 request, 3 layers, 4 heads
+    cols = {**base, **{k: np.asarray(v, dtype=base[k].dtype) for k, v in columns.items()}}
+    return pb.TelemetryBatch(seq=1, tables=[columnar.encode_table(name, cols)])
+
+
+def _kept(batch: pb.TelemetryBatch, shape=SHAPE) -> tuple[list, str]:
+    decoded = decode_batch(batch, shape)
+    table = next(iter(decoded.tables.values()), None)
+    return ([] if table is None else table.to_pylist()), decoded.reject_reason
+
+
+@pytest.mark.parametrize("layer, kept", [(2, True), (3, False), (65535, False)])
+def test_layer_must_lie_inside_the_registered_model(layer, kept):
+    rows, reason = _kept(_one_table("layer_stats", layer=[0, 1, layer]))
+    assert len(rows) == (3 if kept else 2)
+    assert reason == ("" if kept else "layer_stats.layer: 1 row >= num_layers 3 registered at hello")
+
+
+@pytest.mark.parametrize("head, kept", [(3, True), (4, False)])
+def test_head_must_lie_inside_the_registered_model(head, kept):
+    heads = np.tile(np.arange(4), 3)
+    heads[5] = head
+    rows, _ = _kept(_one_table("head_stats", head=heads))
+    assert len(rows) == (12 if kept else 11)
+
+
+def test_an_agent_without_a_registered_model_gets_no_per_layer_rows():
+    batch = pb.TelemetryBatch(seq=1, tables=h.tables(h.records(2, traced_every=1)))
+    decoded = decode_batch(batch, ModelShape(0, 0))
+    assert set(decoded.tables) == {"requests"} and decoded.rows_rejected == 2 * (12 + 3 + 3)
+    assert "registered no model structure" in decoded.reject_reason
+
+
+@pytest.mark.parametrize("chars, kept", [(256, True), (257, False), (1_000_000, False)])
+def test_labels_are_capped_at_256_characters(chars, kept):
+    rows, reason = _kept(_one_table("requests", tenant=np.array(["é" * chars], dtype=object)))
+    assert len(rows) == int(kept)
+    assert kept or reason == "requests.tenant: 1 row longer than 256 characters"
+
+
+@pytest.mark.parametrize("value, stored", [
+    (float("nan"), None),                       # not measured: NULL
+    (0.0, 0.0),                                 # the lower bound itself
+    (float(np.nextafter(np.float32(0), np.float32(-1))), "rejected"),
+    (float("inf"), "rejected"), (float("-inf"), "rejected"),
+])
+def test_times_are_finite_and_not_negative_nan_is_null(value, stored):
+    rows, reason = _kept(_one_table("requests", tpot_ms=[value]))
+    if stored == "rejected":
+        assert rows == [] and reason.startswith("requests.tpot_ms: 1 row ")
+    else:
+        assert [r["tpot_ms"] for r in rows] == [stored]
+
+
+@pytest.mark.parametrize("value, kept", [(1.001, True), (1.0011, False), (-0.001, True),
+                                         (-0.0011, False)])
+def test_fractions_allow_float_rounding_and_no_more(value, kept):
+    shares = np.full(12, 0.25, np.float32)
+    shares[0] = value
+    rows, _ = _kept(_one_table("head_stats", out_share=shares))
+    assert len(rows) == (12 if kept else 11)
+
+
+@pytest.mark.parametrize("column", ["request_id", "layer", "head"])
+def test_a_null_key_rejects_the_row_a_null_statistic_is_stored(column):
+    batch = _one_table("head_stats")
+    mask = np.zeros(12, np.uint8)
+    mask[[1, 7]] = 1
+    for col in batch.tables[0].columns:
+        if col.name in (column, "entropy"):
+            col.null_mask = mask.tobytes()
+    rows, reason = _kept(batch)
+    assert len(rows) == 10 and reason == f"head_stats.{column}: 2 rows NULL"
+    assert all(r["entropy"] is not None for r in rows)
+
+
+def test_batch_row_cap():
+    table = pb.Table(name="requests", num_rows=MAX_BATCH_ROWS)
+    with pytest.raises(IngestError) as at_cap:
+        decode_batch(pb.TelemetryBatch(seq=1, tables=[table]))
+    table.num_rows = MAX_BATCH_ROWS + 1
+    with pytest.raises(IngestError) as over:
+        decode_batch(pb.TelemetryBatch(seq=1, tables=[table]))
+    assert at_cap.value.code is not ErrorCode.TOO_MANY_ROWS   # at the cap: judged on its columns
+    assert over.value.code is ErrorCode.TOO_MANY_ROWS and "at most 4000000" in over.value.message
+
+
+def test_model_shape_comes_from_the_registration(tmp_path):
+    path = str(tmp_path / "shape.duckdb")
+    store = Store(path)
+    store.register_agent(Registration(agent_id="a", model={"num_layers": 3, "num_heads": 4}))
+    assert store.model_shape("a") == ModelShape(3, 4)
+    assert store.model_shape("never-said-hello") == ModelShape(0, 0)
+    store.close()
+    store = Store(path)   # after a restart, from the agents table until the agent's next hello
+    assert store.model_shape("a") == ModelShape(3, 4)
+    store.close()

@@ -37,6 +37,9 @@ def test_evidence_before_and_after(world, open_app):
     (latency,) = chart_titled(at, "Latency")["data"]
     assert sorted(latency["value"]) == sorted([ev["latency_ms_per_token_base"],
                                                ev["latency_ms_per_token_plan"]])
+    # how the ratio was measured is said next to it: pairs, spread, the thread
+    assert (f"latency ratio {ev['latency_ratio']:.3f} (plan / unoptimised): median of "
+            f"{ev['latency_pairs']} back-to-back pairs") in texts(at)
 
 
 def test_policy_rules_rollout_and_rollback_cause(world, open_app):

@@ -220,3 +220,21 @@ def test_cli_verify_with_an_anchor_file(tmp_path, capsys):
         assert "anchor names row 3" in out["reason"]
     finally:
         running.stop(grace_s=0.5)
+
+
+@pytest.mark.parametrize("text, words", [("", "at least 32 hex digits"),
+                                         ("zz" * 32, "at least 32 hex digits")])
+def test_a_broken_key_file_is_refused_by_name(tmp_path, text, words):
+    key = tmp_path / "k"
+    key.write_text(text)
+    key.chmod(0o600)
+    with duckdb.connect(str(tmp_path / "x.duckdb")) as c, pytest.raises(OSError) as e:
+        AuditLog(c, settings=AuditSettings(key_file=str(key), anchor_file=""))
+    assert str(key) in str(e.value) and words in str(e.value)
+
+
+def test_a_key_file_in_a_new_folder_is_created(tmp_path):
+    key = tmp_path / "state" / "audit" / "key"
+    with duckdb.connect(str(tmp_path / "x.duckdb")) as c:
+        AuditLog(c, settings=AuditSettings(key_file=str(key))).append(AuditKind.NOTE, "planner", "s")
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600

@@ -70,7 +70,9 @@ def _pick(rng, table: pb.Table, names=None) -> pb.Column:
 
 def _set_rows(rng, table: pb.Table, col: pb.Column, value) -> None:
     """Some rows of a numeric column get `value` (same dtype, same length)."""
-    dt = {pb.FLOAT32: "<f4", pb.UINT16: "<u2", pb.UINT64: "<u8"}[col.dtype]
+    dt = {pb.FLOAT32: "<f4", pb.UINT16: "<u2", pb.UINT64: "<u8"}.get(col.dtype) if col else None
+    if dt is None or not col.data or len(col.data) % np.dtype(dt).itemsize:
+        return   # an earlier mutation already broke this column
     arr = np.frombuffer(col.data, dtype=dt).copy()
     rows = rng.choice(len(arr), size=max(1, len(arr) // 3), replace=False)
     arr[rows] = value(len(rows)) if callable(value) else value
@@ -79,7 +81,7 @@ def _set_rows(rng, table: pb.Table, col: pb.Column, value) -> None:
 
 def m_nan(rng, b):
     t = b.tables[int(rng.integers(len(b.tables)))]
-    c = _pick(rng, t, FLOAT_COLUMNS[t.name])
+    c = _pick(rng, t, FLOAT_COLUMNS.get(t.name, []))
     if c is not None:
         _set_rows(rng, t, c, rng.choice([np.nan, np.inf, -np.inf]))
 
@@ -87,7 +89,8 @@ def m_nan(rng, b):
 def m_null_mask(rng, b):
     t = b.tables[int(rng.integers(len(b.tables)))]
     c = _pick(rng, t)
-    mask = (rng.random(t.num_rows) < 0.3).astype(np.uint8)
+    rows = min(t.num_rows, 1 << 16)   # num_rows may already be a lie (m_row_count)
+    mask = (rng.random(rows) < 0.3).astype(np.uint8)
     c.null_mask = mask.tobytes()
 
 
@@ -105,6 +108,8 @@ def m_long_string(rng, b):
     if t is None:
         return
     c = _pick(rng, t, {"tenant", "route", "query_class"})
+    if c is None or not c.strings:
+        return
     n = int(rng.choice([MAX_LABEL_CHARS, MAX_LABEL_CHARS + 1, 10_000,
                         int(rng.integers(100_000, 2_000_000))]))
     c.strings[int(rng.integers(len(c.strings)))] = "é" * n
@@ -112,7 +117,7 @@ def m_long_string(rng, b):
 
 def m_out_of_range(rng, b):
     t = b.tables[int(rng.integers(len(b.tables)))]
-    c = _pick(rng, t, FLOAT_COLUMNS[t.name])
+    c = _pick(rng, t, FLOAT_COLUMNS.get(t.name, []))
     if c is not None:
         _set_rows(rng, t, c, float(rng.choice([-1.0, -1e-3 - 1e-4, 1.5, 101.0, 3e38])))
 
@@ -120,7 +125,7 @@ def m_out_of_range(rng, b):
 def m_truncate(rng, b):
     t = b.tables[int(rng.integers(len(b.tables)))]
     c = _pick(rng, t)
-    if c.dtype == pb.STRING:
+    if c.strings:
         del c.strings[-1]
     else:
         c.data = c.data[:-int(rng.integers(1, 4))]
@@ -177,20 +182,32 @@ def fuzzed_messages(rng, n: int):
 
 
 # ---------------------------------------------------------------------- the run
+def _send_all(stream: RawStream, failed: list) -> None:
+    try:
+        for raw in fuzzed_messages(np.random.default_rng(SEED), BATCHES):
+            stream.send(raw)
+    except BaseException as e:   # shown by the fixture, not lost in a thread
+        failed.append(e)
+        raise
+
+
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory):
-    running = start_server(ServerSettings(db_path=str(tmp_path_factory.mktemp("fuzz") / "f.duckdb"),
-                                          port=0))
+    db = str(tmp_path_factory.mktemp("fuzz") / "f.duckdb")
+    running = start_server(ServerSettings(db_path=db, port=0))
     stream = RawStream(running.address)
-    stream.send(h.hello("fuzzer").SerializeToString())
-    sender = threading.Thread(target=lambda: [stream.send(m) for m in fuzzed_messages(
-        np.random.default_rng(SEED), BATCHES)], daemon=True)
-    sender.start()
-    replies = [stream.replies.get(timeout=60) for _ in range(BATCHES)]
-    sender.join(10)
-    stream.close()
-    yield running, replies
-    running.stop(grace_s=0.5)
+    try:
+        stream.send(h.hello("fuzzer").SerializeToString())
+        failed: list[BaseException] = []
+        sender = threading.Thread(target=_send_all, args=(stream, failed), daemon=True)
+        sender.start()
+        replies = [stream.replies.get(timeout=30) for _ in range(BATCHES)]
+        sender.join(10)
+        assert not failed, failed
+        yield running, replies
+    finally:
+        stream.close()
+        running.stop(grace_s=0.5)
 
 
 def test_every_batch_is_answered_and_none_crashes(fuzzed):
@@ -208,8 +225,8 @@ def test_every_batch_is_answered_and_none_crashes(fuzzed):
     assert running.state.stats.errors == len(errors)
 
 
-def _count(cur, sql: str) -> int:
-    return cur.execute(sql).fetchone()[0]
+def _count(cur, sql: str, params=()) -> int:
+    return cur.execute(sql, list(params)).fetchone()[0]
 
 
 def test_nothing_bad_is_stored(fuzzed):
@@ -225,8 +242,8 @@ def test_nothing_bad_is_stored(fuzzed):
                     f"{table}.{col}"
             for col, rule in COLUMN_RULES.get(table, {}).items():
                 if math.isfinite(rule.lo) or math.isfinite(rule.hi):
-                    assert _count(cur, f"SELECT count(*) FROM {table} WHERE {col} < {rule.lo} "
-                                       f"OR {col} > {rule.hi}") == 0, f"{table}.{col}"
+                    assert _count(cur, f"SELECT count(*) FROM {table} WHERE {col} < ? "
+                                       f"OR {col} > ?", (rule.lo, rule.hi)) == 0, f"{table}.{col}"
         for table in ("head_stats", "layer_stats", "mlp_stats"):
             assert _count(cur, f"SELECT max(layer) FROM {table}") == LAYERS - 1
         assert _count(cur, "SELECT max(head) FROM head_stats") == HEADS - 1
@@ -244,3 +261,61 @@ def test_analysis_and_planner_still_read_the_store(fuzzed):
     assert cands.num_layers == LAYERS and cands.traced_requests > 0
     assert set(cands.heads_per_layer) == set(range(LAYERS))
     assert all(0 <= c.layer < LAYERS and 0 <= c.head < HEADS for c in cands.heads)
+
+
+# ---------------------------------------------------------------------- the agent hears about it
+def test_the_ack_tells_the_agent_what_was_refused_and_the_exporter_counts_it(tmp_path):
+    from agent import wire
+    from agent.exporter import BatchExporter
+    from agent.fingerprint import ModelInfo
+    from agent.settings import AgentSettings
+    running = start_server(ServerSettings(db_path=str(tmp_path / "cp.duckdb"), port=0))
+    # The agent registers 2 layers and then traces 3 (a bug, or a lie): layer 2 is refused.
+    model = ModelInfo(**{**{f.name: getattr(h.MODEL, f.name) for f in
+                            pb.ModelInfo.DESCRIPTOR.fields}, "num_layers": 2})
+    settings = AgentSettings(flush_interval_ms=50, batch_max_records=64, backoff_initial_ms=20,
+                             backoff_max_ms=200, shutdown_timeout_ms=5000)
+    ex = BatchExporter(settings, wire.make_hello("liar", model, "unavailable: test", settings),
+                       running.address)
+    try:
+        for rec in h.records(4, traced_every=2):   # 2 traced requests x 3 layers x 4 heads
+            ex.submit(rec)
+        assert ex.flush(10_000)
+        c = ex.counters()
+        with running.store.reader() as cur:
+            assert cur.execute("SELECT max(layer) FROM layer_stats").fetchone()[0] == 1
+    finally:
+        assert ex.shutdown(5000)
+        running.stop(grace_s=0.5)
+    assert c.server_rejected_rows == 2 * (4 + 1 + 1)   # per request: 4 heads, 1 layer, 1 mlp row
+    assert c.acked_rows == 4 + 2 * 2 * (4 + 1 + 1)
+
+
+def test_what_slips_past_ingest_does_not_break_analysis_or_the_planner(tmp_path):
+    """Rows written straight into the file (an older control plane, a manual INSERT)."""
+    from controlplane.ingest import decode_batch
+    from controlplane.store import Registration, Store
+    store = Store(str(tmp_path / "cp.duckdb"))
+    store.register_agent(Registration(agent_id="a", model={"num_layers": LAYERS,
+                                                           "num_heads": HEADS}))
+    store.store_batch("a", 1, decode_batch(pb.TelemetryBatch(seq=1, tables=h.tables(h.records(4)))))
+    with store.transaction() as cur:
+        cur.execute("INSERT INTO head_stats VALUES ('a', now(), 1, NULL, 0, 1, 1, 0.0), "
+                    "('a', now(), 1, 0, NULL, 1, 1, 0.0), ('a', now(), 1, 65535, 0, 1, 1, 0.0), "
+                    "('a', now(), 1, 0, 9, 1, 1, 0.0), ('a', now(), 1, 0, 1, 'nan', 'nan', 'nan')")
+        cur.execute("INSERT INTO layer_stats VALUES ('a', now(), 1, NULL, 0.1, 1, 1), "
+                    "('a', now(), 1, 65535, 0.0, 1, 1), ('a', now(), 1, 0, 'nan', 'nan', 1)")
+        cur.execute("INSERT INTO mlp_stats VALUES ('a', now(), 1, 65535, 1, 1, 1, 0, 0, 0), "
+                    "('a', now(), 1, 1, 'nan', 'nan', 'nan', 'nan', 'nan', 'nan')")
+    with store.reader() as cur:
+        heads = analysis.least_used_heads(cur, limit=100)
+        layers = analysis.lowest_influence_layers(cur)
+        assert {(x.layer, x.head) for x in heads} == {(l, h_) for l in range(LAYERS)
+                                                     for h_ in range(HEADS)}
+        assert {x.layer for x in layers} == set(range(LAYERS))
+        assert {x.layer for x in analysis.sparsest_mlps(cur)} == set(range(LAYERS))
+        cands = load_candidates(cur, CandidateScope(agent_ids=("a",)))
+    store.close()
+    assert cands.num_layers == LAYERS and set(cands.heads_per_layer) == set(range(LAYERS))
+    assert all(math.isfinite(c.mean_out_share) for c in cands.heads)
+    assert all(math.isfinite(c.mean_influence) and c.layer < LAYERS for c in cands.layers)

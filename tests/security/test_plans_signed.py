@@ -307,3 +307,21 @@ def test_rogue_quality_guard_claim_does_not_roll_the_fleet_back(world):
     assert agent.handle.active_plan.plan_id == "fleet-plan"
     control.rollout.rollback("fleet-plan", "test", "test over")
     assert agent.handle.active_plan is None
+
+
+def test_embedded_control_plane_key_is_trusted_in_process(tmp_path):
+    """attach() without an address: this process makes the child's signing key (0600) and
+    trusts exactly that key; nothing is learnt from the stream."""
+    from agent import attach
+    from tests.builders import tiny_llama
+    handle = attach(tiny_llama(), embedded_db_path=str(tmp_path / "emb.duckdb"), sample_rate=0.0)
+    try:
+        ids = handle.control.verifier.key_ids
+        assert len(ids) == 1
+        from agent.attach import _EMBEDDED
+        (cp, _), = [v for k, v in _EMBEDDED._running.items() if k.endswith("emb.duckdb")]
+        key_file = cp._tmp_dir / KEY_FILE_NAME
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        assert PlanSigner.load_or_create(key_file).key_id == ids[0]
+    finally:
+        handle.detach()

@@ -8,7 +8,11 @@ References (all on the original modules, through hooks or a copy with replaced w
 - activation_sparsity: a forward pre-hook on the down projection zeroing |a| < threshold;
 - weight_precision int8 (incl. lm_head and a tied, scaled embedding): a copy of the model
   whose quantised weights are replaced by their dequantised values q * scale, in fp32, with
-  the `dequant` CPU kernel (fp32 activations, no bf16 rounding).
+  the `dequant` CPU kernel (fp32 activations, no bf16 rounding);
+- execution (static KV cache): the same greedy tokens as the default cache;
+- prune + skip + sparsity in one plan: all their hooks at once.
+An architecture no adapter accepts is skipped here with the adapter's reason (its own test
+checks the refusal names the model).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from torch import nn
 
 from agent.adapters import UnsupportedModelError, WeightLayout, resolve_structure
 from agent.executor.int8 import Int8Embedding, Int8Linear
+from agent.executor.prune import PrunedAttention
 from agent.plan import PlanError, TransformKind
 from tests.agent.executor import (HeadZeroHooks, assert_bitwise_equal, greedy, logits, plan,
                                   rig, state_snapshot)
@@ -29,6 +34,7 @@ ARCHS = sorted(ARCH_BUILDERS)
 PRUNED = {0: [1], 2: [0, 3]}          # 4 query heads on 2 KV heads: one KV group emptied in 2
 SKIPPED = [1]
 IDS = token_ids(12)                   # longer than the builders' sliding window (4 tokens)
+GEN = 6                               # greedy tokens after a 7-token prompt: past the window
 ATOL, RTOL = 1e-5, 1e-4
 
 
@@ -79,20 +85,62 @@ def test_prune_heads_exact_or_refused(arch):
         return
     base = logits(r.model, IDS)
     with HeadZeroHooks(r.structure, PRUNED):
-        ref_logits, ref_tokens = logits(r.model, IDS), greedy(r.model, n=8)
+        ref_logits, ref_tokens = logits(r.model, IDS), greedy(r.model, n=GEN)
     r.executor.apply(plan(r.fingerprint, _prune_doc()))
     out = logits(r.model, IDS)
     assert not torch.allclose(out, base, atol=1e-4)          # pruning did something
     torch.testing.assert_close(out, ref_logits, atol=ATOL, rtol=RTOL)
     # Decode with a KV cache (sliding-window layers included) past the window length.
-    assert torch.equal(greedy(r.model, n=8), ref_tokens)
+    assert torch.equal(greedy(r.model, n=GEN), ref_tokens)
 
 
-def test_prune_refused_for_whole_projection_qk_norm():
-    """OLMo2 normalises q/k over all heads together: slicing heads changes the statistics."""
+@pytest.mark.parametrize("arch", ["mistral_sliding", "gemma2", "gemma3"])
+def test_prune_generate_with_static_sliding_cache(arch):
+    """Decode past the window through a static cache, layer 0 (whose cache entry gives the
+    sequence length) left without any head, layer 2 without a whole KV group."""
+    heads = {0: [0, 1, 2, 3], 2: [0, 1]}
+    r = _rig(arch)
+    with HeadZeroHooks(r.structure, heads):
+        ref = greedy(r.model, n=GEN, cache_implementation="static")
+    r.executor.apply(plan(r.fingerprint, _prune_doc(heads)))
+    assert torch.equal(greedy(r.model, n=GEN, cache_implementation="static"), ref)
+
+
+@pytest.mark.parametrize("arch", ["mistral_sliding", "qwen3", "gemma3"])
+def test_prune_heads_exact_with_sdpa(arch):
+    """The attention backend most models run with (the matrix builds eager ones)."""
+    model = ARCH_BUILDERS[arch]()
+    model.set_attn_implementation("sdpa")
+    r = rig(model)
+    with HeadZeroHooks(r.structure, PRUNED):
+        ref = logits(r.model, IDS)
+    r.executor.apply(plan(r.fingerprint, _prune_doc()))
+    torch.testing.assert_close(logits(r.model, IDS), ref, atol=ATOL, rtol=RTOL)
+
+
+def test_prune_olmo2_norms_the_whole_projection_then_selects_heads():
+    """OLMo2's q/k norms span all heads: q/k stay whole, v/o and the KV heads shrink."""
     r = _rig("olmo2")
+    assert r.executor.supported()[TransformKind.PRUNE_HEADS] is None
+    r.executor.apply(plan(r.fingerprint, _prune_doc({1: [0, 1]})))    # KV head 0 goes
+    attn = r.structure.layers[1].self_attn
+    assert isinstance(attn, PrunedAttention) and attn.whole_norm
+    assert attn.q_proj.out_features == 4 * 16 and attn.k_proj.out_features == 2 * 16
+    assert attn.q_keep.tolist() == [2, 3] and attn.k_keep.tolist() == [1]
+    assert attn.v_proj.out_features == 16 and attn.o_proj.in_features == 2 * 16
+
+
+@pytest.mark.parametrize("arch, norm, width, why", [
+    ("qwen3", "q_norm", 32, "q_norm normalises 32 features: neither one head (16) nor the whole"),
+    ("olmo2", "k_norm", 16, "one q/k norm is per head, the other over the whole projection"),
+])
+def test_prune_refuses_a_qk_norm_it_cannot_reproduce(arch, norm, width, why):
+    model = ARCH_BUILDERS[arch]()
+    attn = model.model.layers[1].self_attn
+    setattr(attn, norm, type(getattr(attn, norm))(width, eps=1e-6))
+    r = rig(model)
     reason = r.executor.supported()[TransformKind.PRUNE_HEADS]
-    assert reason and "whole" in reason and "projection" in reason
+    assert reason and "layer 1" in reason and why in reason
     _refused(r, TransformKind.PRUNE_HEADS, _prune_doc())
 
 
@@ -119,10 +167,10 @@ def test_skip_layers_exact(arch):
     r = _rig(arch)
     assert r.executor.supported()[TransformKind.SKIP_LAYERS] is None
     with IdentityHooks(r.structure, SKIPPED):
-        ref_logits, ref_tokens = logits(r.model, IDS), greedy(r.model, n=8)
+        ref_logits, ref_tokens = logits(r.model, IDS), greedy(r.model, n=GEN)
     r.executor.apply(plan(r.fingerprint, {"kind": "skip_layers", "layers": SKIPPED}))
     torch.testing.assert_close(logits(r.model, IDS), ref_logits, atol=ATOL, rtol=RTOL)
-    assert torch.equal(greedy(r.model, n=8), ref_tokens)
+    assert torch.equal(greedy(r.model, n=GEN), ref_tokens)
 
 
 # --------------------------------------------------------------------- activation_sparsity
@@ -143,22 +191,26 @@ class SparsityHooks:
             h.remove()
 
 
-def _median_activation(r, layer: int) -> float:
-    """A threshold that zeroes about half of this layer's activations on IDS."""
-    seen = []
-    h = r.structure.blocks[layer].mlp.down_proj.register_forward_pre_hook(
-        lambda mod, args: seen.append(args[0].detach().abs().flatten()))
+def _median_activations(r, layers: list[int]) -> dict[int, float]:
+    """Per layer, a threshold that zeroes about half of its activations on IDS. torch.median
+    returns one of the values, so an activation sits exactly at the threshold: the boundary
+    (kept: only |a| < threshold is zeroed) is checked on every architecture."""
+    seen: dict[int, torch.Tensor] = {}
+    handles = [r.structure.blocks[i].mlp.down_proj.register_forward_pre_hook(
+        lambda mod, args, i=i: seen.__setitem__(i, args[0].detach().abs().flatten()))
+        for i in layers]
     try:
         logits(r.model, IDS)
     finally:
-        h.remove()
-    return float(torch.cat(seen).median())
+        for h in handles:
+            h.remove()
+    return {i: float(seen[i].median()) for i in layers}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_activation_sparsity_exact_or_refused(arch):
     r = _rig(arch)
-    thresholds = {0: _median_activation(r, 0), 2: _median_activation(r, 2)}
+    thresholds = _median_activations(r, [0, 2])
     doc = {"kind": "activation_sparsity", "thresholds": {str(k): v for k, v in thresholds.items()}}
     if r.executor.supported()[TransformKind.ACTIVATION_SPARSITY]:
         _refused(r, TransformKind.ACTIVATION_SPARSITY, doc)
@@ -204,15 +256,15 @@ def dequant_kernel(monkeypatch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_int8_exact_or_refused(arch, dequant_kernel):
     r = _rig(arch)
-    doc = _int8_doc()
-    if r.executor.supported()[TransformKind.WEIGHT_PRECISION] or r.executor.head_reason:
-        with pytest.raises(PlanError):
-            r.executor.apply(plan(r.fingerprint, doc))
+    head = r.executor.head_reason is None          # every matrix architecture's head is, today
+    doc = _int8_doc(head=head)
+    if r.executor.supported()[TransformKind.WEIGHT_PRECISION]:
+        _refused(r, TransformKind.WEIGHT_PRECISION, doc)
         return
     original = copy.deepcopy(r.model)
     base = logits(r.model, IDS)
     r.executor.apply(plan(r.fingerprint, doc))
-    assert isinstance(r.model.get_output_embeddings(), Int8Linear)
+    assert isinstance(r.model.get_output_embeddings(), Int8Linear) == head
     ref = _dequantized_reference(original, r.model, r.structure.weight_layout)
     out = logits(r.model, IDS)
     assert not torch.allclose(out, base, atol=1e-6)             # int8 changed something
@@ -334,3 +386,50 @@ def test_int8_tied_plain_embedding_with_padding_idx(dequant_kernel):
     out = new(ids)                                                         # [1, 4, 64]
     assert torch.equal(out[0, 0], torch.zeros(64)) and torch.equal(out[0, 2], torch.zeros(64))
     torch.testing.assert_close(out, nn.functional.embedding(ids, emb.weight), atol=0.02, rtol=0)
+
+
+# ------------------------------------------------------------------------------- execution
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_static_kv_cache_decodes_the_same_tokens(arch):
+    r = _rig(arch)
+    assert r.executor.supported()[TransformKind.EXECUTION] is None
+    ref = greedy(r.model, n=GEN)
+    r.executor.apply(plan(r.fingerprint, {"kind": "execution", "static_kv_cache": True,
+                                          "compile": "none"}))
+    assert r.model.generation_config.cache_implementation == "static"
+    assert torch.equal(greedy(r.model, n=GEN), ref)
+
+
+# ------------------------------------------------------------------- transforms together
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prune_skip_sparsity_together_exact(arch):
+    """Each on its own layer, all applied at once: every reference hook at once."""
+    r = _rig(arch)
+    heads, threshold = {0: [1, 2]}, _median_activations(r, [2])[2]
+    docs = [{"kind": "skip_layers", "layers": [1]},
+            {"kind": "activation_sparsity", "thresholds": {"2": threshold}}]
+    if r.executor.supported()[TransformKind.PRUNE_HEADS] is None:
+        docs.append(_prune_doc(heads))
+    else:
+        heads = {}
+    with HeadZeroHooks(r.structure, heads), IdentityHooks(r.structure, [1]), \
+            SparsityHooks(r.structure, {2: threshold}):
+        ref = logits(r.model, IDS)
+    r.executor.apply(plan(r.fingerprint, *docs))
+    torch.testing.assert_close(logits(r.model, IDS), ref, atol=ATOL, rtol=RTOL)
+
+
+def test_prune_gemma3_ignores_a_softcap_its_attention_does_not_apply():
+    """Gemma3's attention carries attn_logit_softcapping but never applies it; neither may
+    the pruned one (the Gemma2 case above applies it)."""
+    from tests.builders import _COMMON, _hf
+    r = rig(_hf("Gemma3TextConfig", "Gemma3ForCausalLM", 0, num_hidden_layers=3,
+                sliding_window=4, query_pre_attn_scalar=16, attn_logit_softcapping=0.05,
+                **_COMMON))
+    with HeadZeroHooks(r.structure, PRUNED):
+        ref = logits(r.model, IDS)
+    r.executor.apply(plan(r.fingerprint, _prune_doc()))
+    assert r.structure.layers[0].self_attn.softcap is None
+    torch.testing.assert_close(logits(r.model, IDS), ref, atol=ATOL, rtol=RTOL)

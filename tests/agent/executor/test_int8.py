@@ -1,14 +1,26 @@
 """weight_precision int8: close to fp, and the weights really take ~1 byte each."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
 from agent.adapters.base import WeightLayout
 from agent.executor import weight_bytes
 from agent.executor.int8 import Int8Linear, quantize_per_channel
+from agent.kernels import probe
 from tests.agent.executor import logits, plan, rig
 from tests.builders import tiny_llama
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernel_cache_dir(tmp_path_factory):
+    """Probe verdicts of this module go to a folder of its own, not ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HEADROOM_KERNEL_CACHE_DIR", str(tmp_path_factory.mktemp("kernels")))
+        yield
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -65,3 +77,30 @@ def test_weight_bytes_counts_tied_storage_once():
                      for _, p in tied.named_parameters(remove_duplicate=False))
     buffer_bytes = sum(b.numel() * b.element_size() for b in tied.buffers())
     assert weight_bytes(tied) == both_bytes - 128 * 64 * 4 + buffer_bytes
+
+
+def test_apply_reports_each_layers_measured_kernel(monkeypatch, tmp_path):
+    """One probe child for every shape class of the plan; each Int8Linear's choice in the
+    report, JSON-ready (agent/control.py sends dataclasses.asdict(report))."""
+    monkeypatch.setenv("HEADROOM_KERNEL_CACHE_DIR", str(tmp_path))
+    launches, real_launch = [], probe._launch
+    monkeypatch.setattr(probe, "_launch", lambda cases, timeout_s: launches.append(cases)
+                        or real_launch(cases, timeout_s))       # a counter around the real one
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)           # intermediate 136: three shape classes (k % 64 = 8 among them)
+    r = rig(LlamaForCausalLM(LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=136, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2)).eval())
+    report = r.executor.apply(plan(r.fingerprint, {"kind": "weight_precision",
+                                                   "layers": {"0": "int8", "2": "int8"}}))
+    first = {c.key for c in launches[0]}      # later children only rerun what a crash cut off
+    assert len(first) == 3 and all({c.key for c in l} < first for l in launches[1:])
+    int8_paths = {n for n, m in r.model.named_modules() if isinstance(m, Int8Linear)}
+    assert len(int8_paths) == 14 and set(report.kernels) == int8_paths
+    for choice in report.kernels.values():
+        timed = choice["candidates_us"]
+        assert choice["kernel"] == (min(timed, key=timed.get) if timed else "dequant")
+    assert json.loads(json.dumps(dataclasses.asdict(report)))["kernels"] == report.kernels
+    r.executor.rollback()
+    again = r.executor.apply(plan(r.fingerprint, {"kind": "skip_layers", "layers": [1]}))
+    assert again.kernels == {}

@@ -1,14 +1,25 @@
 """activation_sparsity: equals zeroing |a| < t at down_proj's input; decode gather == dense."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from agent.executor import ExecutorSettings
 from agent.executor.int8 import Int8Linear
-from agent.executor.sparsity import SparseDownProj
+from agent.executor.sparsity import SPARSE_RUNNER, SparseDownProj
+from agent.kernels import KernelSettings, probe
 from tests.agent.executor import greedy, logits, plan, rig
 from tests.builders import tiny_llama
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernel_cache_dir(tmp_path_factory):
+    """Probe verdicts of this module go to a folder of its own, not ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HEADROOM_KERNEL_CACHE_DIR", str(tmp_path_factory.mktemp("kernels")))
+        yield
 
 
 def _zero_small(s, thresholds):
@@ -65,3 +76,39 @@ def test_generate_with_decode_gather_matches_dense():
     dense.executor.apply(plan(dense.fingerprint, doc))
     fast.executor.apply(plan(fast.fingerprint, doc))
     assert torch.equal(greedy(fast.model, n=8), greedy(dense.model, n=8))
+
+
+@pytest.mark.parametrize("int8,kernel", [(False, "embedding_bag"), (True, "sparse_gemv_u8rows")])
+def test_decode_kernel_is_probed_and_recorded(int8, kernel):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 64)
+    inner = Int8Linear.from_module(lin, layout=None) if int8 else lin
+    fast = SparseDownProj(inner, 0.5, weight_in_out=False, decode_gather=True)
+    assert fast.choice.kernel in (kernel, "gathered")
+    assert (fast.choice.kernel == "gathered") == bool(fast.choice.rejected)   # only if unsafe
+    assert SparseDownProj(inner, 0.5, weight_in_out=False).choice is None     # no decode path
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_unsafe_decode_kernel_falls_back_to_gathered(tmp_path, int8):
+    """A verdict file saying the kernel crashed for this shape class: the module never
+    runs it and decodes through the gathered reference, still equal to dense."""
+    settings = KernelSettings(cache_dir=str(tmp_path))
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 64)
+    inner = Int8Linear.from_module(lin, layout=None, settings=settings) if int8 else lin
+    kernel = "sparse_gemv_u8rows" if int8 else "embedding_bag"
+    dtype = inner.scale.dtype if int8 else lin.weight.dtype
+    case = probe.ProbeCase.for_shape(kernel, 64, 128, dtype, torch.device("cpu"), SPARSE_RUNNER)
+    path = probe.cache_file(settings, probe.machine("cpu"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": {}, "verdicts": {
+        case.key: {"safe": False, "reason": "killed by SIGSEGV (test)"}}}))
+    probe.clear_memo()
+    fast = SparseDownProj(inner, 0.5, weight_in_out=False, decode_gather=True, settings=settings)
+    assert fast.choice.kernel == "gathered" and fast.decode_w is None
+    assert fast.choice.rejected == {kernel: "probe: killed by SIGSEGV (test)"}
+    a = torch.randn(1, 1, 128)
+    w = inner.dequantized() if int8 else lin.weight
+    exact = torch.nn.functional.linear(fast.sparsify(a), w, lin.bias)
+    torch.testing.assert_close(fast(a), exact, atol=1e-5, rtol=1e-5)

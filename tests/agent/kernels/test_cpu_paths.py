@@ -106,3 +106,19 @@ def test_impl_is_the_function_behind_the_op_for_that_device():
     assert ops.impl("int8_linear", torch.device("cuda")) is ops._int8_linear_cuda
     with pytest.raises(ValueError, match="no kernel for cuda"):
         ops.impl("sparse_gemv_u8rows", torch.device("cuda"))
+
+
+def test_probe_settings_are_validated_and_named(monkeypatch, tmp_path):
+    assert KernelSettings().int8_cpu.value == "auto"
+    with pytest.raises(ValueError, match="probe_timeout_s=0"):
+        KernelSettings(probe_timeout_s=0)                 # the boundary: must be > 0
+    assert KernelSettings(probe_timeout_s=1e-3).probe_timeout_s == 1e-3
+    monkeypatch.setenv("HEADROOM_KERNEL_PROBE_TIMEOUT_S", "soon")
+    with pytest.raises(ValueError, match="HEADROOM_KERNEL_PROBE_TIMEOUT_S='soon'"):
+        KernelSettings.resolve()
+    monkeypatch.setenv("HEADROOM_KERNEL_PROBE_TIMEOUT_S", "30")
+    monkeypatch.setenv("HEADROOM_KERNEL_CACHE_DIR", str(tmp_path))
+    s = KernelSettings.resolve()
+    assert s.probe_timeout_s == 30.0 and s.cache_path() == tmp_path
+    assert str(KernelSettings(cache_dir="").cache_path()).endswith(".cache/headroom/kernels")
+    assert "~" not in str(KernelSettings(cache_dir="").cache_path())

@@ -153,4 +153,5 @@ def test_safe_kernels_keep_the_preference_order(settings):
     safe, rejected = safe_int8_kernels(torch.device("cpu"), torch.float32, 32, 64, settings)
     assert safe[-1] == Int8Kernel.DEQUANT and not rejected
     dq = KernelSettings(cache_dir=settings.cache_dir, int8_cpu=Int8Cpu.DEQUANT)
-    assert safe_int8_kernels(torch.device("cpu"), torch.float32, 32, 64, dq) == ([Int8Kernel.DEQUANT], {})
+    assert safe_int8_kernels(torch.device("cpu"), torch.float32, 32, 64, dq) == \
+        ([Int8Kernel.DEQUANT], {})

@@ -1,0 +1,13 @@
+"""Lossless speed: a cheap draft proposes k tokens, the model verifies them in one forward.
+
+    draft.py     Drafter protocol; PromptLookupDrafter (n-grams of the sequence so far);
+                 SelfDrafter (the same model object with a cheaper plan's modules swapped in)
+    verify.py    the acceptance rules: greedy (longest matching prefix) and sampling
+                 (accept with min(1, p/q), else resample from norm(max(0, p - q)))
+    generate.py  speculative_generate(): the loop, one KV cache per side, rejected positions cropped
+    install.py   execution.speculative: the generate wrapper the executor installs
+"""
+from agent.speculative.draft import (Drafter, PromptLookupDrafter, Proposal,  # noqa: F401
+                                     SelfDrafter)
+from agent.speculative.generate import SpecStats, speculative_generate  # noqa: F401
+from agent.speculative.verify import Sampler  # noqa: F401
