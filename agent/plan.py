@@ -387,7 +387,9 @@ _HEAD_UNCHECKED = "no model was given to check its output head against"
 
 def head_int8_support(model: nn.Module) -> str | None:
     """None if int8 can replace the model's output head (an nn.Linear from
-    get_output_embeddings()), else why not. Call it on the unoptimised model."""
+    get_output_embeddings(), and a tied input embedding that Int8Embedding reproduces:
+    nn.Embedding, or a subclass that only scales by embed_scale), else why not. Call it on
+    the unoptimised model."""
     get = getattr(model, "get_output_embeddings", None)
     if not callable(get):
         return f"{type(model).__name__} has no get_output_embeddings()"

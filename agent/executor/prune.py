@@ -75,15 +75,21 @@ def _attention_reason(attn: nn.Module, head_dim: int) -> str | None:
     if getattr(attn, "attn_logit_softcapping", None) is not None \
             and _forward_source(type(attn)) is None:
         return f"{name}: no source to tell whether its attn_logit_softcapping is applied"
+    return _norm_reason(attn, head_dim)
+
+
+def _norm_reason(attn: nn.Module, head_dim: int) -> str | None:
+    """q/k norms must span one head (Qwen3, Gemma3) or the whole projection (OLMo2), both alike."""
+    name = type(attn).__name__
     for norm_name, proj_name in zip(_QK_NORMS, ("q_proj", "k_proj")):
         norm = getattr(attn, norm_name, None)
         if norm is not None and _norm_width(norm) not in (head_dim, _out(attn, proj_name)):
             return (f"{name}.{norm_name} normalises {_norm_width(norm)} features: neither one "
                     f"head ({head_dim}) nor the whole {proj_name} ({_out(attn, proj_name)}), "
                     "so pruned attention cannot reproduce it")
-    widths = {_norm_width(n) == head_dim for n in (getattr(attn, m, None) for m in _QK_NORMS)
-              if n is not None}
-    if len(widths) > 1:
+    per_head = {_norm_width(n) == head_dim for n in (getattr(attn, m, None) for m in _QK_NORMS)
+                if n is not None}
+    if len(per_head) > 1:
         return f"{name}: one q/k norm is per head, the other over the whole projection"
     return None
 

@@ -185,3 +185,30 @@ def test_audit_records_the_credential_not_the_typed_name(secure):
     with secure.admin("vera") as viewer:
         rows = viewer.call("audit.list", {"kind": "POLICY_RELOADED"})
     assert rows[0]["actor"] == "operator:tom"
+
+
+def test_agent_exporter_streams_over_mutual_tls(secure):
+    """The real agent exporter with its certificate: telemetry arrives under the cert's id."""
+    from tests.agent.test_exporter import agent_settings, exporter, record, wait_until
+    pair = secure.pki.agents["agent-1"]
+    settings = agent_settings(tls_ca_file=secure.pki.ca_file, tls_cert_file=pair.cert_file,
+                              tls_key_file=pair.key_file)
+    exp = exporter(settings, secure.address, agent_id="agent-1")
+    try:
+        for i in range(3):
+            exp.submit(record(i + 1))
+        assert exp.flush(10_000)
+        with secure.query_client() as q:
+            rows = q.query("SELECT agent_id, count(*) AS n FROM requests GROUP BY 1").table
+        assert rows.to_pylist() == [{"agent_id": "agent-1", "n": 3}]
+        assert wait_until(lambda: secure.server.state.verified_agents() == ["agent-1"])
+    finally:
+        exp.shutdown(5_000)
+
+
+def test_agent_settings_refuse_half_a_certificate(pki):
+    from agent.settings import AgentSettings
+    with pytest.raises(ValueError, match="tls_cert_file and tls_key_file go together"):
+        AgentSettings(tls_ca_file=pki.ca_file, tls_cert_file=pki.agents["agent-1"].cert_file)
+    with pytest.raises(ValueError, match="needs tls_ca_file"):
+        AgentSettings(tls_cert_file="c.pem", tls_key_file="k.pem")

@@ -39,7 +39,10 @@ ATOL, RTOL = 1e-5, 1e-4
 
 
 def _rig(arch: str):
-    model = ARCH_BUILDERS[arch]()
+    return _rig_of(arch, ARCH_BUILDERS[arch]())
+
+
+def _rig_of(arch: str, model: nn.Module):
     try:
         return rig(model)
     except UnsupportedModelError as e:
@@ -233,13 +236,14 @@ def _int8_doc(layers=(0, 1, 2), head: bool = True) -> dict:
 
 def _dequantized_reference(original: nn.Module, applied: nn.Module,
                            layout: WeightLayout) -> nn.Module:
-    """A copy of the original model whose weights at every Int8Linear path of `applied` are
-    q * scale (fp32). A tied embedding shares the head's Parameter, so it follows."""
+    """A copy of `original` (the unoptimised model, or one with the same structural plan
+    applied) whose weights at every Int8Linear path of `applied` are q * scale (fp32).
+    A tied embedding shares the head's Parameter, so it follows."""
     ref = copy.deepcopy(original)
     for name, mod in applied.named_modules():
         if not isinstance(mod, Int8Linear):
             continue
-        target = ref.get_submodule(name.replace(".inner", ""))
+        target = ref.get_submodule(name)
         w = mod.dequantized().to(torch.float32)                       # [out, in]
         in_out = layout == WeightLayout.IN_OUT and not isinstance(target, nn.Linear)
         with torch.no_grad():
@@ -433,3 +437,24 @@ def test_prune_gemma3_ignores_a_softcap_its_attention_does_not_apply():
     r.executor.apply(plan(r.fingerprint, _prune_doc()))
     assert r.structure.layers[0].self_attn.softcap is None
     torch.testing.assert_close(logits(r.model, IDS), ref, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_all_four_transforms_exact(arch, dequant_kernel):
+    """int8 on top of skip + prune + sparsity equals the structurally transformed model (exact
+    by the tests above) with the quantised weights dequantised: int8 quantises what the
+    structural transforms left (a pruned layer's sliced q/k/v/o, a sparse layer's down)."""
+    model = ARCH_BUILDERS[arch]()
+    twin = copy.deepcopy(model)
+    r = _rig_of(arch, model)
+    structural = [{"kind": "skip_layers", "layers": [1]},
+                  {"kind": "activation_sparsity",
+                   "thresholds": {"2": _median_activations(r, [2])[2]}}]
+    if r.executor.supported()[TransformKind.PRUNE_HEADS] is None:
+        structural.append(_prune_doc({0: [1, 2], 2: [3]}))
+    r.executor.apply(plan(r.fingerprint, *structural, _int8_doc()))
+    rt = rig(twin)
+    rt.executor.apply(plan(rt.fingerprint, *structural))
+    ref = _dequantized_reference(rt.model, r.model, r.structure.weight_layout)
+    assert any(isinstance(m, Int8Linear) for m in r.structure.layers[2].modules())
+    torch.testing.assert_close(logits(r.model, IDS), logits(ref, IDS), atol=ATOL, rtol=RTOL)
