@@ -305,7 +305,7 @@ class Int8Embedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:           # ids [B, T]
         rows = F.embedding(ids, self.weight_int8)                     # [B, T, H] int8
         out = rows.to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)
-        return out
+        return out if self.embed_scale is None else out * self.embed_scale.to(out.dtype)
 
 
 def _embed_scale(emb: nn.Module) -> torch.Tensor | None:

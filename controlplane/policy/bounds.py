@@ -54,3 +54,10 @@ REMOVAL_BOUNDS: dict[RemovalUnit, SafeBound] = {
     RemovalUnit.LAYERS: SafeBound(Side.MAX, 0.25,
                                   "skipping more than a quarter of the blocks breaks models"),
 }
+
+# latency: a rule without a trade approves slower plans silently past 1.0; a stated trade
+# (memory first) still has a limit; fewer back-to-back pairs than 4 cannot tell 5 % apart on a
+# shared machine (the pairs' spread on 2 CPU cores is of that order).
+LATENCY_UNTRADED_MAX = SafeBound(Side.MAX, 1.0, "a slower plan needs a stated trade (trade + reason)")
+LATENCY_TRADED_MAX = SafeBound(Side.MAX, 2.0, "more than twice as slow is an outage, not a trade")
+LATENCY_MIN_PAIRS = SafeBound(Side.MIN, 4, "fewer back-to-back pairs is noise, not evidence")

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from controlplane.policy.bounds import METRIC_BOUNDS, REMOVAL_BOUNDS, SafeBound, Side
+from controlplane.policy.bounds import (LATENCY_MIN_PAIRS, LATENCY_TRADED_MAX,
+                                        LATENCY_UNTRADED_MAX, METRIC_BOUNDS, REMOVAL_BOUNDS,
+                                        SafeBound, Side)
 from controlplane.policy.loader import read_policy_set
 from controlplane.policy.plan import TransformKind
 from controlplane.policy.schema import (
-    Determinism, MetricBound, Problem, Protect, RemovalCap, Rule, Severity, TransformAccess)
+    Determinism, Latency, MetricBound, Problem, Protect, RemovalCap, Rule, Severity,
+    TransformAccess)
 
 # Metrics that are fractions by definition: a bound outside [0, 1] never or always holds.
 FRACTION_METRICS = ("top1_agreement", "exact_match", "heads_removed_fraction",
@@ -56,9 +59,20 @@ def _loose_threshold(params) -> Optional[str]:
     elif isinstance(params, RemovalCap) and params.unit in REMOVAL_BOUNDS:
         bound, name, value = REMOVAL_BOUNDS[params.unit], f"{params.unit.value} max_fraction", \
             params.max_fraction
+    elif isinstance(params, Latency):
+        bound, name, value = _latency_bound(params)
     if bound is None or not bound.violated_by(value):
         return None
     return f"{name} {value:g} is outside the safe bound {_spell(bound)} ({bound.why})"
+
+
+def _latency_bound(p: Latency) -> tuple[SafeBound, str, float]:
+    """The bound the rule breaks first: too few pairs, else a max_ratio too loose for it."""
+    if LATENCY_MIN_PAIRS.violated_by(p.min_pairs):
+        return LATENCY_MIN_PAIRS, "latency min_pairs", p.min_pairs
+    cap = LATENCY_UNTRADED_MAX if p.trade is None else LATENCY_TRADED_MAX
+    return cap, "latency max_ratio" + ("" if p.trade is None else f" (trade {p.trade.value})"), \
+        p.max_ratio
 
 
 def _spell(bound: SafeBound) -> str:

@@ -28,6 +28,7 @@ from agent.executor.prune import PrunedAttention
 from agent.plan import PlanError, TransformKind
 from tests.agent.executor import (HeadZeroHooks, assert_bitwise_equal, greedy, logits, plan,
                                   rig, state_snapshot)
+from tests.agent.executor.test_skip import IdentityHooks
 from tests.builders import ARCH_BUILDERS, token_ids
 
 ARCHS = sorted(ARCH_BUILDERS)
@@ -149,30 +150,17 @@ def test_prune_refuses_a_qk_norm_it_cannot_reproduce(arch, norm, width, why):
 
 # ----------------------------------------------------------------------------- skip_layers
 
-class IdentityHooks:
-    """Reference for skipping: the block returns its input hidden states."""
-
-    def __init__(self, s, layers):
-        self.handles = [s.blocks[i].module.register_forward_hook(
-            lambda mod, args, kwargs, out: kwargs.get("hidden_states", args[0] if args else None),
-            with_kwargs=True) for i in layers]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_skip_layers_exact(arch):
     r = _rig(arch)
     assert r.executor.supported()[TransformKind.SKIP_LAYERS] is None
-    with IdentityHooks(r.structure, SKIPPED):
+    base = logits(r.model, IDS)
+    with IdentityHooks(r.structure, SKIPPED):       # the block returns its input
         ref_logits, ref_tokens = logits(r.model, IDS), greedy(r.model, n=GEN)
     r.executor.apply(plan(r.fingerprint, {"kind": "skip_layers", "layers": SKIPPED}))
-    torch.testing.assert_close(logits(r.model, IDS), ref_logits, atol=ATOL, rtol=RTOL)
+    out = logits(r.model, IDS)
+    assert not torch.allclose(out, base, atol=1e-4)          # skipping did something
+    torch.testing.assert_close(out, ref_logits, atol=ATOL, rtol=RTOL)
     assert torch.equal(greedy(r.model, n=GEN), ref_tokens)
 
 

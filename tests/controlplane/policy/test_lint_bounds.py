@@ -48,6 +48,26 @@ def test_layer_skip_cap(tmp_path, cap, error):
     assert not error or "layers max_fraction" in problems[0].reason
 
 
+@pytest.mark.parametrize("fields, error", [
+    ("max_ratio: 1.0", None),
+    ("max_ratio: 1.0001", "latency max_ratio 1.0001 is outside the safe bound <= 1"),
+    ("max_ratio: 1.5, trade: memory, reason: sized by memory", None),
+    ("max_ratio: 2.0, trade: memory, reason: sized by memory", None),
+    ("max_ratio: 2.0001, trade: memory, reason: sized by memory",
+     "latency max_ratio (trade memory) 2.0001 is outside the safe bound <= 2"),
+    ("max_ratio: 1.0, min_pairs: 4", None),
+    ("max_ratio: 1.0, min_pairs: 3", "latency min_pairs 3 is outside the safe bound >= 4"),
+])
+def test_latency_limits(tmp_path, fields, error):
+    problems = _lint(tmp_path, f"- {{id: l, kind: latency, {fields}, description: d}}")
+    errors = [p.reason for p in problems if p.severity is Severity.ERROR]
+    if error is None:
+        assert errors == []
+    else:
+        (reason,) = errors
+        assert error in reason and "allow_unsafe" in reason
+
+
 def test_the_attackers_set_is_refused_rule_by_rule(tmp_path):
     (tmp_path / "a.yaml").write_text(policy_text(
         _metric("ppl_ratio", "max", 100) + "\n" + _metric("mean_kl", "max", 1000000).replace("id: r", "id: k")
