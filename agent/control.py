@@ -53,7 +53,8 @@ from agent.guard import GuardResult, QualityGuard
 from agent.observe.requests import RequestTracker, WorkSite
 from agent.plan import Plan, PlanError
 from agent.settings import AgentSettings
-from agent.trial import Baseline, EvalSet, Evidence, logit_width, trial_with_baseline
+from agent.trial import (Baseline, EvalSet, Evidence, logit_width, prompt_ids,
+                         trial_with_baseline)
 from agent.verify import PlanVerifier
 from proto.plandoc import PlanPurpose
 
@@ -182,7 +183,7 @@ def build_evalset(spec: EvalSpec, tokenizer, vocab: Optional[int]) -> EvalSet:
             raise EvalSpecError([f"texts: {e}"]) from e
         seqs, prompts = seqs or ev.sequences, prompts or ev.prompts
     elif text_prompts and not prompts:
-        prompts = [torch.tensor(tokenizer(p)["input_ids"]) for p in spec.prompts]
+        prompts = [prompt_ids(tokenizer, p) for p in spec.prompts]
     if not prompts and isinstance(spec.prompts, int):
         prompts = [s[:spec.prompt_tokens] for s in seqs[:spec.prompts]]
     problems = _check_ids(seqs, "sequences", vocab, 2) + _check_ids(prompts, "prompts", vocab, 1)

@@ -167,10 +167,13 @@ class AgentHandle:
         if not self._attached:
             return
         self._attached = False
-        self._tracker.detach()
         try:
+            # Roll back first, while the request hooks are still in place: a plan may have
+            # wrapped what the tracker wrapped (speculative generate), and undoing it restores
+            # the tracker's own wrapper, which the tracker's detach then removes.
             if self.control is not None:
                 self.control.close()
         finally:
+            self._tracker.detach()
             if self._on_detach is not None:
                 self._on_detach()

@@ -49,7 +49,7 @@ class Spread:
 
 @dataclass(frozen=True)
 class LatencyResult:
-    base_ms: Spread          # per-token decode ms without the plan, one sample per generate
+    base_ms: Spread          # decode ms per token without the plan, one sample per generate
     plan_ms: Spread          # the same with the plan
     ratio: Spread            # plan / base, one sample per back-to-back pair
     warmup_base_ms: float    # first generate without the plan, whole (excluded above)
@@ -57,20 +57,19 @@ class LatencyResult:
     thread: str              # the thread that timed it
 
 
-class StepTimer:
-    """A logits processor: generate() calls it once a step; the gaps are decode step times."""
+class FirstToken:
+    """A logits processor that notes when the first new token's logits are ready (the end of
+    prefill); generate() calls it once a step, only the first call is kept."""
 
     def __init__(self, device: torch.device):
-        self.device, self.stamps_ns = device, []
+        self.device, self.at_ns = device, 0
 
     def __call__(self, input_ids, scores):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.stamps_ns.append(time.perf_counter_ns())
+        if not self.at_ns:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.at_ns = time.perf_counter_ns()
         return scores
-
-    def gaps_ms(self) -> list[float]:
-        return [(b - a) / 1e6 for a, b in zip(self.stamps_ns, self.stamps_ns[1:])]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -79,20 +78,25 @@ def model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def generate_timed(model: nn.Module, prompt: torch.Tensor, new_tokens: int
-                   ) -> tuple[torch.Tensor, list[float]]:
-    """Greedy continuation [new_tokens] of prompt [Tp], and its decode step gaps in ms."""
+                   ) -> tuple[torch.Tensor, float]:
+    """Greedy continuation [new_tokens] of prompt [Tp], and its decode ms per token: from the
+    first token's logits to the end, over the new_tokens - 1 tokens decoded after it. A whole
+    span, not a median of step gaps: speculative decoding emits several tokens per forward."""
     dev = model_device(model)
-    timer = StepTimer(dev)
+    first = FirstToken(dev)
     ids = prompt.unsqueeze(0).to(dev)                                     # [1, Tp]
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, logits_processor=[timer],
+                         min_new_tokens=new_tokens, do_sample=False, logits_processor=[first],
                          pad_token_id=0)
-    return out[0, ids.shape[1]:].cpu(), timer.gaps_ms()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    end_ns = time.perf_counter_ns()
+    per_token = (end_ns - first.at_ns) / 1e6 / (new_tokens - 1) if new_tokens > 1 else float("nan")
+    return out[0, ids.shape[1]:].cpu(), per_token
 
 
 def _per_token_ms(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
-    gaps = generate_timed(model, prompt, new_tokens)[1]
-    return statistics.median(gaps) if gaps else float("nan")
+    return generate_timed(model, prompt, new_tokens)[1]
 
 
 def _whole_ms(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:

@@ -13,7 +13,8 @@ not: it is measured afresh in every trial, plan and baseline interleaved in one 
 - Prompts, greedy continuation of `new_tokens` through generate() (so execution settings such
   as the static cache apply): exact match; the same prompts are then timed in
   `latency_repeats` rounds of back-to-back pairs (agent/latency.py: per-token decode ms =
-  median step gap of one generate; the ratio = median of the pairs' plan/base).
+  decode time from the first token to the last over the tokens after the first; the ratio =
+  median of the pairs' plan/base).
 """
 from __future__ import annotations
 
@@ -53,8 +54,7 @@ class EvalSet:
         after the held-out ones. Every sequence and prompt starts with the tokenizer's BOS
         when it adds one (as a real request does: Gemma's perplexity on these texts is ~10x
         worse without it); a chunk is then BOS + seq_len - 1 text tokens."""
-        bos = getattr(tokenizer, "bos_token_id", None)
-        prefix = [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+        prefix = bos_prefix(tokenizer)
         body = seq_len - len(prefix)                                  # text tokens per chunk
         if body < 1:
             raise ValueError(f"seq_len={seq_len}: no room for text after the BOS token")
@@ -70,9 +70,21 @@ class EvalSet:
                                  f"enough for {max_sequences} sequences + {prompts} prompts")
             ps = [c[:prompt_tokens] for c in rest]
         else:
-            ps = [torch.tensor(prefix + tokenizer(p, add_special_tokens=False)["input_ids"],
-                               dtype=torch.long) for p in prompts]
+            ps = [prompt_ids(tokenizer, p) for p in prompts]
         return EvalSet(sequences=seqs, prompts=ps, new_tokens=new_tokens)
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """[bos] when the tokenizer puts one before a text, as a request's prompt starts; else []."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+
+
+def prompt_ids(tokenizer, text: str) -> torch.Tensor:
+    """A prompt string as a request's ids [Tp]: BOS (if the tokenizer adds one) + the text,
+    without any other special token (some tokenizers also append EOS)."""
+    ids = bos_prefix(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def stdlib_doc_texts() -> list[str]:

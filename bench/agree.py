@@ -4,7 +4,7 @@
    (.headroom/best-plan-evidence.json: median of back-to-back pairs, serving thread);
 2. the trial's method again, here: agent.latency.interleaved on a fresh process's model;
 3. an independent one: whole generate() wall time (prefill included) of plan and unoptimised,
-   alternating, ratio of the medians: no logits processor, no step gaps.
+   alternating, ratio of the medians: no logits processor, prefill included.
 
     .venv/bin/python bench/agree.py [--plan .headroom/best-plan.json] [--rounds 6]
 

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agent.adapters import resolve_structure  # noqa: E402
 from agent.executor import Executor, ExecutorSettings, weight_bytes  # noqa: E402
 from agent.fingerprint import fingerprint  # noqa: E402
+from agent.latency import generate_timed  # noqa: E402
 from agent.plan import SCHEMA, Plan  # noqa: E402
 from workloads.prompts import PROMPTS, chat_ids  # noqa: E402
 from workloads.smollm2 import load_smollm2  # noqa: E402
@@ -310,14 +311,13 @@ def quality(row: Row, seqs: list[torch.Tensor], base_lp: list[torch.Tensor]) -> 
 
 def measure_latency(rows: list[Row], ids: torch.Tensor, rounds: int, new_tokens: int) -> None:
     """Every row once per round, order alternating against drift; per round, each row's
-    per-token time (median step gap of one generate) over the unoptimised row's in that same
-    round is one ratio sample (rows[0] is the unoptimised model)."""
+    decode ms per token (agent/latency.py, as trials time it) over the unoptimised row's in
+    that same round is one ratio sample (rows[0] is the unoptimised model)."""
     for row in rows:                                        # warm-up, not recorded
-        decode_steps_ms(row.model, ids, 4)
+        generate_timed(row.model, ids[0], 4)
     for r in range(rounds):
         order = rows if r % 2 == 0 else rows[::-1]
-        sample = {id(row): statistics.median(decode_steps_ms(row.model, ids, new_tokens))
-                  for row in order}
+        sample = {id(row): generate_timed(row.model, ids[0], new_tokens)[1] for row in order}
         for row in rows:
             row.step_ms.append(sample[id(row)])
             row.ratio.append(sample[id(row)] / sample[id(rows[0])])

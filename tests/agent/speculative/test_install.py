@@ -110,3 +110,17 @@ def test_the_plan_parses_to_what_was_installed():
     r.executor.apply(p)
     assert installed(model).k == 4
     assert p.transforms[0].speculative.draft == SpeculativeDraft.SELF
+
+
+def test_detach_with_a_speculative_plan_active_leaves_no_wrapper():
+    import agent
+    model = ARCH_BUILDERS["llama"]()
+    ids = _ids()
+    ref = _gen(model, ids)
+    handle = agent.attach(model, export_enabled=False, sample_rate=0.0)
+    handle.apply_plan(plan(handle.model_info.fingerprint, execution(SPECS["lookup"])))
+    assert installed(model) is not None and torch.equal(_gen(model, ids), ref)
+    handle.detach()
+    # rolled back while the request hooks were still there, then the hooks' wrapper removed
+    assert "generate" not in vars(model) and installed(model) is None
+    assert torch.equal(_gen(model, ids), ref)
