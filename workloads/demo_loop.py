@@ -159,7 +159,7 @@ def _get(ev):
 def _base_side(ev) -> dict:
     get = _get(ev)
     return {"latency": get("latency_ms_per_token_base"), "bytes": get("weight_bytes_base"),
-            "top1": 1.0, "kl": 0.0, "ppl": 1.0, "em": 1.0, "ratio": (1.0, 1.0, 1.0, 0),
+            "top1": 1.0, "kl": 0.0, "ppl": 1.0, "em": 1.0, "ratio": None,
             "base_bytes": get("weight_bytes_base")}
 
 
@@ -213,9 +213,15 @@ def _print_table(rows: list) -> None:
     print("   trial on the serving thread (min-max over the pairs, n pairs); memory vs unoptimised")
     out = []
     for name, s in rows:
-        ratio, lo, hi, n = s["ratio"]
-        out.append([name, s["latency"], f"{ratio:.3f} ({lo:.2f}-{hi:.2f}, n={n})",
+        out.append([name, s["latency"], _ratio_cell(s["ratio"]),
                     s["bytes"] / 2**20, f"{100 * (1 - s['bytes'] / s['base_bytes']):.1f}%",
                     s["top1"], s["kl"], s["ppl"], s["em"]])
     print(report.table(["configuration", "ms/token", "latency ratio", "weight MiB", "memory cut",
                         "top-1", "mean KL", "ppl ratio", "exact match"], out))
+
+
+def _ratio_cell(ratio) -> str:
+    if ratio is None:
+        return "1 (the reference)"
+    median, lo, hi, n = ratio
+    return f"{median:.3f} ({lo:.2f}-{hi:.2f}, n={n})"
