@@ -77,15 +77,17 @@ _END = object()
 
 
 class AgentStream:
-    """The agent's end of one Connect stream: send() and recv() one message at a time."""
+    """The agent's end of one Connect stream: send() and recv() one message at a time, over a
+    plaintext channel to `target` (an address) or over the channel given (TLS, credentials)."""
 
-    def __init__(self, address: str):
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, target: "str | grpc.Channel"):
+        self.channel = grpc.insecure_channel(target) if isinstance(target, str) else target
         self._out: queue.Queue = queue.Queue()
         self._in: queue.Queue = queue.Queue()
         stub = headroom_pb2_grpc.HeadroomStub(self.channel)
         self._call = stub.Connect(iter(self._out.get, _END))
         self.status: Optional[grpc.StatusCode] = None
+        self.details = ""
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -95,8 +97,15 @@ class AgentStream:
                 self._in.put(msg)
             self.status = grpc.StatusCode.OK
         except grpc.RpcError as e:
-            self.status = e.code()
+            self.status, self.details = e.code(), e.details() or ""
         self._in.put(_END)
+
+    def wait_end(self, timeout_s: float = 10.0) -> Optional[grpc.StatusCode]:
+        """Drains replies until the server ends the stream; its final status."""
+        while self.recv(timeout_s) is not None:
+            pass
+        self._reader.join(timeout_s)
+        return self.status
 
     def send(self, msg: pb.AgentMessage) -> None:
         self._out.put(msg)

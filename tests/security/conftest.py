@@ -10,8 +10,6 @@ real certificates made here with `cryptography` (controlplane/certs.py), a real 
 """
 from __future__ import annotations
 
-import queue
-import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,8 +23,7 @@ from controlplane.credentials import ClientCredentials
 from controlplane.query import QueryClient
 from controlplane.server import RunningServer, start_server
 from controlplane.settings import ServerSettings
-from proto import headroom_pb2 as pb
-from proto import headroom_pb2_grpc
+from tests.controlplane.helpers import AgentStream
 
 AGENTS = ("agent-1", "agent-2")
 # name -> role: one operator certificate per role
@@ -47,58 +44,6 @@ def tls_settings(pki: certs.CertDir, db_path: str, **overrides) -> ServerSetting
                   token_key_file=pki.token_key_file, operator_port=0)
     values.update(overrides)
     return ServerSettings(**values)
-
-
-_END = object()
-
-
-class SecureAgentStream:
-    """The agent's end of one Connect stream over any channel: send() and recv() one at a time."""
-
-    def __init__(self, channel: grpc.Channel):
-        self.channel = channel
-        self._out: queue.Queue = queue.Queue()
-        self._in: queue.Queue = queue.Queue()
-        self._call = headroom_pb2_grpc.HeadroomStub(channel).Connect(iter(self._out.get, _END))
-        self.status: Optional[grpc.StatusCode] = None
-        self.details = ""
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        try:
-            for msg in self._call:
-                self._in.put(msg)
-            self.status = grpc.StatusCode.OK
-        except grpc.RpcError as e:
-            self.status, self.details = e.code(), e.details() or ""
-        self._in.put(_END)
-
-    def send(self, msg: pb.AgentMessage) -> None:
-        self._out.put(msg)
-
-    def recv(self, timeout_s: float = 10.0) -> Optional[pb.ControlMessage]:
-        """The next message, or None once the server ended the stream."""
-        msg = self._in.get(timeout=timeout_s)
-        return None if msg is _END else msg
-
-    def wait_end(self, timeout_s: float = 10.0) -> Optional[grpc.StatusCode]:
-        """Drains replies until the server ends the stream; its final status."""
-        while self.recv(timeout_s) is not None:
-            pass
-        self._reader.join(timeout_s)
-        return self.status
-
-    def close(self, timeout_s: float = 10.0) -> None:
-        self._out.put(_END)
-        self._reader.join(timeout_s)
-        self.channel.close()
-
-    def __enter__(self) -> "SecureAgentStream":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 @dataclass
@@ -145,10 +90,10 @@ class SecureWorld:
         return QueryClient(self.address, credentials=self.operator_credentials(name))
 
     def agent(self, agent_id: str, credentials: Optional[ClientCredentials] = None,
-              address: Optional[str] = None) -> SecureAgentStream:
+              address: Optional[str] = None) -> AgentStream:
         """A Connect stream presenting agent_id's certificate (or `credentials`)."""
         creds = credentials or self.agent_credentials(agent_id)
-        return SecureAgentStream(creds.channel(address or self.address))
+        return AgentStream(creds.channel(address or self.address))
 
 
 @pytest.fixture
