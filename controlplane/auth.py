@@ -309,26 +309,34 @@ def _bearer(context: grpc.ServicerContext) -> str:
 
 # ---------------------------------------------------------------------- agent bindings
 class AgentBindings:
-    """agent id -> SHA-256 of the certificate it first connected with, in the store's DuckDB
-    file, so a restart does not open a window for another certificate to claim the id."""
+    """agent id -> SHA-256 of the certificate it first connected with, and the fingerprint of
+    the model it first registered, in the store's DuckDB file, so a restart opens no window for
+    another certificate to claim the id, nor for a verified agent to pose as another model's
+    (canaries are chosen by fingerprint). Serving another model takes a new agent id, or an
+    admin's agents.unbind."""
 
     def __init__(self, con, lock: threading.RLock):
         self._con, self._lock = con, lock
         with self._lock:
             self._con.execute("CREATE TABLE IF NOT EXISTS agent_bindings (agent_id VARCHAR "
-                              "PRIMARY KEY, cert_sha256 VARCHAR NOT NULL, bound_at TIMESTAMP "
-                              "DEFAULT current_timestamp)")
+                              "PRIMARY KEY, cert_sha256 VARCHAR NOT NULL, fingerprint VARCHAR "
+                              "NOT NULL, bound_at TIMESTAMP DEFAULT current_timestamp)")
 
-    def bind(self, agent_id: str, cert_sha256: str) -> Optional[str]:
-        """None once bound to this certificate (now or before); else the certificate it is bound to."""
+    def bind(self, agent_id: str, cert_sha256: str, fingerprint: str) -> Optional[str]:
+        """None once bound to this certificate and model (now or before); else why not."""
         with self._lock:
-            row = self._con.execute("SELECT cert_sha256 FROM agent_bindings WHERE agent_id = ?",
-                                    [agent_id]).fetchone()
+            row = self._con.execute("SELECT cert_sha256, fingerprint FROM agent_bindings WHERE "
+                                    "agent_id = ?", [agent_id]).fetchone()
             if row is None:
-                self._con.execute("INSERT INTO agent_bindings (agent_id, cert_sha256) VALUES "
-                                  "(?, ?)", [agent_id, cert_sha256])
+                self._con.execute("INSERT INTO agent_bindings (agent_id, cert_sha256, fingerprint)"
+                                  " VALUES (?, ?, ?)", [agent_id, cert_sha256, fingerprint])
                 return None
-        return None if row[0] == cert_sha256 else row[0]
+        if row[0] != cert_sha256:
+            return (f"agent {agent_id!r} is bound to another certificate (sha256 {row[0][:16]}...)")
+        if row[1] != fingerprint:
+            return (f"agent {agent_id!r} registered model {row[1][:12]}..., this hello says "
+                    f"{fingerprint[:12]}...: another model needs another agent id")
+        return None
 
     def unbind(self, agent_id: str) -> bool:
         with self._lock:

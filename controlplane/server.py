@@ -387,7 +387,7 @@ class HeadroomService:
                                f"hello.agent_id={msg.hello.agent_id!r} but "
                                f"agent_id={msg.agent_id!r}"))
             return False
-        refused = self._identity_problem(agent_id, session.principal)
+        refused = self._identity_problem(agent_id, session.principal, msg.hello.model.fingerprint)
         if refused is None:
             session.agent_id, session.pid = agent_id, msg.hello.pid
             if not self.state._attach(session):
@@ -404,18 +404,19 @@ class HeadroomService:
         self.state._dispatch(InboundKind.HELLO, agent_id, msg.hello)
         return True
 
-    def _identity_problem(self, agent_id: str, principal: Principal) -> Optional[str]:
+    def _identity_problem(self, agent_id: str, principal: Principal,
+                          fingerprint: str) -> Optional[str]:
         """Why this principal may not speak for agent_id, or None. A certificate names one agent
-        id, and an agent id stays bound to the first certificate it connected with."""
+        id, and an agent id stays bound to the first certificate it connected with and the
+        first model it registered."""
         if principal.kind is PrincipalKind.LOCAL:
             return None
         if principal.subject != agent_id:
             return (f"hello names agent {agent_id!r} but the certificate is for "
                     f"{principal.subject!r}")
-        bound = self.state.bindings.bind(agent_id, principal.cert_sha256)
-        if bound is not None:
-            return (f"agent {agent_id!r} is bound to another certificate (sha256 {bound[:16]}...);"
-                    " an admin can release it with the Admin command agents.unbind")
+        refused = self.state.bindings.bind(agent_id, principal.cert_sha256, fingerprint)
+        if refused is not None:
+            return f"{refused}; an admin can release it with the Admin command agents.unbind"
         return None
 
     def _batch(self, msg: pb.AgentMessage, session: _Session) -> None:

@@ -68,6 +68,29 @@ def test_second_certificate_for_a_connected_id_cannot_take_over(secure, tmp_path
         assert secure.server.state.connected_agents() == ["agent-1"]
 
 
+@pytest.mark.parametrize("fingerprint, refused", [
+    (helpers.MODEL.fingerprint, False),     # the model it registered: reconnects
+    ("f0" * 32, True),                      # another model under the same id and certificate
+])
+def test_a_verified_agent_cannot_pose_as_another_model(secure, fingerprint, refused):
+    with secure.agent("agent-1") as first:
+        first.send(_hello("agent-1"))
+        _ready(first)
+    with secure.agent("agent-1") as again:
+        msg = _hello("agent-1")
+        msg.hello.model.fingerprint = fingerprint
+        again.send(msg)
+        if not refused:
+            _ready(again, seq=2)
+            return
+        reply = again.recv()
+        assert reply.error.code == "AGENT_ID_MISMATCH" and "another model needs another agent id" \
+            in reply.error.message
+    with secure.server.store.reader() as cur:
+        (fp,) = cur.execute("SELECT fingerprint FROM agents WHERE agent_id = 'agent-1'").fetchone()
+    assert fp == helpers.MODEL.fingerprint                   # the registry row is untouched
+
+
 def test_binding_outlives_a_restart_and_admin_can_release_it(pki, secure_settings, tmp_path):
     impostor = _impostor(pki, "agent-1", tmp_path)
     running = start_server(secure_settings)
