@@ -59,7 +59,7 @@ def _active_plan(executor: Executor) -> Optional[tuple[str, str]]:
 
 def attach(model: nn.Module, *, tokenizer=None, address: Optional[str] = None,
            settings: Optional[AgentSettings] = None, tracer_provider=None,
-           **overrides) -> AgentHandle:
+           meter_provider=None, **overrides) -> AgentHandle:
     """Starts observing `model`; returns a handle whose detach() undoes everything.
 
     tokenizer: turns text eval sets of trials into token ids (optional: token-id eval sets
@@ -70,6 +70,8 @@ def attach(model: nn.Module, *, tokenizer=None, address: Optional[str] = None,
     the meta device) is fingerprinted from the offload hooks' weights_map and observed as usual;
     a plan that must move offloaded weights fails with TransformError, the model restored.
     Meta parameters that no offload hook holds raise fingerprint.OffloadError here.
+    tracer_provider / meter_provider: OpenTelemetry providers for the request spans and the
+    metrics (None: the global ones, no-ops unless the user configured them).
     """
     if settings is None:
         settings = AgentSettings.resolve(address=address, **overrides)
@@ -98,6 +100,7 @@ def attach(model: nn.Module, *, tokenizer=None, address: Optional[str] = None,
             _EMBEDDED.release(embedded)
 
     return AgentHandle(model, structure, settings, sink=exporter.submit, on_detach=on_detach,
-                       tracer_provider=tracer_provider, executor=executor, control=control,
+                       tracer_provider=tracer_provider, meter_provider=meter_provider,
+                       executor=executor, control=control,
                        exporter=exporter, model_info=info, agent_id=hello.agent_id,
                        gpu_status=status, target=target)

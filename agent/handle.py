@@ -32,6 +32,7 @@ from agent.control import ControlHandler, ControlStats, EvalSpec, build_evalset,
 from agent.executor import ApplyReport, Executor
 from agent.fingerprint import ModelInfo
 from agent.guard import GuardStats
+from agent.observe.metrics import observe_exporter, unobserve_exporter
 from agent.observe.requests import ErrorCount, RequestTracker, Sink, WorkSite
 from agent.plan import Plan
 from agent.settings import AgentSettings
@@ -57,11 +58,13 @@ class HandleStats:
 class AgentHandle:
     def __init__(self, model: nn.Module, structure: ModelStructure, settings: AgentSettings,
                  sink: Sink, on_detach: Optional[Callable[[], None]] = None, *,
-                 tracer_provider=None, executor: Optional[Executor] = None,
+                 tracer_provider=None, meter_provider=None, executor: Optional[Executor] = None,
                  control: Optional[ControlHandler] = None, exporter=None,
                  model_info: Optional[ModelInfo] = None, agent_id: str = "",
                  gpu_status: str = "", target: Optional[str] = None):
         """tracer_provider: an OpenTelemetry TracerProvider for request spans; None = global.
+        meter_provider: an OpenTelemetry MeterProvider for the request and exporter metrics
+        (agent/observe/metrics.py); None = global (a no-op until the user sets one).
         control: bound here to this handle's request boundaries; replies go to exporter."""
         self.model = model
         self.structure = structure
@@ -76,7 +79,12 @@ class AgentHandle:
         self._on_detach = on_detach
         self._errors = ErrorCount()
         self._tracker = RequestTracker(model, structure, settings, sink, self._errors,
-                                       tracer_provider=tracer_provider)
+                                       tracer_provider=tracer_provider,
+                                       meter_provider=meter_provider,
+                                       model_name=model_info.name if model_info else "")
+        self._meter_provider = meter_provider
+        if exporter is not None:
+            observe_exporter(meter_provider, agent_id, exporter)
         self._tracker.attach()
         if executor is not None:       # sizes a static KV cache from the requests seen
             executor.longest_request_tokens = lambda: self._tracker.longest_tokens
@@ -175,5 +183,7 @@ class AgentHandle:
                 self.control.close()
         finally:
             self._tracker.detach()
+            if self.exporter is not None:
+                unobserve_exporter(self._meter_provider, self.exporter)
             if self._on_detach is not None:
                 self._on_detach()

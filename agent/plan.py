@@ -19,7 +19,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from torch import nn
 
 from agent.adapters.base import ModelStructure
 from proto.plandoc import (HEAD_KEY, PLAN_SCHEMA, CompileMode, PlanMode, Precision,  # noqa: F401
@@ -383,26 +382,6 @@ class _Parser:
 # ---------------------------------------------------------------------------- fit to model
 
 _HEAD_UNCHECKED = "no model was given to check its output head against"
-
-
-def head_int8_support(model: nn.Module) -> str | None:
-    """None if int8 can replace the model's output head (an nn.Linear from
-    get_output_embeddings(), and a tied input embedding that Int8Embedding reproduces:
-    nn.Embedding, or a subclass that only scales by embed_scale), else why not. Call it on
-    the unoptimised model."""
-    get = getattr(model, "get_output_embeddings", None)
-    if not callable(get):
-        return f"{type(model).__name__} has no get_output_embeddings()"
-    head = get()
-    if head is None:
-        return f"{type(model).__name__}.get_output_embeddings() returned None"
-    if not isinstance(head, nn.Linear):
-        return f"the output head is {type(head).__name__}, not nn.Linear"
-    # The tied embedding becomes int8 with the head; it must stay what it computed.
-    from agent.executor.int8 import int8_embedding_reason, tied_embedding   # (import cycle)
-    emb = tied_embedding(model, head)
-    reason = None if emb is None else int8_embedding_reason(emb)
-    return None if reason is None else f"the output head is tied to the input embedding: {reason}"
 
 
 def check_fit(plan: Plan, structure: ModelStructure, fingerprint: str,

@@ -35,8 +35,8 @@ from agent.adapters import resolve_structure  # noqa: E402
 from agent.executor import Executor, weight_bytes  # noqa: E402
 from agent.fingerprint import fingerprint  # noqa: E402
 from agent.plan import Plan  # noqa: E402
-from agent.speculative.generate import SpecStats  # noqa: E402
-from agent.speculative.install import installed  # noqa: E402
+from agent.executor.speculative.generate import SpecStats  # noqa: E402
+from agent.executor.speculative.install import installed  # noqa: E402
 from bench.table import calibrate, plan_doc, token_chunks  # noqa: E402
 from workloads.prompts import GROUNDED_PROMPTS, PROMPTS, chat_ids  # noqa: E402
 from workloads.smollm2 import load_smollm2  # noqa: E402

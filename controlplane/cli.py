@@ -29,6 +29,7 @@ class CliError(Exception):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="controlplane", description="headroom control plane")
     p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    p.add_argument("--version", action="version", version=f"controlplane {package_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gRPC server over one DuckDB file")
     serve.add_argument("--db", help="DuckDB file (env HEADROOM_CP_DB)")
@@ -50,12 +51,51 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--format", choices=("table", "csv", "json"), default="table")
     query.add_argument("--max-rows", type=int, default=0, help="0 = the server's default")
     _add_credential_args(query)
+    _add_health_command(sub)
     _add_admin_commands(sub)
     from controlplane.policy.cli import add_policy_commands
     add_policy_commands(sub)
     from controlplane.security_cli import add_security_commands
     add_security_commands(sub)
     return p
+
+
+def package_version(dist: str = "headroom") -> str:
+    """The installed package's version; from pyproject.toml when run from a checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        import tomllib
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        with open(pyproject, "rb") as f:
+            return tomllib.load(f)["project"]["version"]
+
+
+# ---------------------------------------------------------------------- health (grpc.health.v1)
+EXIT_UNHEALTHY = 1   # what Docker's HEALTHCHECK and scripts read as "not healthy"
+
+
+def _add_health_command(sub) -> None:
+    p = sub.add_parser("health", help="grpc.health.v1 Check (plaintext): exit 0 if SERVING, else 1")
+    p.add_argument("--address", default="127.0.0.1:50051",
+                   help="host:port: the loopback server, or the plaintext health port "
+                        "(HEADROOM_CP_HEALTH_PORT) of a TLS one (default 127.0.0.1:50051)")
+    p.add_argument("--service", default="", help="service name; \"\" = the whole server")
+    p.add_argument("--timeout-s", type=float, default=3.0, help="deadline of the call (default 3)")
+
+
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+    from controlplane.health import check
+    try:
+        status = check(args.address, args.service, args.timeout_s)
+    except grpc.RpcError as e:
+        print(f"controlplane health: {args.address}: {e.code().name}: {e.details()}",
+              file=sys.stderr)
+        return EXIT_UNHEALTHY
+    print(status)
+    return 0 if status == "SERVING" else EXIT_UNHEALTHY
 
 
 # ---------------------------------------------------------------------- plan, audit (Admin RPC)
@@ -266,6 +306,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return args.handler(args, sys.stdout)
         if args.command in ("plan", "audit"):
             return _admin(args)
+        if args.command == "health":
+            return _health(args)
         return _serve(args) if args.command == "serve" else _query(args)
     except (CliError, QueryError, StoreError, ValueError, OSError) as e:
         message = " ".join(str(e).split())   # one line, whatever DuckDB or gRPC said

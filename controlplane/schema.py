@@ -121,7 +121,27 @@ JOBS_DDL = """CREATE TABLE IF NOT EXISTS jobs (
 )"""
 
 
+# Hourly roll-ups of the traced statistics (controlplane/rollup.py), written in the same
+# transaction that deletes the raw rows they summarize: an hour is in raw or in a roll-up,
+# never both. Each statistic column holds the mean over the `n` rows the planner counts.
+# Added without a version bump (CREATE IF NOT EXISTS), like jobs.
+ROLLUP_TABLES = {"head_stats": "head_stats_hourly", "layer_stats": "layer_stats_hourly",
+                 "mlp_stats": "mlp_stats_hourly"}
+
+
+def _rollup_ddl(raw: str, hourly: str) -> str:
+    keys = ["layer USMALLINT", "head USMALLINT"] if raw == "head_stats" else ["layer USMALLINT"]
+    stats = [c for c in TELEMETRY_COLUMNS[raw] if c not in ("request_id", "layer", "head")]
+    cols = ["agent_id VARCHAR NOT NULL", "fingerprint VARCHAR", "query_class VARCHAR",
+            "hour TIMESTAMP NOT NULL", *keys, "n UBIGINT NOT NULL"]
+    if raw == "layer_stats":
+        cols.append("requests UBIGINT NOT NULL")   # distinct traced requests in the group
+    cols += [f"{c} DOUBLE" for c in stats]
+    return f"CREATE TABLE IF NOT EXISTS {hourly} (\n  " + ",\n  ".join(cols) + "\n)"
+
+
 def ddl_statements() -> list[str]:
     out = [_VERSION_DDL, _agents_ddl(), _BATCHES_DDL, JOBS_DDL]
     out += [_telemetry_ddl(t, cols) for t, cols in TELEMETRY_COLUMNS.items()]
+    out += [_rollup_ddl(raw, hourly) for raw, hourly in ROLLUP_TABLES.items()]
     return out

@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 
 from controlplane.auth import (QUERY_ROLE, AgentBindings, AuthError, AuthMode, Principal,
                                PrincipalKind, ServerAuth, require_role)
+from controlplane.health import HealthSettings, StoreHealth, add_health
 from controlplane.ingest import DecodedBatch, ErrorCode, IngestError, IngestWriter, decode_batch
 from controlplane.query import QueryError, QueryErrorKind, encode_result, run_query
 from controlplane.schema import COUNTER_COLUMNS, MODEL_COLUMNS
@@ -565,6 +566,7 @@ class RunningServer:
     host: str
     port: int
     operator_port: int = -1     # TLS: the token port for operators; -1 = none
+    health: Optional[StoreHealth] = None   # grpc.health.v1 status and its plaintext port
 
     @property
     def address(self) -> str:
@@ -575,6 +577,8 @@ class RunningServer:
 
     def stop(self, grace_s: Optional[float] = 1.0) -> None:
         """Ends agent streams, stops serving, marks agents disconnected, closes the DuckDB file."""
+        if self.health is not None:
+            self.health.close()   # NOT_SERVING first: probes stop routing here
         self.state.end_all()
         self.server.stop(grace_s).wait()
         self.state.join_readers(timeout_s=5.0)
@@ -590,12 +594,15 @@ def _bind_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def start_server(settings: ServerSettings, control: Optional["ControlSettings"] = None) -> RunningServer:
+def start_server(settings: ServerSettings, control: Optional["ControlSettings"] = None,
+                 health: Optional[HealthSettings] = None) -> RunningServer:
     """Opens the store and serves on settings.host:settings.port (0 = a free port).
 
-    control: the closed loop's settings (policies, planner, rollout); None resolves them."""
+    control: the closed loop's settings (policies, planner, rollout); None resolves them.
+    health: grpc.health.v1 probing and its plaintext port; None resolves them."""
     from controlplane.admin import ControlPlane   # admin -> trials -> server: import late
     auth = ServerAuth(settings)   # refuses unsafe settings before anything is opened
+    health = health or HealthSettings.resolve()   # likewise: bad env fails here
     store = Store(settings.db_path, duckdb_threads=settings.duckdb_threads,
                   dedupe_batches=settings.dedupe_batches, checkpoint_mb=settings.checkpoint_mb)
     writer = IngestWriter(store, max_pending=settings.ingest_queue_batches,
@@ -612,13 +619,16 @@ def start_server(settings: ServerSettings, control: Optional["ControlSettings"] 
                                                     thread_name_prefix="headroom-grpc"),
                          options=options)
     server.add_generic_rpc_handlers((HeadroomService(state).handler(),))
+    monitor = add_health(server, store, SERVICE_NAME, health)
     try:
         port = _listen(server, auth, settings.port, settings.host, require_client_cert=True)
         operator_port = -1
         if auth.mode is AuthMode.TLS and settings.operator_port >= 0:
             operator_port = _listen(server, auth, settings.operator_port, settings.host,
                                     require_client_cert=False)
+        monitor.listen(settings.host)
     except (OSError, ValueError):
+        monitor.close()
         writer.close()
         state.control.close()
         if state.bindings is not None:
@@ -628,7 +638,7 @@ def start_server(settings: ServerSettings, control: Optional["ControlSettings"] 
     server.start()
     log.info("control plane on %s:%d (%s)", settings.host, port, auth.mode.value)
     return RunningServer(server=server, store=store, state=state, host=settings.host, port=port,
-                         operator_port=operator_port)
+                         operator_port=operator_port, health=monitor)
 
 
 def _listen(server: grpc.Server, auth: ServerAuth, port: int, host: str,

@@ -12,7 +12,7 @@
   the swap replaces it.
 - speculative: a draft (prompt n-grams, or this model under a cheaper draft plan) proposes k
   tokens and the model verifies them in one forward; `model.generate` runs that loop (see
-  agent/speculative/install.py). Greedy output stays the model's own.
+  agent/executor/speculative/install.py). Greedy output stays the model's own.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from torch import nn
 from agent.executor.compiled import CompiledDecoder
 from agent.executor.undo import UndoLog
 from agent.plan import CompileMode, Execution
-from agent.speculative.install import install_speculative
+from agent.executor.speculative.install import install_speculative
 
 CACHE_ROUND_TOKENS = 256
 

@@ -24,16 +24,17 @@ from torch import Tensor, nn
 
 from agent.adapters.base import BlockRefs, ModelStructure
 from agent.executor.execution import apply_execution, execution_support
-from agent.executor.int8 import Int8Linear, apply_head_int8, probe_model_int8
+from agent.executor.int8 import (Int8Linear, apply_head_int8, head_int8_support,
+                                 probe_model_int8)
 from agent.executor.prune import PrunedAttention, ZeroAttention, prune_support
 from agent.executor.skip import IdentityBlock, apply_skip
+from agent.executor.speculative.install import build_draft
 from agent.executor.sparsity import SparseDownProj
 from agent.executor.undo import UndoLog
 from agent.executor.weights import weight_bytes
 from agent.kernels.autotune import kernel_choices
 from agent.plan import (ActivationSparsity, Execution, Plan, PruneHeads, SkipLayers,
-                        Transform, TransformKind, WeightPrecision, check_fit,
-                        head_int8_support)
+                        Transform, TransformKind, WeightPrecision, check_fit)
 from agent.adapters.base import WeightLayout
 
 
@@ -300,7 +301,6 @@ def _has_role(ex: Executor, layer: int, role: str) -> bool:
 
 
 def _apply_execution(ex: Executor, t: Execution, log: UndoLog) -> list[str]:
-    from agent.speculative.install import build_draft
     return apply_execution(ex.model, ex.structure.layers, t, log,
                            fixed_cache_tokens=ex.settings.static_cache_tokens,
                            longest_seen=ex.longest_request_tokens,

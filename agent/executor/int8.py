@@ -368,7 +368,7 @@ def apply_head_int8(model: nn.Module, log: UndoLog,
                     settings: KernelSettings | None = None) -> list[str]:
     """Output head -> Int8Linear; a tied input embedding -> Int8Embedding on the same int8
     matrix (keeping its embed_scale). Returns notes. Raises ValueError, before any change,
-    for a head or tied embedding it cannot reproduce (agent.plan.head_int8_support says why)."""
+    for a head or tied embedding it cannot reproduce (head_int8_support says why)."""
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         raise ValueError(f"output head is {type(head).__name__}, not nn.Linear: cannot quantise it")
@@ -384,3 +384,22 @@ def apply_head_int8(model: nn.Module, log: UndoLog,
     tied_note = "" if emb is None else ", tied embedding int8" + (
         "" if new_emb.embed_scale is None else f" (embed_scale {float(new_emb.embed_scale):g} kept)")
     return [f"lm_head: int8 ({new_head.kernel.value})" + tied_note]
+
+
+def head_int8_support(model: nn.Module) -> str | None:
+    """None if int8 can replace the model's output head (an nn.Linear from
+    get_output_embeddings(), and a tied input embedding that Int8Embedding reproduces:
+    nn.Embedding, or a subclass that only scales by embed_scale), else why not. Call it on
+    the unoptimised model."""
+    get = getattr(model, "get_output_embeddings", None)
+    if not callable(get):
+        return f"{type(model).__name__} has no get_output_embeddings()"
+    head = get()
+    if head is None:
+        return f"{type(model).__name__}.get_output_embeddings() returned None"
+    if not isinstance(head, nn.Linear):
+        return f"the output head is {type(head).__name__}, not nn.Linear"
+    # The tied embedding becomes int8 with the head; it must stay what it computed.
+    emb = tied_embedding(model, head)
+    reason = None if emb is None else int8_embedding_reason(emb)
+    return None if reason is None else f"the output head is tied to the input embedding: {reason}"

@@ -33,6 +33,7 @@ import itertools
 import logging
 import math
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ from agent.adapters.base import ModelStructure
 from agent.fingerprint import execution_device
 from agent.observe.gate import Holder, ModelGate
 from agent.observe.handoff import Work, WorkQueue, WorkSite, check_seconds
-from agent.observe.spans import emit_request_span, request_tracer
+from agent.observe.metrics import RequestMetrics
+from agent.observe.spans import emit_request_span, gen_ai_base, request_tracer
 from agent.observe.trace import TraceCollector
 from agent.records import RequestRecord
 from agent.settings import AgentSettings
@@ -96,6 +98,7 @@ class _Request:
     output: object = None
     first_input: Optional[torch.Tensor] = None
     last_input: Optional[torch.Tensor] = None
+    error: Optional[BaseException] = None    # what the request's model call raised, if it did
 
     def token_ids(self):
         """generate()'s output, else the longer of the first and last forward inputs."""
@@ -175,10 +178,13 @@ class ErrorCount:
 
 class RequestTracker:
     def __init__(self, model: nn.Module, structure: ModelStructure, settings: AgentSettings,
-                 sink: Sink, errors: ErrorCount, tracer_provider=None):
+                 sink: Sink, errors: ErrorCount, tracer_provider=None, meter_provider=None,
+                 model_name: str = ""):
         self._model, self._structure, self._settings = model, structure, settings
         self._sink, self._errors = sink, errors
         self._tracer = request_tracer(tracer_provider)
+        self._gen_ai = gen_ai_base(model_name)       # gen_ai.* attributes shared by every request
+        self._metrics = RequestMetrics(meter_provider, self._gen_ai)
         self._rng = random.Random(settings.sample_seed)
         self._ids = itertools.count(1)
         self._device = execution_device(model)
@@ -245,6 +251,10 @@ class RequestTracker:
                 req.prompt_mask = kwargs.get("attention_mask")
             try:
                 return self._note_output(req, original(*args, **kwargs))
+            except BaseException as exc:
+                if req is not None:
+                    req.error = exc
+                raise
             finally:
                 self._close(req, st)
         generate.__headroom_wrapper__ = True
@@ -350,6 +360,10 @@ class RequestTracker:
         req = self._open(Owner.CONTEXT, Labels(tenant, route, query_class), st)
         try:
             yield
+        except BaseException as exc:
+            if req is not None:
+                req.error = exc
+            raise
         finally:
             self._close(req, st)
 
@@ -408,6 +422,8 @@ class RequestTracker:
         finally:
             self._gate.release(req.ticket)
         if not (emit and req.forwards > 0):
+            if emit and req.error is not None:
+                self._emit_failed(req, end_ns)
             return
         try:
             self._emit(req, end_ns, trace)
@@ -469,6 +485,8 @@ class RequestTracker:
             req.forwards += 1
             req.first_end_ns = req.first_end_ns or now_ns
             req.last_end_ns = now_ns
+        else:       # forward raised: torch runs always_call hooks inside its except block
+            req.error = req.error or sys.exc_info()[1]
         if req.owner is Owner.FORWARD:
             self._close(req, st)
         return None
@@ -492,4 +510,21 @@ class RequestTracker:
             self._sink(rec)
         except Exception as exc:  # noqa: BLE001 - a broken sink must not break serving
             self._errors(exc)
-        emit_request_span(self._tracer, rec, req.start_unix_ns + (end_ns - req.start_ns))
+        emit_request_span(self._tracer, rec, req.start_unix_ns + (end_ns - req.start_ns),
+                          self._gen_ai, req.error)
+        self._metrics.record(rec, req.error)
+
+    def _emit_failed(self, req: _Request, end_ns: int) -> None:
+        """A request whose model call raised before any forward completed: no record for the
+        sink (nothing was measured), only its span (ERROR) and duration metric."""
+        try:
+            rec = RequestRecord(
+                request_id=req.request_id, start_unix_us=req.start_unix_ns // 1000,
+                tenant=req.labels.tenant, route=req.labels.route,
+                query_class=req.labels.query_class, batch_size=0,
+                latency_ms=(end_ns - req.start_ns) / 1e6)
+            emit_request_span(self._tracer, rec, req.start_unix_ns + (end_ns - req.start_ns),
+                              self._gen_ai, req.error)
+            self._metrics.record(rec, req.error)
+        except Exception as exc:  # noqa: BLE001
+            self._errors(exc)

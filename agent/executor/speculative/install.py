@@ -24,11 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from agent.executor.undo import UndoLog
-from agent.speculative.draft import (DraftModules, Drafter, PromptLookupDrafter, RecordingLog,
+from agent.executor.speculative.draft import (DraftModules, Drafter, PromptLookupDrafter, RecordingLog,
                                      SelfDrafter)
-from agent.speculative.generate import SpecStats, speculative_generate
-from agent.speculative.model_io import SpeculationUnsupported
-from agent.speculative.verify import Sampler
+from agent.executor.speculative.generate import SpecStats, speculative_generate
+from agent.executor.speculative.model_io import SpeculationUnsupported
+from agent.executor.speculative.verify import Sampler
 from proto.plandoc import SpeculativeDraft
 
 _MAX_ERRORS_KEPT = 8

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from agent.plan import Plan, SpeculativeDraft
-from agent.speculative.install import SpeculativeSettings, installed
+from agent.executor.speculative.install import SpeculativeSettings, installed
 from tests.agent.executor import assert_bitwise_equal, plan, rig, state_snapshot
-from tests.agent.speculative import INT8_ALL, SKIP_1, execution, self_spec
+from tests.agent.executor.speculative import INT8_ALL, SKIP_1, execution, self_spec
 from tests.builders import ARCH_BUILDERS, token_ids
 
 NEW = 16

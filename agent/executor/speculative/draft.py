@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from agent.executor.undo import UndoLog
-from agent.speculative.model_io import forward_logits, new_cache
-from agent.speculative.verify import Sampler
+from agent.executor.speculative.model_io import forward_logits, new_cache
+from agent.executor.speculative.verify import Sampler
 
 
 @dataclass
