@@ -81,7 +81,8 @@ class AgentHandle:
         self._tracker = RequestTracker(model, structure, settings, sink, self._errors,
                                        tracer_provider=tracer_provider,
                                        meter_provider=meter_provider,
-                                       model_name=model_info.name if model_info else "")
+                                       # HF name_or_path, else e.g. "LlamaForCausalLM"
+                                       model_name=structure.name or structure.architecture)
         self._meter_provider = meter_provider
         if exporter is not None:
             observe_exporter(meter_provider, agent_id, exporter)

@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--format", choices=("table", "csv", "json"), default="table")
     query.add_argument("--max-rows", type=int, default=0, help="0 = the server's default")
     _add_credential_args(query)
+    export = sub.add_parser("export", help="telemetry and hourly roll-ups since a time, as "
+                                           "Parquet files (one per table)")
+    export.add_argument("--db", help="the DuckDB file, opened read-only: stop the server first "
+                                     "(env HEADROOM_CP_DB)")
+    export.add_argument("--since", required=True, help="ISO 8601 date or time (UTC if no zone)")
+    export.add_argument("--to", required=True, dest="to_dir", help="directory for <table>.parquet")
     _add_health_command(sub)
     _add_admin_commands(sub)
     from controlplane.policy.cli import add_policy_commands
@@ -297,6 +303,23 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- export
+def _export(args: argparse.Namespace) -> int:
+    from controlplane.export import export_parquet, parse_since
+    since = parse_since(args.since)
+    db_path = ServerSettings.resolve(db_path=args.db).db_path   # refuses s3:// and other URLs
+    if not Path(db_path).exists():
+        raise CliError(f"no DuckDB file at {db_path}")
+    con = open_read_only(db_path)
+    try:
+        rows = export_parquet(con, since, args.to_dir)
+    finally:
+        con.close()
+    for table, n in rows.items():
+        print(f"{Path(args.to_dir) / (table + '.parquet')}\t{n} rows")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -308,6 +331,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _admin(args)
         if args.command == "health":
             return _health(args)
+        if args.command == "export":
+            return _export(args)
         return _serve(args) if args.command == "serve" else _query(args)
     except (CliError, QueryError, StoreError, ValueError, OSError) as e:
         message = " ".join(str(e).split())   # one line, whatever DuckDB or gRPC said

@@ -11,15 +11,14 @@ import os
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import duckdb
 
 from controlplane.rollup import roll_up_before
 from controlplane.settings import resolve_settings
+from controlplane.store import Store, utc_now
 
-if TYPE_CHECKING:
-    from controlplane.store import Store
 
 log = logging.getLogger("headroom.controlplane.retention")
 
@@ -65,7 +64,7 @@ def floor_hour(t: datetime) -> datetime:
     return t.replace(minute=0, second=0, microsecond=0)
 
 
-def used_bytes(store: "Store") -> int:
+def used_bytes(store: Store) -> int:
     """Bytes the database uses: its used blocks plus the WAL not yet checkpointed."""
     with store.reader() as cur:
         block_bytes, used_blocks = cur.execute(
@@ -75,7 +74,7 @@ def used_bytes(store: "Store") -> int:
     return int(block_bytes) * int(used_blocks) + (os.path.getsize(wal) if os.path.exists(wal) else 0)
 
 
-def expire_before(store: "Store", cutoff: datetime) -> tuple[int, int]:
+def expire_before(store: Store, cutoff: datetime) -> tuple[int, int]:
     """Rolls up, then deletes, every raw row received before `cutoff` (on the hour), in one
     transaction. Returns (raw rows deleted, roll-up rows written)."""
     with store.transaction() as cur:
@@ -85,16 +84,15 @@ def expire_before(store: "Store", cutoff: datetime) -> tuple[int, int]:
     return int(deleted), int(rolled)
 
 
-def _oldest_raw(store: "Store") -> Optional[datetime]:
+def _oldest_raw(store: Store) -> Optional[datetime]:
     with store.reader() as cur:
         union = " UNION ALL ".join(f"SELECT min(received_at) AS t FROM {t}" for t in RAW_TABLES)
         return cur.execute(f"SELECT min(t) FROM ({union})").fetchone()[0]
 
 
-def run_retention(store: "Store", settings: RetentionSettings,
+def run_retention(store: Store, settings: RetentionSettings,
                   now: Optional[datetime] = None) -> RetentionReport:
     """One pass: the age limit, then the size limit (the oldest raw hour at a time)."""
-    from controlplane.store import utc_now
     now = now or utc_now()
     deleted = rolled = 0
     if settings.days > 0:
@@ -117,7 +115,7 @@ def run_retention(store: "Store", settings: RetentionSettings,
 class RetentionWorker:
     """The server's retention thread: a pass at start, then every interval_s until stopped."""
 
-    def __init__(self, store: "Store", settings: RetentionSettings):
+    def __init__(self, store: Store, settings: RetentionSettings):
         self.store, self.settings = store, settings
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="headroom-retention", daemon=True)

@@ -25,6 +25,7 @@ from controlplane.auth import (QUERY_ROLE, AgentBindings, AuthError, AuthMode, P
 from controlplane.health import HealthSettings, StoreHealth, add_health
 from controlplane.ingest import DecodedBatch, ErrorCode, IngestError, IngestWriter, decode_batch
 from controlplane.query import QueryError, QueryErrorKind, encode_result, run_query
+from controlplane.retention import RetentionSettings, RetentionWorker
 from controlplane.schema import COUNTER_COLUMNS, MODEL_COLUMNS
 from controlplane.settings import ServerSettings
 from controlplane.store import BatchJob, Counters, Registration, Store, StoreError
@@ -567,6 +568,7 @@ class RunningServer:
     port: int
     operator_port: int = -1     # TLS: the token port for operators; -1 = none
     health: Optional[StoreHealth] = None   # grpc.health.v1 status and its plaintext port
+    retention: Optional[RetentionWorker] = None   # expires raw telemetry (controlplane/retention.py)
 
     @property
     def address(self) -> str:
@@ -587,6 +589,8 @@ class RunningServer:
             self.state.control.close()
         if self.state.bindings is not None:
             self.state.bindings.close()
+        if self.retention is not None:   # a running pass needs the store until it ends
+            self.retention.stop()
         self.store.close()
 
 
@@ -602,6 +606,7 @@ def start_server(settings: ServerSettings, control: Optional["ControlSettings"] 
     health: grpc.health.v1 probing and its plaintext port; None resolves them."""
     from controlplane.admin import ControlPlane   # admin -> trials -> server: import late
     auth = ServerAuth(settings)   # refuses unsafe settings before anything is opened
+    retention = RetentionSettings.resolve()   # refuses bad HEADROOM_CP_RETENTION_* likewise
     health = health or HealthSettings.resolve()   # likewise: bad env fails here
     store = Store(settings.db_path, duckdb_threads=settings.duckdb_threads,
                   dedupe_batches=settings.dedupe_batches, checkpoint_mb=settings.checkpoint_mb)
@@ -636,9 +641,10 @@ def start_server(settings: ServerSettings, control: Optional["ControlSettings"] 
         store.close()
         raise
     server.start()
+    expiry = RetentionWorker(store, retention).start()   # stopped before the store closes
     log.info("control plane on %s:%d (%s)", settings.host, port, auth.mode.value)
     return RunningServer(server=server, store=store, state=state, host=settings.host, port=port,
-                         operator_port=operator_port, health=monitor)
+                         operator_port=operator_port, health=monitor, retention=expiry)
 
 
 def _listen(server: grpc.Server, auth: ServerAuth, port: int, host: str,

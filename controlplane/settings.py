@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class ServerSettings:
         problems = []
         if not self.db_path:
             problems.append("db_path is empty")
+        elif (problem := db_path_problem(self.db_path)) is not None:
+            problems.append(problem)
         if not self.host:
             problems.append("host is empty")
         if not 0 <= self.port <= 65535:
@@ -108,6 +111,20 @@ class ServerSettings:
     def resolve(cls, **overrides: Any) -> "ServerSettings":
         """Arguments (not None) win, then HEADROOM_CP_* environment variables, then defaults."""
         return resolve_settings(cls, overrides, "server")
+
+
+# `s3://...`, `gs://...`, `http://...`: DuckDB would create a local directory named `s3:`.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def db_path_problem(db_path: str) -> Optional[str]:
+    """Why `db_path` cannot be the store (None: it can): only a local file path is supported."""
+    if _URL.match(db_path):
+        scheme = db_path.split("://", 1)[0]
+        return (f"db_path={db_path!r}: {scheme}:// is not supported; the control plane's "
+                "database must be a local file path (e.g. /var/lib/headroom/headroom.duckdb); "
+                "use `controlplane export --to DIR` to copy telemetry elsewhere as Parquet")
+    return None
 
 
 def resolve_settings(cls, overrides: dict, what: str):

@@ -19,7 +19,6 @@ import pyarrow as pa
 
 if TYPE_CHECKING:
     from controlplane.ingest import DecodedBatch
-    from controlplane.retention import RetentionSettings
 from controlplane.ingest_rules import ModelShape
 from controlplane.schema import (COUNTER_COLUMNS, HELLO_COLUMNS, MODEL_COLUMNS, SCHEMA_VERSION,
                                  TELEMETRY_COLUMNS, ddl_statements)
@@ -106,7 +105,6 @@ class Store:
         self._writer = self._con.cursor()
         self._closed = False
         self._shapes: dict[str, ModelShape] = {}   # agent_id -> its latest hello's structure
-        self._retention = None   # a RetentionWorker once start_retention() is called
         self._migrate()
         self.mark_all_disconnected()   # nobody is connected to a server that just started
 
@@ -122,11 +120,6 @@ class Store:
                 raise StoreError(f"{self.db_path}: schema version {max(versions)}, this control "
                                  f"plane expects {SCHEMA_VERSION}")
 
-    def start_retention(self, settings: "RetentionSettings") -> None:
-        """Runs retention (controlplane/retention.py) on a background thread until close()."""
-        from controlplane.retention import RetentionWorker
-        self._retention = RetentionWorker(self, settings).start()
-
     def checkpoint(self) -> None:
         """Writes the WAL into the file, so freed blocks show and can be reused."""
         with self._lock:
@@ -135,8 +128,6 @@ class Store:
             self._writer.execute("CHECKPOINT")
 
     def close(self) -> None:
-        if self._retention is not None:   # outside the lock: a running pass needs it to finish
-            self._retention.stop()
         with self._lock:
             if self._closed:
                 return

@@ -5,6 +5,7 @@
     stats.py     the device-side reductions (attention entropy, head share, influence, sparsity)
     timing.py    per-layer attention / MLP time (perf_counter on CPU, CUDA events on GPU)
     spans.py     one OpenTelemetry span per request
+    metrics.py   OpenTelemetry metrics: GenAI latency / token histograms, exporter counters
 """
 from agent.observe.requests import ErrorCount, Labels, Owner, RequestTracker, Sink
 from agent.observe.trace import MAX_PREFILL_QUERIES, TraceCollector

@@ -115,8 +115,8 @@ class _ExporterCounters:
     def _observe(self, options: CallbackOptions) -> Iterable[Observation]:
         for agent_id, c in self._snapshot():
             for outcome in RecordOutcome:
-                yield Observation(getattr(c, outcome.value),
-                                  {"headroom.agent_id": agent_id, "headroom.outcome": outcome.name.lower()})
+                attrs = {"headroom.agent_id": agent_id, "headroom.outcome": outcome.name.lower()}
+                yield Observation(getattr(c, outcome.value), attrs)
 
     def _observe_queue(self, options: CallbackOptions) -> Iterable[Observation]:
         for agent_id, c in self._snapshot():

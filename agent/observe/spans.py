@@ -41,16 +41,19 @@ def gen_ai_base(model_name: str) -> dict:
 def error_type(error: BaseException) -> str:
     """`error.type`: the exception's fully qualified class name."""
     cls = type(error)
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _attributes(rec: RequestRecord, base: dict) -> dict:
     attrs = {"headroom.request_id": rec.request_id, "headroom.tenant": rec.tenant,
              "headroom.route": rec.route, "headroom.query_class": rec.query_class,
              "headroom.traced": rec.traced, "headroom.batch_size": rec.batch_size,
-             "headroom.prompt_tokens": rec.prompt_tokens, "headroom.output_tokens": rec.output_tokens,
+             "headroom.prompt_tokens": rec.prompt_tokens,
+             "headroom.output_tokens": rec.output_tokens,
              # padding excluded, like the record's (see RequestRecord)
-             "gen_ai.usage.input_tokens": rec.prompt_tokens,
+             "gen_ai.usage.input_tokens": rec.prompt_tokens + 1,
              "gen_ai.usage.output_tokens": rec.output_tokens, **base}
     for name in ("ttft_ms", "tpot_ms", "latency_ms"):
         value = getattr(rec, name)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from controlplane.planner.settings import PlannerSettings
+from controlplane.rollup import COUNTED_BY
+from controlplane.schema import ROLLUP_TABLES
 
 # The fixed |activation| thresholds behind mlp_stats' frac_below_* columns.
 _FIXED_STEPS = ((1e-3, "frac_below_1e3"), (1e-2, "frac_below_1e2"), (1e-1, "frac_below_1e1"))
@@ -101,37 +103,67 @@ def registered_structure(con, scope: CandidateScope) -> _Valid:
     return _Valid(None if layers is None else int(layers), None if heads is None else int(heads))
 
 
-def _scope_sql(scope: CandidateScope, valid: Sequence[str] = ()) -> tuple[str, list]:
+def _scope_sql(scope: CandidateScope, valid: Sequence[str] = (),
+               rollup: bool = False) -> tuple[str, list]:
+    """WHERE clause of the scope; `rollup`: over an *_hourly table, whose rows carry their
+    query class (raw rows find theirs in `requests`)."""
     clauses, params = list(valid), []
     if scope.agent_ids is not None:
         clauses.append(f"s.agent_id IN ({', '.join('?' * len(scope.agent_ids)) or 'NULL'})")
         params += list(scope.agent_ids)
     if scope.query_class is not None:
-        clauses.append("EXISTS (SELECT 1 FROM requests r WHERE r.agent_id = s.agent_id "
+        clauses.append("s.query_class = ?" if rollup else
+                       "EXISTS (SELECT 1 FROM requests r WHERE r.agent_id = s.agent_id "
                        "AND r.request_id = s.request_id AND r.query_class = ?)")
         params.append(scope.query_class)
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
+def _has_rollups(con, raw: str) -> bool:
+    """Whether the file has raw's hourly roll-up table (files written before retention do not)."""
+    return bool(con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?",
+                            [ROLLUP_TABLES[raw]]).fetchone()[0])
+
+
+def _pooled(con, raw: str, scope: CandidateScope, valid: _Valid,
+            keys: Sequence[str]) -> tuple[str, list]:
+    """A relation (keys..., n, <stat>...) pooling raw rows and the hourly roll-ups of hours no
+    longer in raw: each <stat> is the mean over all n counted rows (roll-ups weighted by n).
+    The two never overlap: rollup.py rolls an hour up in the transaction that deletes it."""
+    stats, heads = COUNTED_BY[raw], "head" in keys
+    key_sql = ", ".join(f"s.{k}" for k in keys)
+    where, params = _scope_sql(scope, valid.clauses(*stats, heads=heads))
+    parts = [f"SELECT {key_sql}, count(*) AS n, "
+             + ", ".join(f"sum(s.{c}) AS {c}" for c in stats)
+             + f" FROM {raw} s {where} GROUP BY {key_sql}"]
+    if _has_rollups(con, raw):
+        where, more = _scope_sql(scope, valid.clauses(heads=heads) + ["s.n > 0"], rollup=True)
+        parts.append(f"SELECT {key_sql}, sum(s.n), "
+                     + ", ".join(f"sum(s.{c} * s.n)" for c in stats)
+                     + f" FROM {ROLLUP_TABLES[raw]} s {where} GROUP BY {key_sql}")
+        params += more
+    out_keys = ", ".join(keys)
+    sql = (f"SELECT {out_keys}, sum(n) AS n, "
+           + ", ".join(f"sum({c}) / sum(n) AS {c}" for c in stats)
+           + f" FROM ({' UNION ALL '.join(parts)}) GROUP BY {out_keys}")
+    return sql, params
+
+
 def head_candidates(con, scope: CandidateScope,
                     valid: Optional[_Valid] = None) -> tuple[HeadCandidate, ...]:
     valid = valid or registered_structure(con, scope)
-    where, params = _scope_sql(scope, valid.clauses("out_share", heads=True))
-    rows = con.execute(f"""
-        SELECT layer, head, avg(out_share) AS share, count(*) AS n
-        FROM head_stats s {where}
-        GROUP BY layer, head ORDER BY share ASC, layer, head""", params).fetchall()
+    pooled, params = _pooled(con, "head_stats", scope, valid, ("layer", "head"))
+    rows = con.execute(f"SELECT layer, head, out_share, n FROM ({pooled}) "
+                       "ORDER BY out_share ASC, layer, head", params).fetchall()
     return tuple(HeadCandidate(int(l), int(h), float(s), int(n)) for l, h, s, n in rows)
 
 
 def layer_candidates(con, scope: CandidateScope,
                      valid: Optional[_Valid] = None) -> tuple[LayerCandidate, ...]:
     valid = valid or registered_structure(con, scope)
-    where, params = _scope_sql(scope, valid.clauses("influence", "attn_ms", "mlp_ms"))
-    rows = con.execute(f"""
-        SELECT layer, avg(influence) AS infl, avg(attn_ms + mlp_ms) AS ms
-        FROM layer_stats s {where}
-        GROUP BY layer ORDER BY infl ASC, layer""", params).fetchall()
+    pooled, params = _pooled(con, "layer_stats", scope, valid, ("layer",))
+    rows = con.execute(f"SELECT layer, influence, attn_ms + mlp_ms FROM ({pooled}) "
+                       "ORDER BY influence ASC, layer", params).fetchall()
     return tuple(LayerCandidate(int(l), float(i), float(ms)) for l, i, ms in rows)
 
 
@@ -139,13 +171,9 @@ def sparse_candidates(con, scope: CandidateScope, settings: PlannerSettings,
                       valid: Optional[_Valid] = None) -> tuple[SparseLayerCandidate, ...]:
     """Layers whose MLP activations are mostly near zero, each with its threshold ladder."""
     valid = valid or registered_structure(con, scope)
-    where, params = _scope_sql(scope, valid.clauses("frac_below_1e3", "frac_below_1e2",
-                                                    "frac_below_1e1", "q50", "q90"))
-    rows = con.execute(f"""
-        SELECT layer, avg(frac_below_1e3), avg(frac_below_1e2), avg(frac_below_1e1),
-               avg(q50), avg(q90)
-        FROM mlp_stats s {where}
-        GROUP BY layer ORDER BY avg(frac_below_1e2) DESC, layer""", params).fetchall()
+    pooled, params = _pooled(con, "mlp_stats", scope, valid, ("layer",))
+    rows = con.execute(f"SELECT layer, frac_below_1e3, frac_below_1e2, frac_below_1e1, q50, q90 "
+                       f"FROM ({pooled}) ORDER BY frac_below_1e2 DESC, layer", params).fetchall()
     out = []
     for layer, f3, f2, f1, q50, q90 in rows:
         ladder = threshold_ladder({"frac_below_1e3": f3, "frac_below_1e2": f2,
@@ -172,16 +200,38 @@ def threshold_ladder(stats: dict[str, float], min_step_fraction: float) -> tuple
     return tuple(ladder)
 
 
+def _heads_per_layer(con, scope: CandidateScope, valid: _Valid) -> list[tuple[int, int]]:
+    """(layer, distinct heads seen), in raw rows or their roll-ups."""
+    where, params = _scope_sql(scope, valid.clauses(heads=True))
+    parts = [f"SELECT s.layer, s.head FROM head_stats s {where}"]
+    if _has_rollups(con, "head_stats"):
+        where, more = _scope_sql(scope, valid.clauses(heads=True), rollup=True)
+        parts.append(f"SELECT s.layer, s.head FROM head_stats_hourly s {where}")
+        params += more
+    return con.execute(f"SELECT layer, count(DISTINCT head) FROM ({' UNION ALL '.join(parts)}) "
+                       "GROUP BY layer ORDER BY layer", params).fetchall()
+
+
+def _traced_requests(con, scope: CandidateScope, valid: _Valid) -> int:
+    """Distinct traced requests in raw layer_stats, plus those rolled up: per agent, class and
+    hour, the most any one layer saw (a traced request has a row in every layer)."""
+    where, params = _scope_sql(scope, valid.clauses())
+    traced = con.execute(f"SELECT count(*) FROM (SELECT DISTINCT agent_id, request_id "
+                         f"FROM layer_stats s {where})", params).fetchone()[0]
+    if _has_rollups(con, "layer_stats"):
+        where, params = _scope_sql(scope, valid.clauses(), rollup=True)
+        traced += con.execute(f"""SELECT coalesce(sum(m), 0) FROM (
+            SELECT max(s.requests) AS m FROM layer_stats_hourly s {where}
+            GROUP BY s.agent_id, s.query_class, s.hour)""", params).fetchone()[0]
+    return int(traced)
+
+
 def load_candidates(con, scope: CandidateScope = CandidateScope(),
                     settings: Optional[PlannerSettings] = None) -> Candidates:
     settings = settings or PlannerSettings.resolve()
     valid = registered_structure(con, scope)
-    where, params = _scope_sql(scope, valid.clauses(heads=True))
-    per_layer = con.execute(f"SELECT layer, count(DISTINCT head) FROM head_stats s {where} "
-                            "GROUP BY layer ORDER BY layer", params).fetchall()
-    where, params = _scope_sql(scope, valid.clauses())
-    traced = con.execute(f"SELECT count(*) FROM (SELECT DISTINCT agent_id, request_id "
-                         f"FROM layer_stats s {where})", params).fetchone()[0]
+    per_layer = _heads_per_layer(con, scope, valid)
+    traced = _traced_requests(con, scope, valid)
     layers = layer_candidates(con, scope, valid)
     sparse = sparse_candidates(con, scope, settings, valid)
     # The registered structure when there is one: the traces' largest layer index is only a
