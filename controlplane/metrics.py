@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import threading
+import weakref
 from typing import Iterable
 
 from opentelemetry import metrics
@@ -65,8 +66,13 @@ class _ServerMetrics:
             self._states = [(s, p) for s, p in self._states if s is not state]
 
 
-_GLOBAL = object()
-_BY_PROVIDER: dict = {}
+class _Global:
+    """Key for the global meter provider."""
+
+
+_GLOBAL = _Global()
+# Weak keys: a provider the user dropped takes its instruments' registry with it.
+_BY_PROVIDER: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 

@@ -25,6 +25,7 @@ from controlplane.auth import (QUERY_ROLE, AgentBindings, AuthError, AuthMode, P
 from controlplane.health import HealthSettings, StoreHealth, add_health
 from controlplane.ingest import DecodedBatch, ErrorCode, IngestError, IngestWriter, decode_batch
 from controlplane.query import QueryError, QueryErrorKind, encode_result, run_query
+from controlplane.metrics import observe_server, unobserve_server
 from controlplane.retention import RetentionSettings, RetentionWorker
 from controlplane.schema import COUNTER_COLUMNS, MODEL_COLUMNS
 from controlplane.settings import ServerSettings
@@ -581,6 +582,7 @@ class RunningServer:
         """Ends agent streams, stops serving, marks agents disconnected, closes the DuckDB file."""
         if self.health is not None:
             self.health.close()   # NOT_SERVING first: probes stop routing here
+        unobserve_server(self.state)
         self.state.end_all()
         self.server.stop(grace_s).wait()
         self.state.join_readers(timeout_s=5.0)
@@ -642,6 +644,7 @@ def start_server(settings: ServerSettings, control: Optional["ControlSettings"] 
         raise
     server.start()
     expiry = RetentionWorker(store, retention).start()   # stopped before the store closes
+    observe_server(state, port)   # OTel metrics on the global provider: no-op unless configured
     log.info("control plane on %s:%d (%s)", settings.host, port, auth.mode.value)
     return RunningServer(server=server, store=store, state=state, host=settings.host, port=port,
                          operator_port=operator_port, health=monitor, retention=expiry)

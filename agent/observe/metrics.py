@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import math
 import threading
+import weakref
 from typing import Iterable, Optional
 
 from opentelemetry import metrics
@@ -123,8 +124,13 @@ class _ExporterCounters:
             yield Observation(c.queue_len, {"headroom.agent_id": agent_id})
 
 
-_GLOBAL = object()              # key for the global meter provider
-_COUNTERS: dict = {}
+class _Global:
+    """Key for the global meter provider."""
+
+
+_GLOBAL = _Global()
+# Weak keys: a provider the user dropped takes its instruments' registry with it.
+_COUNTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _COUNTERS_LOCK = threading.Lock()
 
 

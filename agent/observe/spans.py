@@ -53,7 +53,7 @@ def _attributes(rec: RequestRecord, base: dict) -> dict:
              "headroom.prompt_tokens": rec.prompt_tokens,
              "headroom.output_tokens": rec.output_tokens,
              # padding excluded, like the record's (see RequestRecord)
-             "gen_ai.usage.input_tokens": rec.prompt_tokens + 1,
+             "gen_ai.usage.input_tokens": rec.prompt_tokens,
              "gen_ai.usage.output_tokens": rec.output_tokens, **base}
     for name in ("ttft_ms", "tpot_ms", "latency_ms"):
         value = getattr(rec, name)
