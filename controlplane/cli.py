@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -142,6 +143,9 @@ def _add_admin_commands(sub) -> None:
     p.add_argument("--fingerprint", default=None, help="model fingerprint (any of its agents)")
     p.add_argument("--query-class", default=None)
     p.add_argument("--max-trials", type=int, default=None)
+    p.add_argument("--wait", action="store_true", help="wait for the job to finish: progress on "
+                   "stderr, the finished job as JSON on stdout, exit 1 unless it is done")
+    p.add_argument("--poll-s", type=float, default=2.0, help="with --wait: seconds between polls")
     p = _admin_parser(plan, "status", "planning and rollout jobs")
     p.add_argument("job_id", nargs="?", default=None)
     for name, help in (("approve", "approve a needs_human plan (starts its rollout)"),
@@ -199,13 +203,33 @@ def _admin(args: argparse.Namespace) -> int:
     try:
         with AdminClient(address, actor=actor, credentials=_credentials(args)) as client:
             result = client.call(command, payload)
+            if command == "plan.trigger" and args.wait:
+                result = _wait_job(client, result, args.poll_s)
     except grpc.RpcError as e:
         raise CliError(f"{e.code().name}: {e.details()}") from None
     json.dump(result, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
     if command == "audit.verify" and not result.get("ok"):
         return 1
+    if command == "plan.trigger" and args.wait and result.get("state") != "done":
+        return 1
     return 0
+
+
+def _wait_job(client, job: dict, poll_s: float) -> dict:
+    """Polls plan.status until the job leaves `running`; one progress line on stderr per change
+    (stage, trials answered, the plan kept so far)."""
+    seen = None
+    while True:
+        progress = (job.get("stage"), job.get("trials"), job.get("plan_id"))
+        if progress != seen:
+            print(f"job {job['job_id']}: {job.get('stage')}, {job.get('trials')} trial(s) done"
+                  + (f", plan {job['plan_id']}" if job.get("plan_id") else ""), file=sys.stderr)
+            seen = progress
+        if job.get("state") != "running":
+            return job
+        time.sleep(poll_s)
+        job = client.call("plan.status", {"job_id": job["job_id"]})
 
 
 # ---------------------------------------------------------------------- serve

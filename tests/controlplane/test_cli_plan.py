@@ -6,7 +6,7 @@ import pytest
 from controlplane.cli import main
 from controlplane.plans import PlanDoc, PlanStatus, SkipLayers
 from tests.controlplane import helpers
-from tests.controlplane.loopkit import start
+from tests.controlplane.loopkit import LiveAgent, connected, start, traced_rows, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +73,23 @@ def test_policy_commands_are_mounted(server, capsys, tmp_path):
     folder = write_policies(tmp_path / "p")
     code, out, _ = _run(capsys, "policy", "lint", folder)
     assert code == 0 and "ok" in out
+
+
+def test_trigger_wait_reports_progress_and_returns_the_finished_job(server, capsys):
+    agent = LiveAgent(server.address, "cli-wait")
+    try:
+        wait_for(lambda: connected(server, "cli-wait"), what="agent connected")
+        agent.serve(2)
+        agent.handle.exporter.flush(5_000)
+        wait_for(lambda: traced_rows(server, "cli-wait") >= 2, what="traces stored")
+        code, out, err = _run(capsys, "plan", "trigger", "--agent", "cli-wait", "--max-trials", "1",
+                              "--wait", "--poll-s", "0.05", "--address", server.address, "--as", "g")
+    finally:
+        agent.close()
+    job = json.loads(out)
+    # The tiny model has no tokenizer for the default text eval: its one trial fails, the job
+    # still finishes (done, no plan) and --wait returns it with the trial counted.
+    assert code == 0 and job["state"] == "done" and job["trials"] == 1 and job["plan_id"] is None
+    lines = err.strip().splitlines()
+    assert lines[0].startswith(f"job {job['job_id']}: planning, 0 trial(s) done")
+    assert lines[-1].endswith("1 trial(s) done") and len(lines) == len(set(lines))
