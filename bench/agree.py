@@ -61,6 +61,18 @@ def wall_ratio(model, ex: Executor, prompts: list[torch.Tensor], new_tokens: int
     return mp, mb, mp / mb
 
 
+def smollm2_with_plan(plan_path: str):
+    """(model, tokenizer, executor): SmolLM2 with the plan document at plan_path applied by the
+    Executor, as an agent would apply it (the document's fingerprint replaced by this model's)."""
+    model, tok = load_smollm2()
+    s = resolve_structure(model)
+    fp = fingerprint(model, s)
+    doc = {**json.loads(Path(plan_path).read_text()), "model_fingerprint": fp}
+    ex = Executor(model, s, fp, ExecutorSettings(park_device="cpu"))
+    print(f"plan {doc['plan_id']}: {ex.apply(Plan.from_doc(doc)).notes or 'applied'}")
+    return model, tok, ex
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--plan", default=".headroom/best-plan.json")
@@ -69,12 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=12)
     p.add_argument("--tolerance", type=float, default=0.10)
     args = p.parse_args(argv)
-    model, tok = load_smollm2()
-    s = resolve_structure(model)
-    fp = fingerprint(model, s)
-    doc = {**json.loads(Path(args.plan).read_text()), "model_fingerprint": fp}
-    ex = Executor(model, s, fp, ExecutorSettings(park_device="cpu"))
-    print(f"plan {doc['plan_id']}: {ex.apply(Plan.from_doc(doc)).notes or 'applied'}")
+    model, tok, ex = smollm2_with_plan(args.plan)
     prompts = [chat_ids(tok, q.text) for q in PROMPTS[:2]]
     for ids in prompts:                                     # warm-up (and any compile)
         _wall_ms(model, ids, args.new_tokens)

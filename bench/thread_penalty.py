@@ -11,7 +11,6 @@ kernels suffers from that more than the unoptimised model does.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import threading
@@ -21,13 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.adapters import resolve_structure  # noqa: E402
-from agent.executor import Executor, ExecutorSettings  # noqa: E402
-from agent.fingerprint import fingerprint  # noqa: E402
 from agent.latency import generate_timed  # noqa: E402
-from agent.plan import Plan  # noqa: E402
+from bench.agree import smollm2_with_plan  # noqa: E402
 from workloads.prompts import PROMPTS, chat_ids  # noqa: E402
-from workloads.smollm2 import load_smollm2  # noqa: E402
 
 
 def on_thread(fn) -> float:
@@ -45,11 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=16)
     args = p.parse_args(argv)
-    model, tok = load_smollm2()
-    s = resolve_structure(model)
-    fp = fingerprint(model, s)
-    ex = Executor(model, s, fp, ExecutorSettings(park_device="cpu"))
-    ex.apply(Plan.from_doc({**json.loads(Path(args.plan).read_text()), "model_fingerprint": fp}))
+    model, tok, ex = smollm2_with_plan(args.plan)
     ids = chat_ids(tok, PROMPTS[0].text)[0]
     timed = lambda: generate_timed(model, ids, args.new_tokens)[1]
     samples = {k: [] for k in ("base main", "base second", "plan main", "plan second")}

@@ -128,13 +128,17 @@ class Store:
             self._writer.execute("CHECKPOINT")
 
     def close(self) -> None:
+        """Closes the file once; idempotent even when a close failed half way (a reader on
+        another thread still inside a call), so a later close never touches it again."""
         with self._lock:
             if self._closed:
                 return
-            self.mark_all_disconnected()
-            self._writer.close()
-            self._con.close()
-            self._closed = True
+            try:
+                self.mark_all_disconnected()
+            finally:
+                self._closed = True
+                self._writer.close()
+                self._con.close()
 
     # ------------------------------------------------------------------ access
     @contextmanager
