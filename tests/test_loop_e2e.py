@@ -1,7 +1,6 @@
 """The whole loop over a real gRPC server and DuckDB file, with a real agent on a tiny Llama:
 traced requests -> plan.trigger (Admin RPC) -> trials -> policy decision -> canary apply ->
 operator rollback -> outputs bitwise identical to the unoptimised model -> audit verifies."""
-import time
 
 import pytest
 

@@ -14,7 +14,7 @@ import torch
 from agent import attach, wire
 from agent.adapters import resolve_structure
 from agent.control import ControlHandler, EvalSpec, build_evalset
-from agent.executor import Executor, TransformError
+from agent.executor import Executor
 from agent.plan import PlanError
 from agent.exporter import NoopExporter
 from agent.fingerprint import OffloadError, execution_device, fingerprint

@@ -5,7 +5,6 @@ behaviour: the hot path never waits for the network, and every record is account
 """
 from __future__ import annotations
 
-import socket
 import time
 from typing import Callable
 
@@ -82,22 +81,6 @@ def check_accounting(c: wire.ExportCounters) -> None:
     """Every record enqueued is dropped, rejected, sent, or still queued; every sent one acked or lost."""
     assert c.enqueued_records == c.dropped_records + c.rejected_records + c.sent_records + c.queue_len
     assert c.sent_records >= c.acked_records + c.lost_records
-
-
-@pytest.fixture
-def dead_target():
-    """An address nobody listens on: a bound socket without listen() refuses connections."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    yield sock
-    sock.close()
-
-
-@pytest.fixture
-def server(tmp_path):
-    running = start_server(ServerSettings(db_path=str(tmp_path / "cp.duckdb"), port=0))
-    yield running
-    running.stop(grace_s=0.5)
 
 
 # ------------------------------------------------------------------ delivery

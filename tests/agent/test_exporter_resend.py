@@ -5,7 +5,6 @@ server that stored batches without acking them. Bounded: past the count or byte 
 oldest unacked batches are lost, and counted."""
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
@@ -14,29 +13,11 @@ from agent import wire
 from agent.exporter import BatchExporter, _Inflight
 from agent.settings import AgentSettings
 from controlplane.server import InboundKind
-from controlplane.server import start_server
-from controlplane.settings import ServerSettings
 from tests.agent.test_exporter import (LAYERS, MODEL, check_accounting, record, request_ids,
                                        wait_until)
 from tests.controlplane.cpprocess import ControlPlaneProcess
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-def server(tmp_path):
-    running = start_server(ServerSettings(db_path=str(tmp_path / "cp.duckdb"), port=0))
-    yield running
-    running.stop(grace_s=0.5)
-
-
-@pytest.fixture
-def dead_target():
-    """An address nobody listens on: a bound socket without listen() refuses connections."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    yield sock
-    sock.close()
 
 
 def agent_settings(**overrides) -> AgentSettings:

@@ -15,8 +15,7 @@ from agent.fingerprint import fingerprint
 from agent.guard import GuardSample, sample_ids
 from agent.handle import AgentHandle
 from agent.settings import AgentSettings
-from controlplane.server import InboundKind, start_server
-from controlplane.settings import ServerSettings
+from controlplane.server import InboundKind
 from proto import headroom_pb2 as pb
 from proto.plandoc import PlanPurpose
 from tests.agent.executor import (assert_bitwise_equal, greedy, logits, plan, plan_doc, rig,
@@ -158,13 +157,6 @@ def test_a_check_for_a_plan_no_longer_active_is_skipped():
 
 
 # ------------------------------------------------------------------ through the control plane
-@pytest.fixture
-def server(tmp_path):
-    running = start_server(ServerSettings(db_path=str(tmp_path / "cp.duckdb"), port=0))
-    yield running
-    running.stop(grace_s=0.5)
-
-
 def test_guard_rollback_reaches_the_control_plane(server):
     statuses = []
     server.state.on(InboundKind.PLAN_STATUS, lambda agent, msg: statuses.append(msg))

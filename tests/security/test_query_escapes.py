@@ -8,18 +8,9 @@ import pytest
 
 from controlplane.query import (QueryClient, QueryError, QueryErrorKind, QuerySettings, run_query,
                                 scrub)
-from controlplane.server import start_server
-from controlplane.settings import ServerSettings
 from tests.controlplane import helpers as h
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def server(tmp_path):
-    running = start_server(ServerSettings(db_path=str(tmp_path / "cp.duckdb"), port=0))
-    yield running
-    running.stop(grace_s=0.5)
 
 
 @pytest.fixture

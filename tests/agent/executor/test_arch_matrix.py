@@ -81,6 +81,14 @@ def _prune_doc(heads=PRUNED) -> dict:
     return {"kind": "prune_heads", "heads": {str(k): v for k, v in heads.items()}}
 
 
+def _assert_prune_exact(r) -> None:
+    """Pruning PRUNED gives the logits of the model with those heads' o_proj inputs zeroed."""
+    with HeadZeroHooks(r.structure, PRUNED):
+        ref = logits(r.model, IDS)
+    r.executor.apply(plan(r.fingerprint, _prune_doc()))
+    torch.testing.assert_close(logits(r.model, IDS), ref, atol=ATOL, rtol=RTOL)
+
+
 @pytest.mark.parametrize("arch", ACCEPTED)
 def test_prune_heads_exact_or_refused(arch):
     r = _rig(arch)
@@ -116,10 +124,7 @@ def test_prune_heads_exact_with_sdpa(arch):
     model = ARCH_BUILDERS[arch]()
     model.set_attn_implementation("sdpa")
     r = rig(model)
-    with HeadZeroHooks(r.structure, PRUNED):
-        ref = logits(r.model, IDS)
-    r.executor.apply(plan(r.fingerprint, _prune_doc()))
-    torch.testing.assert_close(logits(r.model, IDS), ref, atol=ATOL, rtol=RTOL)
+    _assert_prune_exact(r)
 
 
 def test_prune_olmo2_norms_the_whole_projection_then_selects_heads():
@@ -308,10 +313,7 @@ def test_prune_keeps_attention_logit_softcap():
                           **build), IDS)
     r = rig(_hf("Gemma2Config", "Gemma2ForCausalLM", 0, attn_logit_softcapping=0.05, **build))
     assert not torch.allclose(logits(r.model, IDS), uncapped, atol=1e-3)   # the cap bites
-    with HeadZeroHooks(r.structure, PRUNED):
-        ref = logits(r.model, IDS)
-    r.executor.apply(plan(r.fingerprint, _prune_doc()))
-    torch.testing.assert_close(logits(r.model, IDS), ref, atol=ATOL, rtol=RTOL)
+    _assert_prune_exact(r)
 
 
 def test_prune_refuses_an_attention_feature_it_does_not_reproduce():
@@ -420,11 +422,8 @@ def test_prune_gemma3_ignores_a_softcap_its_attention_does_not_apply():
     r = rig(_hf("Gemma3TextConfig", "Gemma3ForCausalLM", 0, num_hidden_layers=3,
                 sliding_window=4, query_pre_attn_scalar=16, attn_logit_softcapping=0.05,
                 **_COMMON))
-    with HeadZeroHooks(r.structure, PRUNED):
-        ref = logits(r.model, IDS)
-    r.executor.apply(plan(r.fingerprint, _prune_doc()))
+    _assert_prune_exact(r)
     assert r.structure.layers[0].self_attn.softcap is None
-    torch.testing.assert_close(logits(r.model, IDS), ref, atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("arch", ACCEPTED)
