@@ -35,8 +35,8 @@ $(STAMP): pyproject.toml requirements.txt
 
 # Python stubs are generated, never committed: grpcio-tools is pinned in requirements.txt,
 # so the same .proto always yields the same stubs.
-$(PROTO_OUT): proto/headroom.proto $(STAMP)
-	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. proto/headroom.proto
+$(PROTO_OUT): proto/headroom.proto setup.py $(STAMP)
+	$(PY) -c "import setup; setup.generate_stubs()"
 
 proto: $(PROTO_OUT)
 
@@ -74,15 +74,14 @@ bench-gpu: setup
 	$(PY) bench/gpu.py
 
 serve: setup
-	$(PY) -m controlplane serve
+	$(BIN)/headroom-controlplane serve
 
 dashboard: setup
 	@test -f $(DASHBOARD_DB) || { echo "no $(DASHBOARD_DB): run 'make demo' first"; exit 2; }
-	$(PY) -m controlplane serve --db $(DASHBOARD_DB) --port $(CP_PORT) & cp=$$!; \
+	$(BIN)/headroom-controlplane serve --db $(DASHBOARD_DB) --port $(CP_PORT) & cp=$$!; \
 	trap 'kill $$cp 2>/dev/null' EXIT INT TERM; \
-	HEADROOM_OPERATOR=$${HEADROOM_OPERATOR:-$$(id -un)} $(BIN)/streamlit run dashboard/app.py \
-	  --server.headless true --browser.gatherUsageStats false --client.toolbarMode viewer \
-	  --server.address $(DASHBOARD_HOST) --server.port $(DASHBOARD_PORT) -- --address 127.0.0.1:$(CP_PORT)
+	HEADROOM_OPERATOR=$${HEADROOM_OPERATOR:-$$(id -un)} $(BIN)/headroom-dashboard \
+	  --server.address $(DASHBOARD_HOST) --server.port $(DASHBOARD_PORT) --address 127.0.0.1:$(CP_PORT)
 
 clean:
 	rm -rf $(VENV) $(PROTO_OUT) proto/headroom_pb2.pyi .headroom

@@ -8,16 +8,16 @@ from typing import Optional
 
 from torch import nn
 
-from agent import wire
-from agent.adapters import resolve_structure
-from agent.control import ControlHandler
-from agent.embedded import EmbeddedControlPlane, start_embedded
-from agent.executor import Executor
-from agent.exporter import make_exporter
-from agent.fingerprint import model_info
-from agent.gpu import gpu_status, start_gpu_sampler
-from agent.handle import AgentHandle
-from agent.settings import AgentSettings
+from headroom_sidecar.agent import wire
+from headroom_sidecar.agent.adapters import resolve_structure
+from headroom_sidecar.agent.control import ControlHandler
+from headroom_sidecar.agent.embedded import EmbeddedControlPlane, start_embedded
+from headroom_sidecar.agent.executor import Executor
+from headroom_sidecar.agent.exporter import make_exporter
+from headroom_sidecar.agent.fingerprint import model_info
+from headroom_sidecar.agent.gpu import gpu_status, start_gpu_sampler
+from headroom_sidecar.agent.handle import AgentHandle
+from headroom_sidecar.agent.settings import AgentSettings
 
 
 class _SharedEmbedded:

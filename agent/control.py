@@ -46,17 +46,17 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from agent import wire
-from agent.adapters.base import ModelStructure
-from agent.executor import ApplyReport, Executor
-from agent.guard import GuardResult, QualityGuard
-from agent.observe.requests import RequestTracker, WorkSite
-from agent.plan import Plan, PlanError
-from agent.settings import AgentSettings
-from agent.trial import (Baseline, EvalSet, Evidence, logit_width, prompt_ids,
+from headroom_sidecar.agent import wire
+from headroom_sidecar.agent.adapters.base import ModelStructure
+from headroom_sidecar.agent.executor import ApplyReport, Executor
+from headroom_sidecar.agent.guard import GuardResult, QualityGuard
+from headroom_sidecar.agent.observe.requests import RequestTracker, WorkSite
+from headroom_sidecar.agent.plan import Plan, PlanError
+from headroom_sidecar.agent.settings import AgentSettings
+from headroom_sidecar.agent.trial import (Baseline, EvalSet, Evidence, logit_width, prompt_ids,
                          trial_with_baseline)
-from agent.verify import PlanVerifier
-from proto.plandoc import PlanPurpose
+from headroom_sidecar.agent.verify import PlanVerifier
+from headroom_sidecar.proto.plandoc import PlanPurpose
 
 log = logging.getLogger("headroom.control")
 

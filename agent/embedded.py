@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from agent.verify import SIGNING_KEY_ENV, write_signing_key
+from headroom_sidecar.agent.verify import SIGNING_KEY_ENV, write_signing_key
 
 # The repository root, so the child finds `controlplane` even without an installed package.
 _ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +87,7 @@ class EmbeddedControlPlane:
 
 
 def _command(db_path: str, port_file: Path) -> list[str]:
-    return [sys.executable, "-m", "controlplane", "serve", "--db", db_path,
+    return [sys.executable, "-m", "headroom_sidecar.controlplane", "serve", "--db", db_path,
             "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file)]
 
 

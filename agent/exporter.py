@@ -24,12 +24,12 @@ from typing import Callable, Optional, Protocol
 
 import grpc
 
-from agent import wire
-from agent.credentials import AgentChannels
-from agent.records import GpuSample, RequestRecord
-from agent.settings import AgentSettings
-from proto import headroom_pb2 as pb
-from proto import headroom_pb2_grpc
+from headroom_sidecar.agent import wire
+from headroom_sidecar.agent.credentials import AgentChannels
+from headroom_sidecar.agent.records import GpuSample, RequestRecord
+from headroom_sidecar.agent.settings import AgentSettings
+from headroom_sidecar.proto import headroom_pb2 as pb
+from headroom_sidecar.proto import headroom_pb2_grpc
 
 log = logging.getLogger("headroom.exporter")
 

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from agent.adapters.base import ModelStructure
+from headroom_sidecar.agent.adapters.base import ModelStructure
 
 # Bytes hashed from the start of each parameter: enough to tell checkpoints apart cheaply.
 _SAMPLE_ELEMENTS = 256

@@ -12,7 +12,7 @@ import time
 from types import ModuleType
 from typing import Callable, Optional
 
-from agent.records import GpuSample
+from headroom_sidecar.agent.records import GpuSample
 
 log = logging.getLogger("headroom.gpu")
 

@@ -25,9 +25,9 @@ from typing import Callable, ContextManager, Optional
 import torch
 from torch import nn
 
-from agent.executor import Executor
-from agent.plan import Plan
-from agent.settings import AgentSettings
+from headroom_sidecar.agent.executor import Executor
+from headroom_sidecar.agent.plan import Plan
+from headroom_sidecar.agent.settings import AgentSettings
 
 log = logging.getLogger("headroom.guard")
 

@@ -27,17 +27,17 @@ from typing import Any, Callable, ContextManager, Mapping, Optional
 
 from torch import nn
 
-from agent.adapters.base import ModelStructure
-from agent.control import ControlHandler, ControlStats, EvalSpec, build_evalset, vocab_size
-from agent.executor import ApplyReport, Executor
-from agent.fingerprint import ModelInfo
-from agent.guard import GuardStats
-from agent.observe.metrics import observe_exporter, unobserve_exporter
-from agent.observe.requests import ErrorCount, RequestTracker, Sink, WorkSite
-from agent.plan import Plan
-from agent.settings import AgentSettings
-from agent.trial import EvalSet, Evidence
-from agent import wire
+from headroom_sidecar.agent.adapters.base import ModelStructure
+from headroom_sidecar.agent.control import ControlHandler, ControlStats, EvalSpec, build_evalset, vocab_size
+from headroom_sidecar.agent.executor import ApplyReport, Executor
+from headroom_sidecar.agent.fingerprint import ModelInfo
+from headroom_sidecar.agent.guard import GuardStats
+from headroom_sidecar.agent.observe.metrics import observe_exporter, unobserve_exporter
+from headroom_sidecar.agent.observe.requests import ErrorCount, RequestTracker, Sink, WorkSite
+from headroom_sidecar.agent.plan import Plan
+from headroom_sidecar.agent.settings import AgentSettings
+from headroom_sidecar.agent.trial import EvalSet, Evidence
+from headroom_sidecar.agent import wire
 
 PlanInput = Plan | Mapping[str, Any] | str | bytes
 

@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from agent.executor import Executor
+from headroom_sidecar.agent.executor import Executor
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 
-from agent.adapters.base import ModelStructure
-from proto.plandoc import (HEAD_KEY, PLAN_SCHEMA, CompileMode, PlanMode, Precision,  # noqa: F401
+from headroom_sidecar.agent.adapters.base import ModelStructure
+from headroom_sidecar.proto.plandoc import (HEAD_KEY, PLAN_SCHEMA, CompileMode, PlanMode, Precision,  # noqa: F401
                            TransformKind, canonical_json, plan_hash)
-from proto.plandoc import DRAFT_PLAN_KINDS, SPECULATIVE_K_MAX, SpeculativeDraft  # noqa: F401
+from headroom_sidecar.proto.plandoc import DRAFT_PLAN_KINDS, SPECULATIVE_K_MAX, SpeculativeDraft  # noqa: F401
 
 SCHEMA = PLAN_SCHEMA
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")

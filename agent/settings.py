@@ -58,7 +58,7 @@ class AgentSettings:
     def __post_init__(self):
         problems = []
         if self.plan_verify_keys:
-            from agent.verify import parse_trusted_keys   # verify does not import settings
+            from headroom_sidecar.agent.verify import parse_trusted_keys   # verify does not import settings
             try:
                 parse_trusted_keys(self.plan_verify_keys)
             except ValueError as e:

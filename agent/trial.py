@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agent.adapters.base import ModelStructure
-from agent.executor import Executor, weight_bytes
-from agent.latency import LatencyResult, generate_timed, interleaved, model_device
-from agent.plan import Plan
+from headroom_sidecar.agent.adapters.base import ModelStructure
+from headroom_sidecar.agent.executor import Executor, weight_bytes
+from headroom_sidecar.agent.latency import LatencyResult, generate_timed, interleaved, model_device
+from headroom_sidecar.agent.plan import Plan
 
 _MAX_BASELINE_BYTES = 2 << 30     # refuse eval sets whose baseline log-probs exceed 2 GiB
 

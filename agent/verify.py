@@ -29,7 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from proto.plandoc import ED25519_PUBLIC_KEY_BYTES, PlanPurpose, key_id, signing_payload
+from headroom_sidecar.proto.plandoc import ED25519_PUBLIC_KEY_BYTES, PlanPurpose, key_id, signing_payload
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 SIGNING_KEY_ENV = "HEADROOM_PLAN_SIGNING_KEY"   # the control plane's key file (embedded child)

@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-from agent.fingerprint import ModelInfo
-from agent.records import GpuSample, RequestRecord, to_tables
-from agent.settings import AgentSettings
-from proto import headroom_pb2 as pb
-from proto.columnar import encode_table
+from headroom_sidecar.agent.fingerprint import ModelInfo
+from headroom_sidecar.agent.records import GpuSample, RequestRecord, to_tables
+from headroom_sidecar.agent.settings import AgentSettings
+from headroom_sidecar.proto import headroom_pb2 as pb
+from headroom_sidecar.proto.columnar import encode_table
 
 AGENT_VERSION = "0.1.0"
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _plan(fp: str, compiled: bool):
-    from agent.plan import SCHEMA, Plan
+    from headroom_sidecar.agent.plan import SCHEMA, Plan
     layers = {**{str(i): "int8" for i in range(30)}, "lm_head": "int8"}
     ts = [{"kind": "weight_precision", "layers": layers}]
     if compiled:
@@ -51,10 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.cold:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="headroom-inductor-")
-    from agent.adapters import resolve_structure
-    from agent.executor import Executor, ExecutorSettings
-    from agent.executor.compiled import CompiledDecoder
-    from agent.fingerprint import fingerprint
+    from headroom_sidecar.agent.adapters import resolve_structure
+    from headroom_sidecar.agent.executor import Executor, ExecutorSettings
+    from headroom_sidecar.agent.executor.compiled import CompiledDecoder
+    from headroom_sidecar.agent.fingerprint import fingerprint
     from workloads.prompts import PROMPTS, chat_ids
     from workloads.smollm2 import load_smollm2
     model, tok = load_smollm2()

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.adapters import resolve_structure  # noqa: E402
-from agent.executor import Executor, ExecutorSettings, weight_bytes  # noqa: E402
-from agent.fingerprint import fingerprint  # noqa: E402
-from agent.plan import SCHEMA, Plan  # noqa: E402
+from headroom_sidecar.agent.adapters import resolve_structure  # noqa: E402
+from headroom_sidecar.agent.executor import Executor, ExecutorSettings, weight_bytes  # noqa: E402
+from headroom_sidecar.agent.fingerprint import fingerprint  # noqa: E402
+from headroom_sidecar.agent.plan import SCHEMA, Plan  # noqa: E402
 from bench.table import decode_steps_ms  # noqa: E402
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -153,8 +153,8 @@ def kernel_rows() -> list[tuple[str, float, int]]:
     """(kernel on a shape, ms, bytes it must move)."""
     from triton.testing import do_bench
 
-    from agent.executor.int8 import quantize_per_channel
-    from agent.kernels import triton_kernels as tk
+    from headroom_sidecar.agent.executor.int8 import quantize_per_channel
+    from headroom_sidecar.agent.kernels import triton_kernels as tk
     h, inter, kv = 4096, 14336, 1024
     rows = []
     for name, (n, k) in {"q/o 4096x4096": (h, h), "k/v 1024x4096": (kv, h),

@@ -23,9 +23,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from controlplane.query import QueryClient  # noqa: E402
-from proto import columnar  # noqa: E402
-from proto import headroom_pb2 as pb  # noqa: E402
+from headroom_sidecar.controlplane.query import QueryClient  # noqa: E402
+from headroom_sidecar.proto import columnar  # noqa: E402
+from headroom_sidecar.proto import headroom_pb2 as pb  # noqa: E402
 
 TARGET_HEAD_ROWS_PER_S = 500_000
 _F32 = np.float32
@@ -76,7 +76,7 @@ def _messages(args) -> list[bytes]:
 
 
 def _start_server(db_path: Path, port_file: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "controlplane", "serve", "--db", str(db_path),
+    proc = subprocess.Popen([sys.executable, "-m", "headroom_sidecar.controlplane", "serve", "--db", str(db_path),
                              "--port", "0", "--port-file", str(port_file)],
                             cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE)
     deadline = time.monotonic() + 30

@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import agent  # noqa: E402
-from agent.embedded import start_embedded  # noqa: E402
-from agent.settings import AgentSettings  # noqa: E402
+from headroom_sidecar import agent  # noqa: E402
+from headroom_sidecar.agent.embedded import start_embedded  # noqa: E402
+from headroom_sidecar.agent.settings import AgentSettings  # noqa: E402
 from workloads.prompts import PROMPTS, chat_ids  # noqa: E402
 from workloads.smollm2 import load_smollm2  # noqa: E402
 

@@ -31,16 +31,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.adapters import resolve_structure  # noqa: E402
-from agent.executor import Executor, weight_bytes  # noqa: E402
-from agent.fingerprint import fingerprint  # noqa: E402
-from agent.plan import Plan  # noqa: E402
-from agent.executor.speculative.generate import SpecStats  # noqa: E402
-from agent.executor.speculative.install import installed  # noqa: E402
+from headroom_sidecar.agent.adapters import resolve_structure  # noqa: E402
+from headroom_sidecar.agent.executor import Executor, weight_bytes  # noqa: E402
+from headroom_sidecar.agent.fingerprint import fingerprint  # noqa: E402
+from headroom_sidecar.agent.plan import Plan  # noqa: E402
+from headroom_sidecar.agent.executor.speculative.generate import SpecStats  # noqa: E402
+from headroom_sidecar.agent.executor.speculative.install import installed  # noqa: E402
 from bench.table import calibrate, plan_doc, token_chunks  # noqa: E402
 from workloads.prompts import GROUNDED_PROMPTS, PROMPTS, chat_ids  # noqa: E402
 from workloads.smollm2 import load_smollm2  # noqa: E402
-from workloads.text import Split  # noqa: E402
+from headroom_sidecar.controlplane.evaltexts import Split  # noqa: E402
 
 NO_DRAFT_MODEL = ("HF assisted (separate draft model): not run: no smaller model of SmolLM2's "
                   "vocabulary can be built offline here, and none can be downloaded")

@@ -18,12 +18,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.records import RequestRecord, TraceArrays, to_tables  # noqa: E402
-from controlplane.ingest import decode_batch  # noqa: E402
-from controlplane.retention import used_bytes  # noqa: E402
-from controlplane.store import Store  # noqa: E402
-from proto import columnar  # noqa: E402
-from proto import headroom_pb2 as pb  # noqa: E402
+from headroom_sidecar.agent.records import RequestRecord, TraceArrays, to_tables  # noqa: E402
+from headroom_sidecar.controlplane.ingest import decode_batch  # noqa: E402
+from headroom_sidecar.controlplane.retention import used_bytes  # noqa: E402
+from headroom_sidecar.controlplane.store import Store  # noqa: E402
+from headroom_sidecar.proto import columnar  # noqa: E402
+from headroom_sidecar.proto import headroom_pb2 as pb  # noqa: E402
 
 _F32 = np.float32
 

@@ -7,7 +7,7 @@ output head (lm_head, tied to the embedding); and that with compiled decode. Eve
 row is a plan document applied by the Executor on its default kernels (--kernel-rows adds the
 other CPU int8 kernels); compiled rows compile in the warm-up, which is not timed.
 Decode latency rounds are interleaved (every row once per round) so machine noise hits all rows
-alike. Quality is teacher-forced on held-out text (workloads.text, Split.HELD_OUT) against the
+alike. Quality is teacher-forced on held-out text (controlplane/evaltexts.py, Split.HELD_OUT) against the
 unoptimised model: top-1 agreement and perplexity ratio. Weight memory is the real bytes held:
 parameters and buffers (shared storage once, tensor subclasses by their parts) plus weights
 packed into opaque fbgemm objects.
@@ -42,14 +42,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.adapters import resolve_structure  # noqa: E402
-from agent.executor import Executor, ExecutorSettings, weight_bytes  # noqa: E402
-from agent.fingerprint import fingerprint  # noqa: E402
-from agent.latency import generate_timed  # noqa: E402
-from agent.plan import SCHEMA, Plan  # noqa: E402
+from headroom_sidecar.agent.adapters import resolve_structure  # noqa: E402
+from headroom_sidecar.agent.executor import Executor, ExecutorSettings, weight_bytes  # noqa: E402
+from headroom_sidecar.agent.fingerprint import fingerprint  # noqa: E402
+from headroom_sidecar.agent.latency import generate_timed  # noqa: E402
+from headroom_sidecar.agent.plan import SCHEMA, Plan  # noqa: E402
 from workloads.prompts import PROMPTS, chat_ids  # noqa: E402
 from workloads.smollm2 import load_smollm2  # noqa: E402
-from workloads.text import Split, texts  # noqa: E402
+from headroom_sidecar.controlplane.evaltexts import Split, texts  # noqa: E402
 
 
 @dataclass
@@ -203,7 +203,7 @@ def headroom_row(base: nn.Module, name: str, source: str, doc: dict, *, int8_cpu
 
 def compile_note(row: Row) -> str | None:
     """How the row's decode steps ran: compiled, or eager (prefill, or a compile that failed)."""
-    from agent.executor.compiled import CompiledDecoder
+    from headroom_sidecar.agent.executor.compiled import CompiledDecoder
     found = [m for m in row.model.modules() if isinstance(m, CompiledDecoder)]
     if not found:
         return None
@@ -326,7 +326,7 @@ def measure_latency(rows: list[Row], ids: torch.Tensor, rounds: int, new_tokens:
 def kernel_summary(model: nn.Module) -> str | None:
     """Which kernel each int8 layer runs (chosen by timing at apply), counted: 'int8pack_bf16
     x 150, dequant x 60'; None when the row has no headroom int8 layer."""
-    from agent.executor.int8 import Int8Linear
+    from headroom_sidecar.agent.executor.int8 import Int8Linear
     counts: dict[str, int] = {}
     for m in model.modules():
         if isinstance(m, Int8Linear):
@@ -352,8 +352,8 @@ def _median_us(fn: Callable[[], object], calls: int) -> float:
 
 
 def _gemv_candidates(n: int, k: int) -> dict[str, Callable[[], object]]:
-    from agent.kernels import cpu, ops
-    from agent.executor.int8 import quantize_per_channel
+    from headroom_sidecar.agent.kernels import cpu, ops
+    from headroom_sidecar.agent.executor.int8 import quantize_per_channel
     w, x = torch.randn(n, k) * 0.02, torch.randn(1, k)
     q, scale = quantize_per_channel(w)
     packed = cpu.fbgemm_pack(q, scale, None)

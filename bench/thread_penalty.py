@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.latency import generate_timed  # noqa: E402
+from headroom_sidecar.agent.latency import generate_timed  # noqa: E402
 from bench.agree import smollm2_with_plan  # noqa: E402
 from workloads.prompts import PROMPTS, chat_ids  # noqa: E402
 

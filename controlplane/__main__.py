@@ -1,6 +1,6 @@
 """`python -m controlplane serve|query ...`"""
 import sys
 
-from controlplane.cli import main
+from headroom_sidecar.controlplane.cli import main
 
 sys.exit(main())

@@ -28,22 +28,22 @@ from typing import Any, Callable, Mapping, Optional
 import grpc
 from google.protobuf.message import DecodeError
 
-from controlplane import analysis
-from controlplane.audit import AuditHead, AuditKind, AuditLog
-from controlplane.auth import AuthError, Principal, PrincipalKind, authorize_command
-from controlplane.credentials import ClientCredentials
-from controlplane.evalsets import EvalSettings
-from controlplane.loop import (ControlLoop, IdentityError, LoopError, LoopSettings, PlanRequest, Policies,
+from headroom_sidecar.controlplane import analysis
+from headroom_sidecar.controlplane.audit import AuditHead, AuditKind, AuditLog
+from headroom_sidecar.controlplane.auth import AuthError, Principal, PrincipalKind, authorize_command
+from headroom_sidecar.controlplane.credentials import ClientCredentials
+from headroom_sidecar.controlplane.evalsets import EvalSettings
+from headroom_sidecar.controlplane.loop import (ControlLoop, IdentityError, LoopError, LoopSettings, PlanRequest, Policies,
                                operator_actor)
-from controlplane.planner import PlannerSettings, QualityBudget
-from controlplane.plans import IllegalTransition, PlanStatus, PlanStore, plan_diff
-from controlplane.policy import PolicySettings
-from controlplane.rollout import Fleet, Rollout, RolloutSettings
-from controlplane.trials import TrialClient
-from proto import headroom_pb2 as pb
-from proto import headroom_pb2_grpc
+from headroom_sidecar.controlplane.planner import PlannerSettings, QualityBudget
+from headroom_sidecar.controlplane.plans import IllegalTransition, PlanStatus, PlanStore, plan_diff
+from headroom_sidecar.controlplane.policy import PolicySettings
+from headroom_sidecar.controlplane.rollout import Fleet, Rollout, RolloutSettings
+from headroom_sidecar.controlplane.trials import TrialClient
+from headroom_sidecar.proto import headroom_pb2 as pb
+from headroom_sidecar.proto import headroom_pb2_grpc
 
-log = logging.getLogger("controlplane.admin")
+log = logging.getLogger("headroom_sidecar.controlplane.admin")
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 

@@ -37,7 +37,7 @@ from typing import Any, Iterator, Optional
 
 import duckdb
 
-from controlplane.audit_key import (AuditSettings, load_or_create_key, read_anchor,
+from headroom_sidecar.controlplane.audit_key import (AuditSettings, load_or_create_key, read_anchor,
                                     write_anchor)
 
 GENESIS_HASH = "0" * 64

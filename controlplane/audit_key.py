@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from controlplane.settings import resolve_settings
+from headroom_sidecar.controlplane.settings import resolve_settings
 
-log = logging.getLogger("controlplane.audit")
-anchor_log = logging.getLogger("controlplane.audit.anchor")
+log = logging.getLogger("headroom_sidecar.controlplane.audit")
+anchor_log = logging.getLogger("headroom_sidecar.controlplane.audit.anchor")
 
 KEY_BYTES = 32
 KEY_SUFFIX = ".audit-key"

@@ -14,11 +14,11 @@ from typing import Optional, Sequence
 
 import pyarrow as pa
 
-from controlplane.auth import AuthMode
-from controlplane.query import QueryClient, QueryError, QueryResult, open_read_only, run_query
-from controlplane.server import RunningServer, serve_forever
-from controlplane.settings import ServerSettings
-from controlplane.store import StoreError
+from headroom_sidecar.controlplane.auth import AuthMode
+from headroom_sidecar.controlplane.query import QueryClient, QueryError, QueryResult, open_read_only, run_query
+from headroom_sidecar.controlplane.server import RunningServer, serve_forever
+from headroom_sidecar.controlplane.settings import ServerSettings
+from headroom_sidecar.controlplane.store import StoreError
 
 EXIT_ERROR = 2
 
@@ -60,9 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--to", required=True, dest="to_dir", help="directory for <table>.parquet")
     _add_health_command(sub)
     _add_admin_commands(sub)
-    from controlplane.policy.cli import add_policy_commands
+    from headroom_sidecar.controlplane.policy.cli import add_policy_commands
     add_policy_commands(sub)
-    from controlplane.security_cli import add_security_commands
+    from headroom_sidecar.controlplane.security_cli import add_security_commands
     add_security_commands(sub)
     return p
 
@@ -94,7 +94,7 @@ def _add_health_command(sub) -> None:
 
 def _health(args: argparse.Namespace) -> int:
     import grpc
-    from controlplane.health import check
+    from headroom_sidecar.controlplane.health import check
     try:
         status = check(args.address, args.service, args.timeout_s)
     except grpc.RpcError as e:
@@ -125,7 +125,7 @@ def _add_credential_args(p: argparse.ArgumentParser) -> None:
 
 
 def _credentials(args: argparse.Namespace):
-    from controlplane.credentials import ClientCredentials
+    from headroom_sidecar.controlplane.credentials import ClientCredentials
     return ClientCredentials.resolve(ca_file=args.ca, cert_file=args.cert, key_file=args.key,
                                      token=args.token)
 
@@ -170,7 +170,7 @@ def _admin_call(args: argparse.Namespace) -> tuple[str, dict]:
     c = args.admin_command
     if args.command == "audit":
         if c == "verify":
-            from controlplane.audit_key import read_anchor
+            from headroom_sidecar.controlplane.audit_key import read_anchor
             if args.anchor is None:
                 return "audit.verify", {}
             anchor = read_anchor(args.anchor)
@@ -196,7 +196,7 @@ def _present(**kw) -> dict:
 
 def _admin(args: argparse.Namespace) -> int:
     import grpc
-    from controlplane.admin import DEFAULT_ADDRESS, AdminClient
+    from headroom_sidecar.controlplane.admin import DEFAULT_ADDRESS, AdminClient
     address = args.address or os.environ.get("HEADROOM_ADDRESS") or DEFAULT_ADDRESS
     actor = args.actor or os.environ.get("HEADROOM_OPERATOR", "")
     command, payload = _admin_call(args)
@@ -329,7 +329,7 @@ def _query(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- export
 def _export(args: argparse.Namespace) -> int:
-    from controlplane.export import export_parquet, parse_since
+    from headroom_sidecar.controlplane.export import export_parquet, parse_since
     since = parse_since(args.since)
     db_path = ServerSettings.resolve(db_path=args.db).db_path   # refuses s3:// and other URLs
     if not Path(db_path).exists():

@@ -1,7 +1,7 @@
 """What a trial measures on: held-out text (or token ids) and the counts of TrialRequest.eval_json.
 
 The agent builds its EvalSet from this JSON (agent/trial.py). Text comes from the held-out
-split of Python's own documentation (workloads/text.py), so the planner never measures on
+split of Python's own documentation (controlplane/evaltexts.py), so the planner never measures on
 what calibration looked at. A model without a tokenizer (tests' tiny models) gets token ids:
 `token_sequences` / `token_prompts` win over `texts` when given. Both paths start every
 sequence and prompt with the model's BOS token when its tokenizer adds one (texts: the agent's
@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
-from controlplane.settings import resolve_settings
-from workloads.text import Split, texts
+from headroom_sidecar.controlplane.settings import resolve_settings
+from headroom_sidecar.controlplane.evaltexts import Split, texts
 
 # Characters of held-out text sent per evaluated token: English/code runs ~4 chars per token,
 # so 8 leaves room for the agent to cut every sequence and prompt it was asked for.

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from controlplane.retention import RAW_TABLES
-from controlplane.schema import ROLLUP_TABLES
+from headroom_sidecar.controlplane.retention import RAW_TABLES
+from headroom_sidecar.controlplane.schema import ROLLUP_TABLES
 
 _ROWS_PER_BATCH = 64 * 1024
 # table -> its time column: raw rows by arrival, roll-ups by their hour.

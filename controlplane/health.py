@@ -21,10 +21,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from controlplane.settings import resolve_settings
-from controlplane.store import Store
+from headroom_sidecar.controlplane.settings import resolve_settings
+from headroom_sidecar.controlplane.store import Store
 
-log = logging.getLogger("controlplane.health")
+log = logging.getLogger("headroom_sidecar.controlplane.health")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -18,14 +18,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from controlplane.ingest_rules import (MAX_BATCH_ROWS, ModelShape, RowCheck, check_lengths,
+from headroom_sidecar.controlplane.ingest_rules import (MAX_BATCH_ROWS, ModelShape, RowCheck, check_lengths,
                                       check_numeric, summarize)
-from controlplane.schema import TELEMETRY_COLUMNS
-from proto import columnar
-from proto import headroom_pb2 as pb
+from headroom_sidecar.controlplane.schema import TELEMETRY_COLUMNS
+from headroom_sidecar.proto import columnar
+from headroom_sidecar.proto import headroom_pb2 as pb
 
 if TYPE_CHECKING:
-    from controlplane.store import BatchJob, Store, StoredBatch
+    from headroom_sidecar.controlplane.store import BatchJob, Store, StoredBatch
 
 _POLL_S = 0.2   # how often a blocked submit looks at whether its stream is still alive
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from controlplane.schema import JOBS_DDL
+from headroom_sidecar.controlplane.schema import JOBS_DDL
 
 
 class JobState(str, enum.Enum):

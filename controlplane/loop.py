@@ -16,24 +16,24 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from controlplane.audit import AuditKind, AuditLog
-from controlplane.evalsets import EvalSettings, eval_json
-from controlplane.jobs import Job, JobState, JobStore, Stage  # noqa: F401 (Job* re-exported)
-from controlplane.planner import (CandidateScope, Planner, PlannerSettings, QualityBudget,
+from headroom_sidecar.controlplane.audit import AuditKind, AuditLog
+from headroom_sidecar.controlplane.evalsets import EvalSettings, eval_json
+from headroom_sidecar.controlplane.jobs import Job, JobState, JobStore, Stage  # noqa: F401 (Job* re-exported)
+from headroom_sidecar.controlplane.planner import (CandidateScope, Planner, PlannerSettings, QualityBudget,
                                   load_candidates)
-from controlplane.planner.recorder import StoreRecorder, json_safe
-from controlplane.planner.search import PlanTarget
-from controlplane.policy.engine import trade_rule
-from controlplane.policy.schema import Objective
-from controlplane.plans import Decision, DecisionOutcome, PlanStatus, PlanStore
-from controlplane.policy import (Context, Evidence, ModelFacts, PolicyError, PolicyStore,
+from headroom_sidecar.controlplane.planner.recorder import StoreRecorder, json_safe
+from headroom_sidecar.controlplane.planner.search import PlanTarget
+from headroom_sidecar.controlplane.policy.engine import trade_rule
+from headroom_sidecar.controlplane.policy.schema import Objective
+from headroom_sidecar.controlplane.plans import Decision, DecisionOutcome, PlanStatus, PlanStore
+from headroom_sidecar.controlplane.policy import (Context, Evidence, ModelFacts, PolicyError, PolicyStore,
                                  Revision)
-from controlplane.recovery import RolloutRecovery
-from controlplane.rollout import Rollout, RolloutResult
-from controlplane.settings import resolve_settings
-from controlplane.trials import TrialClient
+from headroom_sidecar.controlplane.recovery import RolloutRecovery
+from headroom_sidecar.controlplane.rollout import Rollout, RolloutResult
+from headroom_sidecar.controlplane.settings import resolve_settings
+from headroom_sidecar.controlplane.trials import TrialClient
 
-log = logging.getLogger("controlplane.loop")
+log = logging.getLogger("headroom_sidecar.controlplane.loop")
 
 PLANNER_ACTOR = "planner"
 POLICY_ACTOR = "policy-engine"
@@ -179,7 +179,7 @@ class ControlLoop:
                                "stage": job.stage.value, "plan_id": job.plan_id,
                                "reason": job.last_error})
         self.recovery.start()
-        from controlplane.server import InboundKind   # server -> admin -> loop: import late
+        from headroom_sidecar.controlplane.server import InboundKind   # server -> admin -> loop: import late
         self.state.on(InboundKind.HELLO, self.recovery.on_hello)
 
     def close(self) -> None:

@@ -18,9 +18,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
-from proto.plandoc import (HEAD_KEY, PLAN_SCHEMA, CompileMode, PlanMode, Precision,  # noqa: F401
+from headroom_sidecar.proto.plandoc import (HEAD_KEY, PLAN_SCHEMA, CompileMode, PlanMode, Precision,  # noqa: F401
                            TransformKind, canonical_json, plan_hash)
-from proto.plandoc import DRAFT_PLAN_KINDS, SPECULATIVE_K_MAX, SpeculativeDraft
+from headroom_sidecar.proto.plandoc import DRAFT_PLAN_KINDS, SPECULATIVE_K_MAX, SpeculativeDraft
 
 SCHEMA = PLAN_SCHEMA
 _PLAN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")

@@ -33,10 +33,10 @@ import grpc
 import numpy as np
 import pyarrow as pa
 
-from controlplane.settings import resolve_settings
-from proto import columnar
-from proto import headroom_pb2 as pb
-from proto import headroom_pb2_grpc
+from headroom_sidecar.controlplane.settings import resolve_settings
+from headroom_sidecar.proto import columnar
+from headroom_sidecar.proto import headroom_pb2 as pb
+from headroom_sidecar.proto import headroom_pb2_grpc
 
 _FETCH_ROWS = 2048   # rows per fetched batch: the byte cap overshoots by at most one batch
 
@@ -332,7 +332,7 @@ class QueryClient:
                  credentials=None):
         """credentials: controlplane.credentials.ClientCredentials; None = from HEADROOM_TLS_* /
         HEADROOM_TOKEN / HEADROOM_LOCAL_TOKEN (plaintext without them)."""
-        from controlplane.credentials import ClientCredentials
+        from headroom_sidecar.controlplane.credentials import ClientCredentials
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
         credentials = credentials or ClientCredentials.resolve()

@@ -17,13 +17,13 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-from controlplane.audit import AuditKind, AuditLog
-from controlplane.jobs import JobStore
-from controlplane.plans import (Application, ApplicationState, PlanRecord, PlanStatus, PlanStore,
+from headroom_sidecar.controlplane.audit import AuditKind, AuditLog
+from headroom_sidecar.controlplane.jobs import JobStore
+from headroom_sidecar.controlplane.plans import (Application, ApplicationState, PlanRecord, PlanStatus, PlanStore,
                                 RolloutStage)
-from proto import headroom_pb2 as pb
+from headroom_sidecar.proto import headroom_pb2 as pb
 
-log = logging.getLogger("controlplane.recovery")
+log = logging.getLogger("headroom_sidecar.controlplane.recovery")
 
 RESTART_REASON = "control plane restarted mid-rollout"
 RECOVERY_ACTOR = "recovery"

@@ -15,9 +15,9 @@ from typing import Any, Optional
 
 import duckdb
 
-from controlplane.rollup import roll_up_before
-from controlplane.settings import resolve_settings
-from controlplane.store import Store, utc_now
+from headroom_sidecar.controlplane.rollup import roll_up_before
+from headroom_sidecar.controlplane.settings import resolve_settings
+from headroom_sidecar.controlplane.store import Store, utc_now
 
 
 log = logging.getLogger("headroom.controlplane.retention")

@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from controlplane.audit import AuditKind, AuditLog
-from controlplane.planner import TrialError
-from controlplane.plans import (ApplicationState, IllegalTransition, PlanRecord, PlanStatus,
+from headroom_sidecar.controlplane.audit import AuditKind, AuditLog
+from headroom_sidecar.controlplane.planner import TrialError
+from headroom_sidecar.controlplane.plans import (ApplicationState, IllegalTransition, PlanRecord, PlanStatus,
                                 PlanStore, RolloutStage)
-from controlplane.settings import resolve_settings
-from controlplane.trials import StatusReport, StatusState, TrialClient
+from headroom_sidecar.controlplane.settings import resolve_settings
+from headroom_sidecar.controlplane.trials import StatusReport, StatusState, TrialClient
 
-log = logging.getLogger("controlplane.rollout")
+log = logging.getLogger("headroom_sidecar.controlplane.rollout")
 
 ROLLOUT_ACTOR = "rollout"
 QUALITY_GUARD = "quality_guard"   # the agent's ROLLED_BACK detail "cause" for a live breach

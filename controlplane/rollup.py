@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from controlplane.schema import ROLLUP_TABLES, TELEMETRY_COLUMNS
+from headroom_sidecar.controlplane.schema import ROLLUP_TABLES, TELEMETRY_COLUMNS
 
 # Per raw table: the group keys besides agent/class/hour, and the statistics that must all be
 # measured (not NULL/NaN) for a row to count in `n`: the same rows the planner's averages use.

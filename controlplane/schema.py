@@ -2,7 +2,7 @@
 contract; the store adds `agent_id` and `received_at` in front of them."""
 from __future__ import annotations
 
-from proto import headroom_pb2 as pb
+from headroom_sidecar.proto import headroom_pb2 as pb
 
 SCHEMA_VERSION = 1
 

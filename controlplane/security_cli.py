@@ -6,8 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from controlplane import certs
-from controlplane.auth import Role, issue_token, load_token_key, parse_ttl_s
+from headroom_sidecar.controlplane import certs
+from headroom_sidecar.controlplane.auth import Role, issue_token, load_token_key, parse_ttl_s
 
 TOKEN_KEY_ENV = "HEADROOM_CP_TOKEN_KEY_FILE"
 ROLES = [r.name.lower() for r in Role]

@@ -20,22 +20,22 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional
 import grpc
 from google.protobuf.message import DecodeError
 
-from controlplane.auth import (QUERY_ROLE, AgentBindings, AuthError, AuthMode, Principal,
+from headroom_sidecar.controlplane.auth import (QUERY_ROLE, AgentBindings, AuthError, AuthMode, Principal,
                                PrincipalKind, ServerAuth, require_role)
-from controlplane.health import HealthSettings, StoreHealth, add_health
-from controlplane.ingest import DecodedBatch, ErrorCode, IngestError, IngestWriter, decode_batch
-from controlplane.query import QueryError, QueryErrorKind, encode_result, run_query
-from controlplane.metrics import observe_server, unobserve_server
-from controlplane.retention import RetentionSettings, RetentionWorker
-from controlplane.schema import COUNTER_COLUMNS, MODEL_COLUMNS
-from controlplane.settings import ServerSettings
-from controlplane.store import BatchJob, Counters, Registration, Store, StoreError
-from proto import headroom_pb2 as pb
+from headroom_sidecar.controlplane.health import HealthSettings, StoreHealth, add_health
+from headroom_sidecar.controlplane.ingest import DecodedBatch, ErrorCode, IngestError, IngestWriter, decode_batch
+from headroom_sidecar.controlplane.query import QueryError, QueryErrorKind, encode_result, run_query
+from headroom_sidecar.controlplane.metrics import observe_server, unobserve_server
+from headroom_sidecar.controlplane.retention import RetentionSettings, RetentionWorker
+from headroom_sidecar.controlplane.schema import COUNTER_COLUMNS, MODEL_COLUMNS
+from headroom_sidecar.controlplane.settings import ServerSettings
+from headroom_sidecar.controlplane.store import BatchJob, Counters, Registration, Store, StoreError
+from headroom_sidecar.proto import headroom_pb2 as pb
 
 if TYPE_CHECKING:
-    from controlplane.admin import ControlSettings
+    from headroom_sidecar.controlplane.admin import ControlSettings
 
-log = logging.getLogger("controlplane.server")
+log = logging.getLogger("headroom_sidecar.controlplane.server")
 
 SERVICE_NAME = "headroom.v1.Headroom"
 _POLL_S = 0.2   # how often a blocked queue operation looks at whether its stream is still alive
@@ -606,7 +606,7 @@ def start_server(settings: ServerSettings, control: Optional["ControlSettings"] 
 
     control: the closed loop's settings (policies, planner, rollout); None resolves them.
     health: grpc.health.v1 probing and its plaintext port; None resolves them."""
-    from controlplane.admin import ControlPlane   # admin -> trials -> server: import late
+    from headroom_sidecar.controlplane.admin import ControlPlane   # admin -> trials -> server: import late
     auth = ServerAuth(settings)   # refuses unsafe settings before anything is opened
     retention = RetentionSettings.resolve()   # refuses bad HEADROOM_CP_RETENTION_* likewise
     health = health or HealthSettings.resolve()   # likewise: bad env fails here

@@ -24,9 +24,9 @@ from typing import Any, Optional
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from controlplane.settings import resolve_settings
-from proto import headroom_pb2 as pb
-from proto.plandoc import PlanPurpose, key_id, signing_payload
+from headroom_sidecar.controlplane.settings import resolve_settings
+from headroom_sidecar.proto import headroom_pb2 as pb
+from headroom_sidecar.proto.plandoc import PlanPurpose, key_id, signing_payload
 
 KEY_FILE_NAME = "plan_signing.key"
 _PRIVATE_MODE = 0o600

@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 
 if TYPE_CHECKING:
-    from controlplane.ingest import DecodedBatch
-from controlplane.ingest_rules import ModelShape
-from controlplane.schema import (COUNTER_COLUMNS, HELLO_COLUMNS, MODEL_COLUMNS, SCHEMA_VERSION,
+    from headroom_sidecar.controlplane.ingest import DecodedBatch
+from headroom_sidecar.controlplane.ingest_rules import ModelShape
+from headroom_sidecar.controlplane.schema import (COUNTER_COLUMNS, HELLO_COLUMNS, MODEL_COLUMNS, SCHEMA_VERSION,
                                  TELEMETRY_COLUMNS, ddl_statements)
 
 

@@ -29,13 +29,13 @@ from concurrent.futures import Future, TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
-from controlplane.planner import TrialError
-from controlplane.plans import PlanDoc, canonical_json
-from controlplane.signing import PlanSigner
-from proto import headroom_pb2 as pb
-from proto.plandoc import PlanPurpose
+from headroom_sidecar.controlplane.planner import TrialError
+from headroom_sidecar.controlplane.plans import PlanDoc, canonical_json
+from headroom_sidecar.controlplane.signing import PlanSigner
+from headroom_sidecar.proto import headroom_pb2 as pb
+from headroom_sidecar.proto.plandoc import PlanPurpose
 
-log = logging.getLogger("controlplane.trials")
+log = logging.getLogger("headroom_sidecar.controlplane.trials")
 
 _POLL_S = 0.2   # how often a waiter checks that its agent is still connected
 _ANSWERED_MAX = 4096   # trial ids remembered after their answer, to tell duplicates apart
@@ -105,7 +105,7 @@ class TrialClient:
     """Registers on the server's inbound callbacks; one instance per server."""
 
     def __init__(self, state, signer: Optional[PlanSigner] = None):
-        from controlplane.server import InboundKind   # the server imports this module lazily
+        from headroom_sidecar.controlplane.server import InboundKind   # the server imports this module lazily
         self._state = state
         self.signer = signer or PlanSigner.for_server(state.settings.db_path)
         self._lock = threading.Lock()

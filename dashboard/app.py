@@ -8,8 +8,8 @@ import sys
 
 import streamlit as st
 
-from dashboard import ui
-from dashboard.settings import DashboardSettings
+from headroom_sidecar.dashboard import ui
+from headroom_sidecar.dashboard.settings import DashboardSettings
 
 # No page_icon and no st.Page icons: each becomes the favicon, which the browser fetches from
 # fonts.gstatic.com; the dashboard must work with no network (the browser test checks it).

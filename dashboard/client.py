@@ -13,12 +13,12 @@ from typing import Any, Optional
 import grpc
 import pandas as pd
 
-from controlplane.admin import AdminClient
-from controlplane.credentials import ClientCredentials
-from controlplane.query import decode_result
-from dashboard.settings import DashboardSettings
-from proto import headroom_pb2 as pb
-from proto import headroom_pb2_grpc
+from headroom_sidecar.controlplane.admin import AdminClient
+from headroom_sidecar.controlplane.credentials import ClientCredentials
+from headroom_sidecar.controlplane.query import decode_result
+from headroom_sidecar.dashboard.settings import DashboardSettings
+from headroom_sidecar.proto import headroom_pb2 as pb
+from headroom_sidecar.proto import headroom_pb2_grpc
 
 # Status codes that mean "no answer": the channel is rebuilt before the next call, so a control
 # plane that comes back is seen at once instead of after gRPC's reconnect backoff.

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from controlplane.settings import parse_env
+from headroom_sidecar.controlplane.settings import parse_env
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 

@@ -9,8 +9,8 @@ from typing import Callable, Optional
 
 import streamlit as st
 
-from dashboard.client import CommandFailed, ControlPlaneClient, Unreachable
-from dashboard.settings import DashboardSettings
+from headroom_sidecar.dashboard.client import CommandFailed, ControlPlaneClient, Unreachable
+from headroom_sidecar.dashboard.settings import DashboardSettings
 
 _CTX_KEY = "headroom_ctx"
 _FLASH_KEY = "headroom_flash"

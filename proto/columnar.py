@@ -9,7 +9,7 @@ from typing import Mapping
 
 import numpy as np
 
-from proto import headroom_pb2 as pb
+from headroom_sidecar.proto import headroom_pb2 as pb
 
 _NUMERIC = {
     pb.FLOAT32: np.dtype("<f4"),

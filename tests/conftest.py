@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from controlplane.server import start_server
-from controlplane.settings import ServerSettings
+from headroom_sidecar.controlplane.server import start_server
+from headroom_sidecar.controlplane.settings import ServerSettings
 
 
 @pytest.fixture(scope="session", autouse=True)

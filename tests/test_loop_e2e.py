@@ -4,7 +4,7 @@ operator rollback -> outputs bitwise identical to the unoptimised model -> audit
 
 import pytest
 
-from controlplane.admin import AdminClient
+from headroom_sidecar.controlplane.admin import AdminClient
 from tests.builders import tiny_llama
 from tests.controlplane.loopkit import (LOOSE_BUDGET, LiveAgent, connected, start,
                                         token_eval_args, traced_rows, wait_for)

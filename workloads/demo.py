@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-import agent
-from controlplane.admin import AdminClient
+from headroom_sidecar import agent
+from headroom_sidecar.controlplane.admin import AdminClient
 from workloads import report
 from workloads.prompts import PROMPTS, chat_ids
 from workloads.smollm2 import load_smollm2

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from controlplane.admin import AdminClient
-from controlplane.evalsets import EvalSettings, eval_spec
+from headroom_sidecar.controlplane.admin import AdminClient
+from headroom_sidecar.controlplane.evalsets import EvalSettings, eval_spec
 from workloads import report
 from workloads.prompts import PROMPTS, chat_ids
 

@@ -1,12 +1,12 @@
 """Model adapters: how headroom finds blocks, attention and MLP inside a model."""
-from agent.adapters.base import (Adapter, AttentionRefs, BlockRefs, MlpRefs, ModelStructure,
+from headroom_sidecar.agent.adapters.base import (Adapter, AttentionRefs, BlockRefs, MlpRefs, ModelStructure,
                                  UnsupportedModelError, WeightLayout, register_adapter,
                                  registered_adapters, resolve_structure)
-from agent.adapters.gpt2 import GPT2Adapter
-from agent.adapters.hf_llama import HFLlamaAdapter
-from agent.adapters.phi3 import Phi3Adapter
-from agent.adapters.plain import PlainAdapter
-from agent.adapters.refused import MixtureOfExpertsRefusal
+from headroom_sidecar.agent.adapters.gpt2 import GPT2Adapter
+from headroom_sidecar.agent.adapters.hf_llama import HFLlamaAdapter
+from headroom_sidecar.agent.adapters.phi3 import Phi3Adapter
+from headroom_sidecar.agent.adapters.plain import PlainAdapter
+from headroom_sidecar.agent.adapters.refused import MixtureOfExpertsRefusal
 
 # Built-ins go last: adapters registered by users are tried first.
 register_adapter(MixtureOfExpertsRefusal(), first=False)

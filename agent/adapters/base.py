@@ -4,7 +4,7 @@ An adapter turns one family of models into a `ModelStructure`: the transformer b
 inside each, the modules whose inputs and outputs the agent hooks and the executor rewrites.
 Register your own for an architecture headroom does not know:
 
-    from agent.adapters import Adapter, register_adapter
+    from headroom_sidecar.agent.adapters import Adapter, register_adapter
 
     class MyAdapter(Adapter):
         name = "my-transformer"

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from agent.adapters.base import (Adapter, AttentionRefs, BlockRefs, MlpRefs, ModelStructure,
+from headroom_sidecar.agent.adapters.base import (Adapter, AttentionRefs, BlockRefs, MlpRefs, ModelStructure,
                                  UnsupportedModelError, WeightLayout, require)
-from agent.adapters.hf_llama import _cache_keys
+from headroom_sidecar.agent.adapters.hf_llama import _cache_keys
 
 
 def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:

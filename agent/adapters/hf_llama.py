@@ -13,7 +13,7 @@ import sys
 import torch
 from torch import nn
 
-from agent.adapters.base import (Adapter, AttentionRefs, BlockRefs, MlpRefs, ModelStructure,
+from headroom_sidecar.agent.adapters.base import (Adapter, AttentionRefs, BlockRefs, MlpRefs, ModelStructure,
                                  UnsupportedModelError, WeightLayout, require)
 
 

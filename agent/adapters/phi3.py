@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from agent.adapters.base import (Adapter, AttentionRefs, BlockRefs, MlpRefs, ModelStructure,
+from headroom_sidecar.agent.adapters.base import (Adapter, AttentionRefs, BlockRefs, MlpRefs, ModelStructure,
                                  WeightLayout, require)
-from agent.adapters.hf_llama import _hidden_states, _rope, attended_keys, probe_or_refuse
+from headroom_sidecar.agent.adapters.hf_llama import _hidden_states, _rope, attended_keys, probe_or_refuse
 
 
 def phi3_qk_probe(attn: nn.Module, args: tuple, kwargs: dict):

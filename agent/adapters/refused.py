@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from agent.adapters.base import Adapter, ModelStructure, UnsupportedModelError
+from headroom_sidecar.agent.adapters.base import Adapter, ModelStructure, UnsupportedModelError
 
 
 def _first_layer(model: nn.Module):

@@ -20,10 +20,10 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
-from agent.executor.compiled import CompiledDecoder
-from agent.executor.undo import UndoLog
-from agent.plan import CompileMode, Execution
-from agent.executor.speculative.install import install_speculative
+from headroom_sidecar.agent.executor.compiled import CompiledDecoder
+from headroom_sidecar.agent.executor.undo import UndoLog
+from headroom_sidecar.agent.plan import CompileMode, Execution
+from headroom_sidecar.agent.executor.speculative.install import install_speculative
 
 CACHE_ROUND_TOKENS = 256
 

@@ -22,20 +22,20 @@ from typing import Any, Callable, Iterator
 
 from torch import Tensor, nn
 
-from agent.adapters.base import BlockRefs, ModelStructure
-from agent.executor.execution import apply_execution, execution_support
-from agent.executor.int8 import (Int8Linear, apply_head_int8, head_int8_support,
+from headroom_sidecar.agent.adapters.base import BlockRefs, ModelStructure
+from headroom_sidecar.agent.executor.execution import apply_execution, execution_support
+from headroom_sidecar.agent.executor.int8 import (Int8Linear, apply_head_int8, head_int8_support,
                                  probe_model_int8)
-from agent.executor.prune import PrunedAttention, ZeroAttention, prune_support
-from agent.executor.skip import IdentityBlock, apply_skip
-from agent.executor.speculative.install import build_draft
-from agent.executor.sparsity import SparseDownProj
-from agent.executor.undo import UndoLog
-from agent.executor.weights import weight_bytes
-from agent.kernels.autotune import kernel_choices
-from agent.plan import (ActivationSparsity, Execution, Plan, PruneHeads, SkipLayers,
+from headroom_sidecar.agent.executor.prune import PrunedAttention, ZeroAttention, prune_support
+from headroom_sidecar.agent.executor.skip import IdentityBlock, apply_skip
+from headroom_sidecar.agent.executor.speculative.install import build_draft
+from headroom_sidecar.agent.executor.sparsity import SparseDownProj
+from headroom_sidecar.agent.executor.undo import UndoLog
+from headroom_sidecar.agent.executor.weights import weight_bytes
+from headroom_sidecar.agent.kernels.autotune import kernel_choices
+from headroom_sidecar.agent.plan import (ActivationSparsity, Execution, Plan, PruneHeads, SkipLayers,
                         Transform, TransformKind, WeightPrecision, check_fit)
-from agent.adapters.base import WeightLayout
+from headroom_sidecar.agent.adapters.base import WeightLayout
 
 
 class TransformError(RuntimeError):
@@ -59,7 +59,7 @@ class ExecutorSettings:
 
     @classmethod
     def resolve(cls, **overrides: Any) -> "ExecutorSettings":
-        from agent.settings import resolve_settings
+        from headroom_sidecar.agent.settings import resolve_settings
         return resolve_settings(cls, overrides, "executor")
 
 

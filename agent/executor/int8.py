@@ -29,18 +29,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agent.adapters.base import WeightLayout
-from agent.executor.undo import UndoLog
-from agent.kernels import autotune, probe
-from agent.kernels import cpu as cpu_kernels
-from agent.kernels import ops
-from agent.kernels.autotune import KernelChoice
-from agent.kernels.int8_impls import (NEVER_PROBED, Int8Kernel, int8pack_bf16_linear,
+from headroom_sidecar.agent.adapters.base import WeightLayout
+from headroom_sidecar.agent.executor.undo import UndoLog
+from headroom_sidecar.agent.kernels import autotune, probe
+from headroom_sidecar.agent.kernels import cpu as cpu_kernels
+from headroom_sidecar.agent.kernels import ops
+from headroom_sidecar.agent.kernels.autotune import KernelChoice
+from headroom_sidecar.agent.kernels.int8_impls import (NEVER_PROBED, Int8Kernel, int8pack_bf16_linear,
                                       int8pack_linear, prepare, rel_error_bound)
-from agent.kernels.ops import dequant_linear
-from agent.kernels.reference import int8_linear_ref
-from agent.kernels.select import select_backend
-from agent.kernels.settings import Backend, Int8Cpu, KernelSettings
+from headroom_sidecar.agent.kernels.ops import dequant_linear
+from headroom_sidecar.agent.kernels.reference import int8_linear_ref
+from headroom_sidecar.agent.kernels.select import select_backend
+from headroom_sidecar.agent.kernels.settings import Backend, Int8Cpu, KernelSettings
 
 _QMAX = 127.0               # symmetric: -127..127, so the scale maps max|w| exactly
 

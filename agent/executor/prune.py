@@ -33,8 +33,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from agent.adapters.base import ModelStructure, WeightLayout
-from agent.executor.cache_slot import cache_from_kwargs, write_placeholder
+from headroom_sidecar.agent.adapters.base import ModelStructure, WeightLayout
+from headroom_sidecar.agent.executor.cache_slot import cache_from_kwargs, write_placeholder
 
 
 # What PrunedAttention reproduces of a transformers attention, per head. Anything else on the

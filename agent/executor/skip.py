@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from agent.adapters.base import ModelStructure
-from agent.executor.cache_slot import cache_from_kwargs, write_placeholder
-from agent.executor.undo import UndoLog
+from headroom_sidecar.agent.adapters.base import ModelStructure
+from headroom_sidecar.agent.executor.cache_slot import cache_from_kwargs, write_placeholder
+from headroom_sidecar.agent.executor.undo import UndoLog
 
 
 class IdentityBlock(nn.Module):

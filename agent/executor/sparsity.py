@@ -30,16 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agent.executor.int8 import Int8Linear
-from agent.kernels import cpu as cpu_kernels
-from agent.kernels import ops, probe
-from agent.kernels.autotune import KernelChoice
-from agent.kernels.ops import TRITON_MAX_TOKENS
-from agent.kernels.select import select_backend
-from agent.kernels.settings import Backend, KernelSettings
-from agent.kernels.sparse_impls import CPU_MAX_TOKENS, SparseKernel
+from headroom_sidecar.agent.executor.int8 import Int8Linear
+from headroom_sidecar.agent.kernels import cpu as cpu_kernels
+from headroom_sidecar.agent.kernels import ops, probe
+from headroom_sidecar.agent.kernels.autotune import KernelChoice
+from headroom_sidecar.agent.kernels.ops import TRITON_MAX_TOKENS
+from headroom_sidecar.agent.kernels.select import select_backend
+from headroom_sidecar.agent.kernels.settings import Backend, KernelSettings
+from headroom_sidecar.agent.kernels.sparse_impls import CPU_MAX_TOKENS, SparseKernel
 
-SPARSE_RUNNER = "agent.kernels.sparse_impls"
+SPARSE_RUNNER = "headroom_sidecar.agent.kernels.sparse_impls"
 
 
 class SparseDownProj(nn.Module):

@@ -7,9 +7,9 @@ kept (autotune.py).
 Importing this package registers the ops (torch.ops.headroom.*); it never imports triton,
 which is loaded only when a CUDA module selects it.
 """
-from agent.kernels import ops  # noqa: F401  (registers torch.ops.headroom.*)
-from agent.kernels.select import KernelUnavailableError, select_backend, triton_available
-from agent.kernels.settings import Backend, Int8Cpu, KernelSettings
+from headroom_sidecar.agent.kernels import ops  # noqa: F401  (registers torch.ops.headroom.*)
+from headroom_sidecar.agent.kernels.select import KernelUnavailableError, select_backend, triton_available
+from headroom_sidecar.agent.kernels.settings import Backend, Int8Cpu, KernelSettings
 
 __all__ = ["Backend", "Int8Cpu", "KernelSettings", "KernelUnavailableError", "select_backend",
            "triton_available"]

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-from agent.kernels import cpu, ops
+from headroom_sidecar.agent.kernels import cpu, ops
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
@@ -71,5 +71,5 @@ def prepare(kernel: Int8Kernel, q: torch.Tensor, scale: torch.Tensor,
         return lambda x: fn(x, q, scale, bias)
     if kernel == Int8Kernel.DEQUANT:
         return lambda x: ops.dequant_linear(x, q, scale, bias)
-    from agent.kernels.reference import int8_linear_ref
+    from headroom_sidecar.agent.kernels.reference import int8_linear_ref
     return lambda x: int8_linear_ref(x, q, scale, bias)

@@ -22,8 +22,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from agent.kernels import cpu
-from agent.kernels.reference import sparse_gemv_ref
+from headroom_sidecar.agent.kernels import cpu
+from headroom_sidecar.agent.kernels.reference import sparse_gemv_ref
 
 CHUNK_ROWS = 4096          # output rows dequantised at a time: bounds the transient fp copy
 TRITON_MAX_TOKENS = 16     # decode-sized batches go to the GEMV kernels, larger ones dense
@@ -42,7 +42,7 @@ def _int8_linear_cuda(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                       bias: Optional[torch.Tensor]) -> torch.Tensor:
     if x.shape[0] > TRITON_MAX_TOKENS:
         return dequant_linear(x, q, scale, bias)
-    from agent.kernels import triton_kernels
+    from headroom_sidecar.agent.kernels import triton_kernels
     return triton_kernels.int8_gemv(x, q, scale, bias)
 
 
@@ -56,7 +56,7 @@ def _sparse_gemv_default(a: torch.Tensor, w_t: torch.Tensor, scale: Optional[tor
 
 def _sparse_gemv_cuda(a: torch.Tensor, w_t: torch.Tensor, scale: Optional[torch.Tensor],
                       bias: Optional[torch.Tensor]) -> torch.Tensor:
-    from agent.kernels import triton_kernels
+    from headroom_sidecar.agent.kernels import triton_kernels
     return triton_kernels.sparse_gemv(a, w_t, scale, bias)
 
 

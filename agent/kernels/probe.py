@@ -31,7 +31,7 @@ from typing import Iterable
 
 import torch
 
-from agent.kernels.settings import KernelSettings
+from headroom_sidecar.agent.kernels.settings import KernelSettings
 
 K_CLASS, N_CLASS = 64, 16       # shape class: (in_features % 64, out_features % 16)
 K_BASE, N_BASE = 128, 32        # the representative: K_BASE + k % 64 by N_BASE + n % 16
@@ -39,7 +39,7 @@ PROBE_ROWS = (1, 2, 5, 37)      # decode, and prefill-sized row counts off the 4
 # A runner is a module with prepare(kernel, q, scale, bias) -> (x [M, K] -> [M, N]) computing
 # x @ (q * scale[:, None]).T + bias, rel_error_bound(kernel, dtype), and optionally
 # probe_rows(kernel) (default PROBE_ROWS).
-DEFAULT_RUNNER = "agent.kernels.int8_impls"
+DEFAULT_RUNNER = "headroom_sidecar.agent.kernels.int8_impls"
 _LINE = "HEADROOM-PROBE "        # prefix of the child's protocol lines on stdout
 
 

@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from agent.kernels.probe import _LINE, PROBE_ROWS, ProbeCase
-from agent.kernels.reference import int8_linear_ref
+from headroom_sidecar.agent.kernels.probe import _LINE, PROBE_ROWS, ProbeCase
+from headroom_sidecar.agent.kernels.reference import int8_linear_ref
 
 
 def main() -> int:

@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-from agent.kernels.settings import Backend, KernelSettings
+from headroom_sidecar.agent.kernels.settings import Backend, KernelSettings
 
 
 class KernelUnavailableError(RuntimeError):

@@ -13,8 +13,8 @@ from typing import Callable, Optional
 
 import torch
 
-from agent.kernels import cpu, ops
-from agent.kernels.ops import TRITON_MAX_TOKENS
+from headroom_sidecar.agent.kernels import cpu, ops
+from headroom_sidecar.agent.kernels.ops import TRITON_MAX_TOKENS
 
 CPU_MAX_TOKENS = 1     # embedding_bag reads each token's rows separately: a batch re-reads them
 

@@ -7,8 +7,8 @@
     spans.py     one OpenTelemetry span per request
     metrics.py   OpenTelemetry metrics: GenAI latency / token histograms, exporter counters
 """
-from agent.observe.requests import ErrorCount, Labels, Owner, RequestTracker, Sink
-from agent.observe.trace import MAX_PREFILL_QUERIES, TraceCollector
+from headroom_sidecar.agent.observe.requests import ErrorCount, Labels, Owner, RequestTracker, Sink
+from headroom_sidecar.agent.observe.trace import MAX_PREFILL_QUERIES, TraceCollector
 
 __all__ = ["ErrorCount", "Labels", "Owner", "RequestTracker", "Sink", "TraceCollector",
            "MAX_PREFILL_QUERIES"]

@@ -17,8 +17,8 @@ from typing import Iterable, Optional
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from agent.observe.spans import error_type
-from agent.records import RequestRecord
+from headroom_sidecar.agent.observe.spans import error_type
+from headroom_sidecar.agent.records import RequestRecord
 
 METER_NAME = "headroom.agent"
 TTFT_BUCKETS_S = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,

@@ -42,15 +42,15 @@ from typing import Callable, Iterator, Optional, TypeVar
 import torch
 from torch import nn
 
-from agent.adapters.base import ModelStructure
-from agent.fingerprint import execution_device
-from agent.observe.gate import Holder, ModelGate
-from agent.observe.handoff import Work, WorkQueue, WorkSite, check_seconds
-from agent.observe.metrics import RequestMetrics
-from agent.observe.spans import emit_request_span, gen_ai_base, request_tracer
-from agent.observe.trace import TraceCollector
-from agent.records import RequestRecord
-from agent.settings import AgentSettings
+from headroom_sidecar.agent.adapters.base import ModelStructure
+from headroom_sidecar.agent.fingerprint import execution_device
+from headroom_sidecar.agent.observe.gate import Holder, ModelGate
+from headroom_sidecar.agent.observe.handoff import Work, WorkQueue, WorkSite, check_seconds
+from headroom_sidecar.agent.observe.metrics import RequestMetrics
+from headroom_sidecar.agent.observe.spans import emit_request_span, gen_ai_base, request_tracer
+from headroom_sidecar.agent.observe.trace import TraceCollector
+from headroom_sidecar.agent.records import RequestRecord
+from headroom_sidecar.agent.settings import AgentSettings
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Optional
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from agent.records import RequestRecord
+from headroom_sidecar.agent.records import RequestRecord
 
 TRACER_NAME = "headroom.agent"
 SPAN_NAME = "headroom.request"

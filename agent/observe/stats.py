@@ -14,7 +14,7 @@ from typing import Optional, Union
 
 import torch
 
-from agent.adapters.base import WeightLayout
+from headroom_sidecar.agent.adapters.base import WeightLayout
 
 # Cap on elements that go into the |activation| quantiles (torch.quantile sorts its input).
 MAX_QUANTILE_ELEMENTS = 1 << 16

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from agent.adapters.base import BlockRefs, ModelStructure, UnsupportedModelError
-from agent.observe import stats
-from agent.observe.timing import Part, make_timer
-from agent.records import MAGNITUDE_QUANTILES, SPARSITY_THRESHOLDS, TraceArrays
+from headroom_sidecar.agent.adapters.base import BlockRefs, ModelStructure, UnsupportedModelError
+from headroom_sidecar.agent.observe import stats
+from headroom_sidecar.agent.observe.timing import Part, make_timer
+from headroom_sidecar.agent.records import MAGNITUDE_QUANTILES, SPARSITY_THRESHOLDS, TraceArrays
 
 MAX_PREFILL_QUERIES = 64
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from controlplane.planner.settings import PlannerSettings
-from controlplane.rollup import COUNTED_BY
-from controlplane.schema import ROLLUP_TABLES
+from headroom_sidecar.controlplane.planner.settings import PlannerSettings
+from headroom_sidecar.controlplane.rollup import COUNTED_BY
+from headroom_sidecar.controlplane.schema import ROLLUP_TABLES
 
 # The fixed |activation| thresholds behind mlp_stats' frac_below_* columns.
 _FIXED_STEPS = ((1e-3, "frac_below_1e3"), (1e-2, "frac_below_1e2"), (1e-1, "frac_below_1e1"))

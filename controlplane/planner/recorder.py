@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-from controlplane.audit import AuditKind, AuditLog
-from controlplane.plans import PlanStatus, PlanStore
-from controlplane.planner.search import TrialRecord
+from headroom_sidecar.controlplane.audit import AuditKind, AuditLog
+from headroom_sidecar.controlplane.plans import PlanStatus, PlanStore
+from headroom_sidecar.controlplane.planner.search import TrialRecord
 
 
 class StoreRecorder:

@@ -28,12 +28,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
-from controlplane.plans import (HEAD_KEY, ActivationSparsity, CompileMode, Execution, PlanDoc,
+from headroom_sidecar.controlplane.plans import (HEAD_KEY, ActivationSparsity, CompileMode, Execution, PlanDoc,
                                 PlanMode, Precision, PruneHeads, SkipLayers, WeightPrecision,
                                 layer_ranges)
-from controlplane.planner.candidates import Candidates
-from controlplane.planner.settings import PlannerSettings
-from controlplane.policy.schema import Objective
+from headroom_sidecar.controlplane.planner.candidates import Candidates
+from headroom_sidecar.controlplane.planner.settings import PlannerSettings
+from headroom_sidecar.controlplane.policy.schema import Objective
 
 
 class TrialError(RuntimeError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from controlplane.settings import resolve_settings
+from headroom_sidecar.controlplane.settings import resolve_settings
 
 
 def _env(name: str) -> dict:

@@ -4,17 +4,17 @@ Load a folder with load_policy_set() or keep one in force with PolicyStore; eval
 Decision with every rule's outcome and the policy set's revision. lint, run_tests and replay
 make policy changes reviewable (CLI: controlplane policy lint|test|replay).
 """
-from controlplane.policy.engine import evaluate
-from controlplane.policy.lint import lint
-from controlplane.policy.loader import load_policy_set, read_policy_set
-from controlplane.policy.plan import PlanError, plan_sha256
-from controlplane.policy.replay import Change, Record, read_records_jsonl, replay
-from controlplane.policy.risk import RiskLevel
-from controlplane.policy.schema import PolicyError, PolicySet, Problem, Rule, RuleKind
-from controlplane.policy.settings import PolicySettings
-from controlplane.policy.store import PolicyStore, ReloadResult
-from controlplane.policy.testing import run_tests
-from controlplane.policy.types import (
+from headroom_sidecar.controlplane.policy.engine import evaluate
+from headroom_sidecar.controlplane.policy.lint import lint
+from headroom_sidecar.controlplane.policy.loader import load_policy_set, read_policy_set
+from headroom_sidecar.controlplane.policy.plan import PlanError, plan_sha256
+from headroom_sidecar.controlplane.policy.replay import Change, Record, read_records_jsonl, replay
+from headroom_sidecar.controlplane.policy.risk import RiskLevel
+from headroom_sidecar.controlplane.policy.schema import PolicyError, PolicySet, Problem, Rule, RuleKind
+from headroom_sidecar.controlplane.policy.settings import PolicySettings
+from headroom_sidecar.controlplane.policy.store import PolicyStore, ReloadResult
+from headroom_sidecar.controlplane.policy.testing import run_tests
+from headroom_sidecar.controlplane.policy.types import (
     Context, Decision, DeterminismProbe, Evidence, ModelFacts, Outcome, Revision, RuleOutcome,
     RuleResult)
 

@@ -1,6 +1,6 @@
 """python -m controlplane.policy lint|test|replay: the same commands as `controlplane policy ...`."""
 import sys
 
-from controlplane.policy.cli import main
+from headroom_sidecar.controlplane.policy.cli import main
 
 sys.exit(main(["policy", *sys.argv[1:]]))

@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass
 from typing import Optional
 
-from controlplane.policy.schema import RemovalUnit
+from headroom_sidecar.controlplane.policy.schema import RemovalUnit
 
 
 class Side(str, enum.Enum):

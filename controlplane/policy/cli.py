@@ -7,11 +7,11 @@ import sys
 import tempfile
 from typing import Optional, TextIO
 
-from controlplane.policy.lint import has_errors, lint
-from controlplane.policy.replay import checkout_policies, read_records_jsonl, replay
-from controlplane.policy.schema import PolicyError
-from controlplane.policy.settings import PolicySettings
-from controlplane.policy.testing import run_tests
+from headroom_sidecar.controlplane.policy.lint import has_errors, lint
+from headroom_sidecar.controlplane.policy.replay import checkout_policies, read_records_jsonl, replay
+from headroom_sidecar.controlplane.policy.schema import PolicyError
+from headroom_sidecar.controlplane.policy.settings import PolicySettings
+from headroom_sidecar.controlplane.policy.testing import run_tests
 
 
 def add_policy_commands(subparsers) -> argparse.ArgumentParser:

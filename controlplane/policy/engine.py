@@ -5,12 +5,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Union
 
-from controlplane.policy.plan import PER_LAYER, PlanMode, PlanView, parse_plan
-from controlplane.policy.risk import RiskLevel, risk_level, risk_score
-from controlplane.policy.schema import (
+from headroom_sidecar.controlplane.policy.plan import PER_LAYER, PlanMode, PlanView, parse_plan
+from headroom_sidecar.controlplane.policy.risk import RiskLevel, risk_level, risk_score
+from headroom_sidecar.controlplane.policy.schema import (
     Determinism, Latency, MetricBound, OnFail, PolicySet, Protect, RateLimit, RemovalCap,
     RemovalUnit, RiskApproval, Rule, RuleKind, TransformAccess)
-from controlplane.policy.types import (
+from headroom_sidecar.controlplane.policy.types import (
     Context, Decision, Evidence, ModelFacts, Outcome, RuleOutcome, RuleResult)
 
 Clock = Callable[[], float]

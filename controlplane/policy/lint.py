@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from controlplane.policy.bounds import (LATENCY_MIN_PAIRS, LATENCY_TRADED_MAX,
+from headroom_sidecar.controlplane.policy.bounds import (LATENCY_MIN_PAIRS, LATENCY_TRADED_MAX,
                                         LATENCY_UNTRADED_MAX, METRIC_BOUNDS, REMOVAL_BOUNDS,
                                         SafeBound, Side)
-from controlplane.policy.loader import read_policy_set
-from controlplane.policy.plan import TransformKind
-from controlplane.policy.schema import (
+from headroom_sidecar.controlplane.policy.loader import read_policy_set
+from headroom_sidecar.controlplane.policy.plan import TransformKind
+from headroom_sidecar.controlplane.policy.schema import (
     Determinism, Latency, MetricBound, Problem, Protect, RemovalCap, Rule, Severity,
     TransformAccess)
 

@@ -7,16 +7,16 @@ from typing import Callable, Optional
 
 import yaml
 
-from controlplane.policy.plan import Component, PER_LAYER, TransformKind
-from controlplane.policy.revision import revision_of
-from controlplane.policy.risk import RiskLevel
-from controlplane.policy.schema import (
+from headroom_sidecar.controlplane.policy.plan import Component, PER_LAYER, TransformKind
+from headroom_sidecar.controlplane.policy.revision import revision_of
+from headroom_sidecar.controlplane.policy.risk import RiskLevel
+from headroom_sidecar.controlplane.policy.schema import (
     POLICY_SCHEMA, ComponentTarget, Determinism, Latency, MetricBound, Objective, OnFail, Params,
     PolicyError,
     PolicySet, Problem, Protect, RateLimit, RemovalCap, RemovalUnit, RiskApproval, Rule, RuleKind,
     Scope, TransformAccess)
-from controlplane.policy.types import METRICS
-from controlplane.policy.yamlread import Reader, compose_file, line_of
+from headroom_sidecar.controlplane.policy.types import METRICS
+from headroom_sidecar.controlplane.policy.yamlread import Reader, compose_file, line_of
 
 RULE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 

@@ -5,9 +5,9 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from proto.plandoc import (HEAD_KEY, PLAN_SCHEMA, PlanMode, TransformKind,  # noqa: F401
+from headroom_sidecar.proto.plandoc import (HEAD_KEY, PLAN_SCHEMA, PlanMode, TransformKind,  # noqa: F401
                            plan_hash as plan_sha256)
-from controlplane.policy.types import ModelFacts
+from headroom_sidecar.controlplane.policy.types import ModelFacts
 
 
 

@@ -7,10 +7,10 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
 
-from controlplane.policy.engine import evaluate
-from controlplane.policy.loader import load_policy_set
-from controlplane.policy.schema import PolicySet
-from controlplane.policy.types import Decision, Outcome
+from headroom_sidecar.controlplane.policy.engine import evaluate
+from headroom_sidecar.controlplane.policy.loader import load_policy_set
+from headroom_sidecar.controlplane.policy.schema import PolicySet
+from headroom_sidecar.controlplane.policy.types import Decision, Outcome
 
 RECORD_KEYS = ("plan", "evidence", "context", "model")
 # Records without context.now_s are judged by both sets at this instant: only the policies differ.

@@ -6,7 +6,7 @@ import os
 import subprocess
 from typing import Optional
 
-from controlplane.policy.types import Revision
+from headroom_sidecar.controlplane.policy.types import Revision
 
 GIT_TIMEOUT_S = 10.0
 

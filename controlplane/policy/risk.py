@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 
-from controlplane.policy.plan import Component, PlanMode, PlanView
+from headroom_sidecar.controlplane.policy.plan import Component, PlanMode, PlanView
 
 W_LAYERS = 1.0
 W_HEADS = 0.5

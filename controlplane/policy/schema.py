@@ -6,9 +6,9 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from controlplane.policy.plan import Component, TransformKind
-from controlplane.policy.risk import RiskLevel
-from controlplane.policy.types import Context, Revision
+from headroom_sidecar.controlplane.policy.plan import Component, TransformKind
+from headroom_sidecar.controlplane.policy.risk import RiskLevel
+from headroom_sidecar.controlplane.policy.types import Context, Revision
 
 POLICY_SCHEMA = "headroom.policy/v1"
 

@@ -6,10 +6,10 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from controlplane.policy.engine import Clock, evaluate
-from controlplane.policy.loader import read_policy_set
-from controlplane.policy.schema import PolicyError, PolicySet, Problem
-from controlplane.policy.types import Decision, Revision
+from headroom_sidecar.controlplane.policy.engine import Clock, evaluate
+from headroom_sidecar.controlplane.policy.loader import read_policy_set
+from headroom_sidecar.controlplane.policy.schema import PolicyError, PolicySet, Problem
+from headroom_sidecar.controlplane.policy.types import Decision, Revision
 
 
 @dataclass(frozen=True)

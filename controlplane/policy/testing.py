@@ -6,12 +6,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from controlplane.policy.engine import evaluate
-from controlplane.policy.loader import read_policy_set
-from controlplane.policy.plan import PlanError
-from controlplane.policy.schema import PolicySet, Problem
-from controlplane.policy.types import Outcome
-from controlplane.policy.yamlread import Reader, compose_file, line_of, to_python
+from headroom_sidecar.controlplane.policy.engine import evaluate
+from headroom_sidecar.controlplane.policy.loader import read_policy_set
+from headroom_sidecar.controlplane.policy.plan import PlanError
+from headroom_sidecar.controlplane.policy.schema import PolicySet, Problem
+from headroom_sidecar.controlplane.policy.types import Outcome
+from headroom_sidecar.controlplane.policy.yamlread import Reader, compose_file, line_of, to_python
 
 TESTS_SCHEMA = "headroom.policy-tests/v1"
 # Cases that give no context.now_s are judged at this instant, so a run never depends on the clock.

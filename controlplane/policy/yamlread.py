@@ -11,7 +11,7 @@ from typing import Any, Optional
 import yaml
 from yaml.constructor import SafeConstructor
 
-from controlplane.policy.schema import Problem
+from headroom_sidecar.controlplane.policy.schema import Problem
 
 _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"

@@ -1,5 +1,5 @@
 """The approvals page: see dashboard/views/approvals.py."""
-from dashboard import ui
-from dashboard.views import approvals
+from headroom_sidecar.dashboard import ui
+from headroom_sidecar.dashboard.views import approvals
 
 ui.guarded(ui.context(), approvals.render)

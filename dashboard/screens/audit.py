@@ -1,5 +1,5 @@
 """The audit page: see dashboard/views/audit.py."""
-from dashboard import ui
-from dashboard.views import audit
+from headroom_sidecar.dashboard import ui
+from headroom_sidecar.dashboard.views import audit
 
 ui.guarded(ui.context(), audit.render)

@@ -1,5 +1,5 @@
 """The decisions page: see dashboard/views/decisions.py."""
-from dashboard import ui
-from dashboard.views import decisions
+from headroom_sidecar.dashboard import ui
+from headroom_sidecar.dashboard.views import decisions
 
 ui.guarded(ui.context(), decisions.render)

@@ -1,5 +1,5 @@
 """The fleet page: see dashboard/views/fleet.py."""
-from dashboard import ui
-from dashboard.views import fleet
+from headroom_sidecar.dashboard import ui
+from headroom_sidecar.dashboard.views import fleet
 
 ui.guarded(ui.context(), fleet.render)

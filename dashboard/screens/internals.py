@@ -1,5 +1,5 @@
 """The internals page: see dashboard/views/internals.py."""
-from dashboard import ui
-from dashboard.views import internals
+from headroom_sidecar.dashboard import ui
+from headroom_sidecar.dashboard.views import internals
 
 ui.guarded(ui.context(), internals.render)

@@ -7,9 +7,9 @@ import enum
 import pandas as pd
 import streamlit as st
 
-from dashboard import ui
-from dashboard.ui import Context
-from dashboard.views.plan import diff_lines, evidence_rows, rule_frame
+from headroom_sidecar.dashboard import ui
+from headroom_sidecar.dashboard.ui import Context
+from headroom_sidecar.dashboard.views.plan import diff_lines, evidence_rows, rule_frame
 
 
 class Verdict(str, enum.Enum):

@@ -6,9 +6,9 @@ import json
 import pandas as pd
 import streamlit as st
 
-from controlplane.audit import AuditKind
-from dashboard import ui
-from dashboard.ui import Context
+from headroom_sidecar.controlplane.audit import AuditKind
+from headroom_sidecar.dashboard import ui
+from headroom_sidecar.dashboard.ui import Context
 
 ALL = "(all)"
 KINDS = [k.value for k in AuditKind]

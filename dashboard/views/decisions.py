@@ -4,10 +4,10 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from controlplane.plans import PlanStatus
-from dashboard import ui
-from dashboard.ui import Context
-from dashboard.views import plan as plan_view
+from headroom_sidecar.controlplane.plans import PlanStatus
+from headroom_sidecar.dashboard import ui
+from headroom_sidecar.dashboard.ui import Context
+from headroom_sidecar.dashboard.views import plan as plan_view
 
 ALL = "(all)"
 STATUSES = [s.value for s in PlanStatus]

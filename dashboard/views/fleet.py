@@ -8,8 +8,8 @@ import time
 import pandas as pd
 import streamlit as st
 
-from dashboard import ui
-from dashboard.ui import Context
+from headroom_sidecar.dashboard import ui
+from headroom_sidecar.dashboard.ui import Context
 
 # Latest application state per agent that is not a bare request: 'applied' means it runs that plan.
 _RUNNING_SQL = """
@@ -32,7 +32,7 @@ FROM requests GROUP BY agent_id
 """
 
 ATTACH_HELP = """\
-import agent
+from headroom_sidecar import agent
 handle = agent.attach(model, address="{address}")   # one line in the serving process
 with handle.request(tenant="acme", route="/chat", query_class="qa"):
     output = model.generate(...)

@@ -7,9 +7,9 @@ from typing import Optional
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts
-from dashboard.sql import TraceFilter, literal, mean, per_request_stats
-from dashboard.ui import Context
+from headroom_sidecar.dashboard import charts
+from headroom_sidecar.dashboard.sql import TraceFilter, literal, mean, per_request_stats
+from headroom_sidecar.dashboard.ui import Context
 
 ALL = "(all)"
 TIME_RANGES_S = {"last 15 minutes": 900.0, "last hour": 3600.0, "last 24 hours": 86400.0,

@@ -9,10 +9,10 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from controlplane.audit import AuditKind
-from controlplane.plans import PlanStatus
-from dashboard import charts, ui
-from dashboard.ui import Context
+from headroom_sidecar.controlplane.audit import AuditKind
+from headroom_sidecar.controlplane.plans import PlanStatus
+from headroom_sidecar.dashboard import charts, ui
+from headroom_sidecar.dashboard.ui import Context
 
 _MB = 1024 * 1024
 _ROLLBACK_KINDS = (AuditKind.ROLLBACK_REQUESTED.value, AuditKind.ROLLED_BACK.value)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from agent.adapters import (GPT2Adapter, HFLlamaAdapter, PlainAdapter, UnsupportedModelError,
+from headroom_sidecar.agent.adapters import (GPT2Adapter, HFLlamaAdapter, PlainAdapter, UnsupportedModelError,
                             WeightLayout, registered_adapters, resolve_structure)
 from tests.builders import ALL_BUILDERS, tiny_gpt2, tiny_llama, tiny_plain, token_ids
 

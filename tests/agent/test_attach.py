@@ -11,20 +11,20 @@ import time
 import pytest
 import torch
 
-from agent import attach, wire
-from agent.adapters import resolve_structure
-from agent.control import ControlHandler, EvalSpec, build_evalset
-from agent.executor import Executor
-from agent.plan import PlanError
-from agent.exporter import NoopExporter
-from agent.fingerprint import OffloadError, execution_device, fingerprint
-from agent.handle import AgentHandle
-from agent.settings import AgentSettings
-from agent.trial import Evidence, stdlib_doc_texts
-from controlplane.server import InboundKind, start_server
-from controlplane.settings import ServerSettings
-from proto import headroom_pb2 as pb
-from proto.plandoc import PlanPurpose
+from headroom_sidecar.agent import attach, wire
+from headroom_sidecar.agent.adapters import resolve_structure
+from headroom_sidecar.agent.control import ControlHandler, EvalSpec, build_evalset
+from headroom_sidecar.agent.executor import Executor
+from headroom_sidecar.agent.plan import PlanError
+from headroom_sidecar.agent.exporter import NoopExporter
+from headroom_sidecar.agent.fingerprint import OffloadError, execution_device, fingerprint
+from headroom_sidecar.agent.handle import AgentHandle
+from headroom_sidecar.agent.settings import AgentSettings
+from headroom_sidecar.agent.trial import Evidence, stdlib_doc_texts
+from headroom_sidecar.controlplane.server import InboundKind, start_server
+from headroom_sidecar.controlplane.settings import ServerSettings
+from headroom_sidecar.proto import headroom_pb2 as pb
+from headroom_sidecar.proto.plandoc import PlanPurpose
 from tests.agent.executor import assert_bitwise_equal, greedy, logits, plan, state_snapshot
 from tests.agent.test_exporter import wait_until
 from tests.builders import tiny_llama, token_ids

@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from agent import attach
-from agent.control import EvalSpec, EvalSpecError, build_evalset, evalset_hash
-from agent.trial import Evidence
-from controlplane.server import InboundKind, start_server
-from controlplane.settings import ServerSettings
-from proto import headroom_pb2 as pb
-from proto.plandoc import PlanPurpose
+from headroom_sidecar.agent import attach
+from headroom_sidecar.agent.control import EvalSpec, EvalSpecError, build_evalset, evalset_hash
+from headroom_sidecar.agent.trial import Evidence
+from headroom_sidecar.controlplane.server import InboundKind, start_server
+from headroom_sidecar.controlplane.settings import ServerSettings
+from headroom_sidecar.proto import headroom_pb2 as pb
+from headroom_sidecar.proto.plandoc import PlanPurpose
 from tests.agent.executor import assert_bitwise_equal, logits, plan, state_snapshot
 from tests.agent.test_exporter import wait_until
 from tests.builders import tiny_llama, token_ids

@@ -11,12 +11,12 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from agent import wire
-from agent.embedded import EmbeddedStartError, start_embedded
-from agent.exporter import BatchExporter
-from agent.records import RequestRecord
-from agent.settings import AgentSettings
-from controlplane.query import QueryClient
+from headroom_sidecar.agent import wire
+from headroom_sidecar.agent.embedded import EmbeddedStartError, start_embedded
+from headroom_sidecar.agent.exporter import BatchExporter
+from headroom_sidecar.agent.records import RequestRecord
+from headroom_sidecar.agent.settings import AgentSettings
+from headroom_sidecar.controlplane.query import QueryClient
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,7 +71,7 @@ def test_unusable_db_path_fails_with_the_childs_error(tmp_path):
     message = str(err.value)
     assert "exited with code 2 before it listened" in message
     assert "controlplane serve: error" in message and str(not_a_file) in message
-    assert "-m controlplane serve --db" in message   # the command, for reproducing it by hand
+    assert "-m headroom_sidecar.controlplane serve --db" in message   # the command, for reproducing it by hand
 
 
 def test_start_timeout_kills_the_child(tmp_path):
@@ -93,7 +93,7 @@ def _cmdline(proc_dir: Path) -> bytes:
 def test_interpreter_exit_stops_the_child(tmp_path):
     """A process that never calls stop(): atexit ends its control plane."""
     script = textwrap.dedent(f"""
-        from agent.embedded import start_embedded
+        from headroom_sidecar.agent.embedded import start_embedded
         cp = start_embedded({str(tmp_path / 'cp.duckdb')!r})
         print(cp.pid, flush=True)
     """)

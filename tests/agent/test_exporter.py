@@ -11,14 +11,14 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from agent import wire
-from agent.exporter import BatchExporter, NoopExporter, make_exporter
-from agent.fingerprint import ModelInfo
-from agent.records import GpuSample, RequestRecord, TraceArrays
-from agent.settings import AgentSettings
-from controlplane.query import QueryClient
-from controlplane.server import start_server
-from controlplane.settings import ServerSettings
+from headroom_sidecar.agent import wire
+from headroom_sidecar.agent.exporter import BatchExporter, NoopExporter, make_exporter
+from headroom_sidecar.agent.fingerprint import ModelInfo
+from headroom_sidecar.agent.records import GpuSample, RequestRecord, TraceArrays
+from headroom_sidecar.agent.settings import AgentSettings
+from headroom_sidecar.controlplane.query import QueryClient
+from headroom_sidecar.controlplane.server import start_server
+from headroom_sidecar.controlplane.settings import ServerSettings
 
 LAYERS, HEADS = 2, 3
 MODEL = ModelInfo(fingerprint="ab" * 32, name="tiny", architecture="LlamaForCausalLM",
@@ -286,8 +286,8 @@ def test_stalled_control_plane_times_out_and_the_batch_in_flight_is_resent(serve
 
 # ------------------------------------------------------------------ control messages
 def test_control_messages_reach_on_control_and_replies_reach_the_server(server):
-    from controlplane.server import InboundKind
-    from proto import headroom_pb2 as pb
+    from headroom_sidecar.controlplane.server import InboundKind
+    from headroom_sidecar.proto import headroom_pb2 as pb
     got, statuses = [], []
     server.state.on(InboundKind.PLAN_STATUS, lambda agent, msg: statuses.append((agent, msg)))
     ex = exporter(agent_settings(), server.address, agent_id="agent-ctl", on_control=got.append)

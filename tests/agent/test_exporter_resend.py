@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from agent import wire
-from agent.exporter import BatchExporter, _Inflight
-from agent.settings import AgentSettings
-from controlplane.server import InboundKind
+from headroom_sidecar.agent import wire
+from headroom_sidecar.agent.exporter import BatchExporter, _Inflight
+from headroom_sidecar.agent.settings import AgentSettings
+from headroom_sidecar.controlplane.server import InboundKind
 from tests.agent.test_exporter import (LAYERS, MODEL, check_accounting, record, request_ids,
                                        wait_until)
 from tests.controlplane.cpprocess import ControlPlaneProcess

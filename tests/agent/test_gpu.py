@@ -14,8 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from agent import gpu
-from agent.records import GpuSample
+from headroom_sidecar.agent import gpu
+from headroom_sidecar.agent.records import GpuSample
 
 STATUS_RE = re.compile(r"^(available: .+ x \d+(, .+ x \d+)*|unavailable: .+)$")
 

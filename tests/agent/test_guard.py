@@ -7,17 +7,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from agent import attach, wire
-from agent.adapters import resolve_structure
-from agent.control import ControlHandler
-from agent.executor import Executor
-from agent.fingerprint import fingerprint
-from agent.guard import GuardSample, sample_ids
-from agent.handle import AgentHandle
-from agent.settings import AgentSettings
-from controlplane.server import InboundKind
-from proto import headroom_pb2 as pb
-from proto.plandoc import PlanPurpose
+from headroom_sidecar.agent import attach, wire
+from headroom_sidecar.agent.adapters import resolve_structure
+from headroom_sidecar.agent.control import ControlHandler
+from headroom_sidecar.agent.executor import Executor
+from headroom_sidecar.agent.fingerprint import fingerprint
+from headroom_sidecar.agent.guard import GuardSample, sample_ids
+from headroom_sidecar.agent.handle import AgentHandle
+from headroom_sidecar.agent.settings import AgentSettings
+from headroom_sidecar.controlplane.server import InboundKind
+from headroom_sidecar.proto import headroom_pb2 as pb
+from headroom_sidecar.proto.plandoc import PlanPurpose
 from tests.agent.executor import (assert_bitwise_equal, greedy, logits, plan, plan_doc, rig,
                                   state_snapshot)
 from tests.agent.test_exporter import wait_until

@@ -12,9 +12,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from agent.adapters import resolve_structure
-from agent.handle import AgentHandle
-from agent.settings import AgentSettings
+from headroom_sidecar.agent.adapters import resolve_structure
+from headroom_sidecar.agent.handle import AgentHandle
+from headroom_sidecar.agent.settings import AgentSettings
 from tests.builders import ALL_BUILDERS, greedy_plain, tiny_llama, token_ids
 
 TRACE_ALL = AgentSettings(sample_rate=1.0, attn_decode_stride=2)

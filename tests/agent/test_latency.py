@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from agent.executor import Executor
-from agent.executor.executor import DEFAULT_APPLIERS
-from agent.latency import Spread, interleaved
-from agent.plan import TransformKind
+from headroom_sidecar.agent.executor import Executor
+from headroom_sidecar.agent.executor.executor import DEFAULT_APPLIERS
+from headroom_sidecar.agent.latency import Spread, interleaved
+from headroom_sidecar.agent.plan import TransformKind
 from tests.agent.executor import plan, rig
 from tests.builders import tiny_llama, token_ids
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from agent.adapters import WeightLayout, resolve_structure
-from agent.handle import AgentHandle
-from agent.observe import MAX_PREFILL_QUERIES, stats
-from agent.records import MAGNITUDE_QUANTILES, SPARSITY_THRESHOLDS
-from agent.settings import AgentSettings
+from headroom_sidecar.agent.adapters import WeightLayout, resolve_structure
+from headroom_sidecar.agent.handle import AgentHandle
+from headroom_sidecar.agent.observe import MAX_PREFILL_QUERIES, stats
+from headroom_sidecar.agent.records import MAGNITUDE_QUANTILES, SPARSITY_THRESHOLDS
+from headroom_sidecar.agent.settings import AgentSettings
 from tests.builders import ALL_BUILDERS, greedy_plain, token_ids
 
 TRACE_ALL = AgentSettings(sample_rate=1.0, attn_decode_stride=2)

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from agent.executor.int8 import head_int8_support
-from agent.plan import (HEAD_KEY, SCHEMA, Plan, PlanError, Precision, TransformKind,
+from headroom_sidecar.agent.executor.int8 import head_int8_support
+from headroom_sidecar.agent.plan import (HEAD_KEY, SCHEMA, Plan, PlanError, Precision, TransformKind,
                         canonical_json, check_fit, plan_hash)
 from tests.agent.executor import plan_doc, rig
 from tests.builders import tiny_llama, tiny_plain

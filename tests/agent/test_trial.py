@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from agent.trial import EvalSet, Evidence, run_trial, stdlib_doc_texts
+from headroom_sidecar.agent.trial import EvalSet, Evidence, run_trial, stdlib_doc_texts
 from tests.agent.executor import assert_bitwise_equal, logits, plan, rig, state_snapshot
 from tests.builders import tiny_llama, token_ids
 
@@ -84,7 +84,7 @@ HEAD_INT8 = {"kind": "weight_precision", "layers": {"1": "int8", "lm_head": "int
 def test_head_int8_trial_while_a_head_int8_plan_serves():
     # The served plan's head is an Int8Linear (no .weight): the trial reads the vocabulary
     # from out_features, measures against the unoptimised model, and puts the served plan back.
-    from agent.executor.int8 import Int8Linear
+    from headroom_sidecar.agent.executor.int8 import Int8Linear
     r = rig(tiny_llama())
     snap, base = state_snapshot(r.model), logits(r.model)
     served = plan(r.fingerprint, {"kind": "weight_precision", "layers": {"lm_head": "int8"}},

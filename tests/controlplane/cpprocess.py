@@ -33,7 +33,7 @@ class ControlPlaneProcess:
         port_file.unlink(missing_ok=True)
         self._log = open(self.db.parent / f"{self.db.stem}.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "controlplane", "serve", "--db", str(self.db),
+            [sys.executable, "-m", "headroom_sidecar.controlplane", "serve", "--db", str(self.db),
              "--port", str(self.port), "--port-file", str(port_file)],
             cwd=ROOT, env=self.env, stdout=self._log, stderr=self._log)
         deadline = time.monotonic() + self.start_timeout_s

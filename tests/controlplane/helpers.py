@@ -9,10 +9,10 @@ from typing import Optional
 import grpc
 import numpy as np
 
-from agent.records import GpuSample, RequestRecord, TraceArrays, to_tables
-from proto import columnar
-from proto import headroom_pb2 as pb
-from proto import headroom_pb2_grpc
+from headroom_sidecar.agent.records import GpuSample, RequestRecord, TraceArrays, to_tables
+from headroom_sidecar.proto import columnar
+from headroom_sidecar.proto import headroom_pb2 as pb
+from headroom_sidecar.proto import headroom_pb2_grpc
 
 MODEL = pb.ModelInfo(fingerprint="f" * 64, name="tiny-llama", architecture="LlamaForCausalLM",
                      num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=64,

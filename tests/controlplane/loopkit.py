@@ -11,15 +11,15 @@ from typing import Optional
 
 import torch
 
-from agent import attach
-from controlplane.admin import ControlSettings
-from controlplane.evalsets import EvalSettings, token_eval
-from controlplane.loop import LoopSettings
-from controlplane.planner import PlannerSettings
-from controlplane.policy import PolicySettings
-from controlplane.rollout import RolloutSettings
-from controlplane.server import start_server
-from controlplane.settings import ServerSettings
+from headroom_sidecar.agent import attach
+from headroom_sidecar.controlplane.admin import ControlSettings
+from headroom_sidecar.controlplane.evalsets import EvalSettings, token_eval
+from headroom_sidecar.controlplane.loop import LoopSettings
+from headroom_sidecar.controlplane.planner import PlannerSettings
+from headroom_sidecar.controlplane.policy import PolicySettings
+from headroom_sidecar.controlplane.rollout import RolloutSettings
+from headroom_sidecar.controlplane.server import start_server
+from headroom_sidecar.controlplane.settings import ServerSettings
 from tests.builders import tiny_llama, token_ids
 
 EVAL = EvalSettings(seq_len=24, max_sequences=2, prompts=1, prompt_tokens=8, new_tokens=4,

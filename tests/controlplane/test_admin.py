@@ -4,10 +4,10 @@ import re
 import grpc
 import pytest
 
-from controlplane.admin import AdminClient
-from controlplane.plans import PlanDoc, SkipLayers
-from proto import headroom_pb2 as pb
-from proto import headroom_pb2_grpc
+from headroom_sidecar.controlplane.admin import AdminClient
+from headroom_sidecar.controlplane.plans import PlanDoc, SkipLayers
+from headroom_sidecar.proto import headroom_pb2 as pb
+from headroom_sidecar.proto import headroom_pb2_grpc
 from tests.controlplane import helpers
 from tests.controlplane.loopkit import connected, start, wait_for
 

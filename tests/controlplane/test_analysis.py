@@ -3,11 +3,11 @@ import math
 import numpy as np
 import pytest
 
-from agent.records import RequestRecord, TraceArrays
-from controlplane import analysis
-from controlplane.ingest import decode_batch
-from controlplane.store import Registration, Store
-from proto import headroom_pb2 as pb
+from headroom_sidecar.agent.records import RequestRecord, TraceArrays
+from headroom_sidecar.controlplane import analysis
+from headroom_sidecar.controlplane.ingest import decode_batch
+from headroom_sidecar.controlplane.store import Registration, Store
+from headroom_sidecar.proto import headroom_pb2 as pb
 from tests.controlplane import helpers as h
 
 # [L=3, H=4]: head (1, 2) carries least, then (0, 3); each row sums to 1.

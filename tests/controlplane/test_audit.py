@@ -4,7 +4,7 @@ import threading
 import duckdb
 import pytest
 
-from controlplane.audit import GENESIS_HASH, AuditHead, AuditKind, AuditLog, row_hash
+from headroom_sidecar.controlplane.audit import GENESIS_HASH, AuditHead, AuditKind, AuditLog, row_hash
 
 
 @pytest.fixture

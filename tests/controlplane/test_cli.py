@@ -13,14 +13,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args, timeout_s=60):
-    return subprocess.run([sys.executable, "-m", "controlplane", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "headroom_sidecar.controlplane", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout_s)
 
 
 @pytest.fixture
 def served(tmp_path):
     db, port_file = tmp_path / "cli.duckdb", tmp_path / "run" / "port"
-    proc = subprocess.Popen([sys.executable, "-m", "controlplane", "serve", "--db", str(db),
+    proc = subprocess.Popen([sys.executable, "-m", "headroom_sidecar.controlplane", "serve", "--db", str(db),
                              "--port", "0", "--port-file", str(port_file)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30

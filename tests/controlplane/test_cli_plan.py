@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from controlplane.cli import main
-from controlplane.plans import PlanDoc, PlanStatus, SkipLayers
+from headroom_sidecar.controlplane.cli import main
+from headroom_sidecar.controlplane.plans import PlanDoc, PlanStatus, SkipLayers
 from tests.controlplane import helpers
 from tests.controlplane.loopkit import LiveAgent, connected, start, traced_rows, wait_for
 

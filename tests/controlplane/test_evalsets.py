@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.trial import EvalSet
-from controlplane.evalsets import EvalSettings, byte_token_ids, eval_spec, token_eval
+from headroom_sidecar.agent.trial import EvalSet
+from headroom_sidecar.controlplane.evalsets import EvalSettings, byte_token_ids, eval_spec, token_eval
 
 SETTINGS = EvalSettings(seq_len=24, max_sequences=3, prompts=2, prompt_tokens=8, new_tokens=4,
                         latency_repeats=1)

@@ -6,10 +6,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from controlplane.cli import main
-from controlplane.health import HealthSettings
-from controlplane.server import SERVICE_NAME, start_server
-from controlplane.settings import ServerSettings
+from headroom_sidecar.controlplane.cli import main
+from headroom_sidecar.controlplane.health import HealthSettings
+from headroom_sidecar.controlplane.server import SERVICE_NAME, start_server
+from headroom_sidecar.controlplane.settings import ServerSettings
 
 FAST = HealthSettings(probe_interval_s=0.05)
 
@@ -107,7 +107,7 @@ def test_health_settings_boundaries_accepted(monkeypatch):
 
 
 def test_version_prints_the_package_version(capsys):
-    from controlplane.cli import package_version
+    from headroom_sidecar.controlplane.cli import package_version
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0
@@ -116,5 +116,5 @@ def test_version_prints_the_package_version(capsys):
 
 
 def test_version_falls_back_to_pyproject_when_not_installed():
-    from controlplane.cli import package_version
+    from headroom_sidecar.controlplane.cli import package_version
     assert package_version("headroom-not-installed-anywhere") == "0.1.0"

@@ -2,8 +2,8 @@
 operator's approval or rejection, refusals to start, and a policy folder that does not load."""
 import pytest
 
-from controlplane.loop import LoopError, PlanRequest
-from controlplane.planner import QualityBudget
+from headroom_sidecar.controlplane.loop import LoopError, PlanRequest
+from headroom_sidecar.controlplane.planner import QualityBudget
 from tests.controlplane.loopkit import (LOOSE_BUDGET, LiveAgent, audit_kinds, connected, start,
                                         token_eval_args, traced_rows, wait_for, write_policies)
 
@@ -114,8 +114,8 @@ def test_policy_folder_that_does_not_load_keeps_telemetry_and_reports(tmp_path):
 
 
 def start_with_folder(tmp_path, folder: str):
-    from controlplane.server import start_server
-    from controlplane.settings import ServerSettings
+    from headroom_sidecar.controlplane.server import start_server
+    from headroom_sidecar.controlplane.settings import ServerSettings
     from tests.controlplane.loopkit import control_settings
     return start_server(ServerSettings(db_path=str(tmp_path / "cp2.duckdb"), port=0),
                         control_settings(folder))

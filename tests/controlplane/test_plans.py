@@ -6,7 +6,7 @@ import threading
 import duckdb
 import pytest
 
-from controlplane.plans import (TRANSITIONS, ActivationSparsity, ApplicationState, CompileMode,
+from headroom_sidecar.controlplane.plans import (TRANSITIONS, ActivationSparsity, ApplicationState, CompileMode,
                                 Decision, DecisionOutcome, Execution, IllegalTransition, PlanDoc,
                                 PlanMode, PlanStatus, PlanStore, PlanValidationError, Precision,
                                 PruneHeads, RolloutStage, SkipLayers, WeightPrecision,
@@ -146,7 +146,7 @@ def test_head_precision_round_trip():
 
 
 def test_head_precision_fits_any_model_and_agent_parses_it():
-    from agent.plan import Plan    # tests may import agent/: both sides read the same document
+    from headroom_sidecar.agent.plan import Plan    # tests may import agent/: both sides read the same document
     plan = PlanDoc.from_doc(doc(transforms=[HEAD_DOC]))
     check_against(plan, {"num_layers": 4, "num_heads": 2})
     agent = Plan.from_doc(plan.to_doc())

@@ -3,7 +3,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from controlplane.query import (QueryClient, QueryError, QueryErrorKind, decode_result,
+from headroom_sidecar.controlplane.query import (QueryClient, QueryError, QueryErrorKind, decode_result,
                                 encode_result)
 from tests.controlplane import helpers as h
 
@@ -99,8 +99,8 @@ def test_truncated_at_max_rows(loaded):
 
 
 def test_server_caps_max_rows(tmp_path):
-    from controlplane.server import start_server
-    from controlplane.settings import ServerSettings
+    from headroom_sidecar.controlplane.server import start_server
+    from headroom_sidecar.controlplane.settings import ServerSettings
     running = start_server(ServerSettings(db_path=str(tmp_path / "c.duckdb"), port=0,
                                           query_default_rows=3, query_max_rows=4))
     try:

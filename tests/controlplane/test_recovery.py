@@ -15,17 +15,17 @@ from typing import Optional
 
 import pytest
 
-from agent import wire
-from agent.exporter import BatchExporter
-from agent.settings import AgentSettings
-from controlplane.admin import AdminClient
-from controlplane.jobs import Job, JobState, Stage
-from controlplane.loop import LoopSettings
-from controlplane.plans import (ApplicationState, PlanDoc, PlanStatus, Precision, RolloutStage,
+from headroom_sidecar.agent import wire
+from headroom_sidecar.agent.exporter import BatchExporter
+from headroom_sidecar.agent.settings import AgentSettings
+from headroom_sidecar.controlplane.admin import AdminClient
+from headroom_sidecar.controlplane.jobs import Job, JobState, Stage
+from headroom_sidecar.controlplane.loop import LoopSettings
+from headroom_sidecar.controlplane.plans import (ApplicationState, PlanDoc, PlanStatus, Precision, RolloutStage,
                                 WeightPrecision)
-from controlplane.recovery import RESTART_REASON
-from controlplane.server import start_server
-from controlplane.settings import ServerSettings
+from headroom_sidecar.controlplane.recovery import RESTART_REASON
+from headroom_sidecar.controlplane.server import start_server
+from headroom_sidecar.controlplane.settings import ServerSettings
 from tests.controlplane.cpprocess import ControlPlaneProcess
 from tests.controlplane.loopkit import LiveAgent, control_settings, wait_for, write_policies
 
@@ -268,8 +268,8 @@ def _after_restart(cp: ControlPlaneProcess, plan_id: str, job_id: str) -> tuple[
 
 
 def test_sigkill_mid_rollout_then_restart_settles_the_plan_from_the_agent(tmp_path):
-    from agent.adapters import resolve_structure
-    from agent.fingerprint import model_info
+    from headroom_sidecar.agent.adapters import resolve_structure
+    from headroom_sidecar.agent.fingerprint import model_info
     from tests.builders import tiny_llama
     model = tiny_llama(seed=0)                              # LiveAgent's model, seed 0
     _seed_needs_human(tmp_path, model_info(model, resolve_structure(model)).fingerprint,

@@ -6,17 +6,17 @@ from datetime import datetime, timedelta
 import pyarrow.parquet as pq
 import pytest
 
-from controlplane import cli
-from controlplane.export import EXPORT_TABLES
-from controlplane.ingest import decode_batch
-from controlplane.planner.candidates import CandidateScope, load_candidates
-from controlplane.planner.settings import PlannerSettings
-from controlplane.retention import (RAW_TABLES, RetentionSettings, RetentionWorker, run_retention,
+from headroom_sidecar.controlplane import cli
+from headroom_sidecar.controlplane.export import EXPORT_TABLES
+from headroom_sidecar.controlplane.ingest import decode_batch
+from headroom_sidecar.controlplane.planner.candidates import CandidateScope, load_candidates
+from headroom_sidecar.controlplane.planner.settings import PlannerSettings
+from headroom_sidecar.controlplane.retention import (RAW_TABLES, RetentionSettings, RetentionWorker, run_retention,
                                     used_bytes)
-from controlplane.schema import ROLLUP_TABLES
-from controlplane.settings import ServerSettings
-from controlplane.store import Registration, Store, utc_now
-from proto import headroom_pb2 as pb
+from headroom_sidecar.controlplane.schema import ROLLUP_TABLES
+from headroom_sidecar.controlplane.settings import ServerSettings
+from headroom_sidecar.controlplane.store import Registration, Store, utc_now
+from headroom_sidecar.proto import headroom_pb2 as pb
 from tests.controlplane import helpers as h
 
 # The retention pass's clock, and floor_hour(NOW - 14 days): well before the real clock, so the
@@ -172,8 +172,8 @@ def test_retention_thread_runs_at_start_and_stops_when_told(tmp_path):
 
 
 def test_the_server_stops_retention_before_it_closes_the_store(tmp_path):
-    from controlplane.server import start_server
-    from controlplane.settings import ServerSettings
+    from headroom_sidecar.controlplane.server import start_server
+    from headroom_sidecar.controlplane.settings import ServerSettings
     running = start_server(ServerSettings(db_path=str(tmp_path / "srv.duckdb"), port=0))
     worker = running.retention
     assert worker is not None and worker._thread.is_alive()

@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from controlplane.plans import (ApplicationState, PlanDoc, PlanStatus, Precision, SkipLayers,
+from headroom_sidecar.controlplane.plans import (ApplicationState, PlanDoc, PlanStatus, Precision, SkipLayers,
                                 WeightPrecision)
-from controlplane.rollout import RolloutSettings
+from headroom_sidecar.controlplane.rollout import RolloutSettings
 from tests.controlplane.loopkit import LiveAgent, audit_kinds, connected, start, wait_for
 
 pytestmark = pytest.mark.timeout(90)

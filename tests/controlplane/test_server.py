@@ -5,10 +5,10 @@ import grpc
 import numpy as np
 import pytest
 
-from controlplane.ingest import ErrorCode
-from controlplane.server import InboundKind, start_server
-from controlplane.settings import ServerSettings
-from proto import headroom_pb2 as pb
+from headroom_sidecar.controlplane.ingest import ErrorCode
+from headroom_sidecar.controlplane.server import InboundKind, start_server
+from headroom_sidecar.controlplane.settings import ServerSettings
+from headroom_sidecar.proto import headroom_pb2 as pb
 from tests.controlplane import helpers as h
 from tests.controlplane.test_store import BAD
 
@@ -129,7 +129,7 @@ def test_garbage_bytes_get_an_error_and_the_server_keeps_serving(server):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "QueryRequest" in err.value.details()
     channel.close()
-    from controlplane.query import QueryClient
+    from headroom_sidecar.controlplane.query import QueryClient
     with QueryClient(server.address) as client:
         assert client.query("SELECT count(*) AS n FROM requests").table["n"].to_pylist() == [1]
 

@@ -1,6 +1,6 @@
 import pytest
 
-from controlplane.settings import ServerSettings
+from headroom_sidecar.controlplane.settings import ServerSettings
 
 
 def test_argument_beats_env_beats_default(monkeypatch):

@@ -2,13 +2,13 @@ import duckdb
 import numpy as np
 import pytest
 
-from agent.records import to_tables
-from controlplane.ingest import ErrorCode, IngestError, decode_batch
-from controlplane.ingest_rules import MAX_BATCH_ROWS, ModelShape
-from controlplane.schema import TELEMETRY_COLUMNS
-from controlplane.store import Counters, Registration, Store, StoreError
-from proto import columnar
-from proto import headroom_pb2 as pb
+from headroom_sidecar.agent.records import to_tables
+from headroom_sidecar.controlplane.ingest import ErrorCode, IngestError, decode_batch
+from headroom_sidecar.controlplane.ingest_rules import MAX_BATCH_ROWS, ModelShape
+from headroom_sidecar.controlplane.schema import TELEMETRY_COLUMNS
+from headroom_sidecar.controlplane.store import Counters, Registration, Store, StoreError
+from headroom_sidecar.proto import columnar
+from headroom_sidecar.proto import headroom_pb2 as pb
 from tests.controlplane import helpers as h
 
 
@@ -69,7 +69,7 @@ def test_dedupe_off_stores_a_resend(tmp_path):
 
 
 def test_grouped_batches_keep_each_agents_rows(store):
-    from controlplane.store import BatchJob
+    from headroom_sidecar.controlplane.store import BatchJob
     jobs = [BatchJob("a", 1, _decoded(1, h.records(2))), BatchJob("b", 1, _decoded(1, h.records(3))),
             BatchJob("a", 1, _decoded(1, h.records(2)))]   # a repeat inside the group
     results = store.store_batches(jobs)

@@ -4,11 +4,11 @@ import threading
 
 import pytest
 
-from controlplane.evalsets import EvalSettings, byte_token_ids, eval_spec, token_eval
-from controlplane.planner import TrialError
-from controlplane.plans import PlanDoc, SkipLayers, WeightPrecision, Precision
-from proto import headroom_pb2 as pb
-from controlplane.trials import AgentGone, StatusState, plan_message
+from headroom_sidecar.controlplane.evalsets import EvalSettings, byte_token_ids, eval_spec, token_eval
+from headroom_sidecar.controlplane.planner import TrialError
+from headroom_sidecar.controlplane.plans import PlanDoc, SkipLayers, WeightPrecision, Precision
+from headroom_sidecar.proto import headroom_pb2 as pb
+from headroom_sidecar.controlplane.trials import AgentGone, StatusState, plan_message
 from tests.controlplane import helpers
 from tests.controlplane.loopkit import EVAL, LiveAgent, connected, start, token_eval_args, wait_for
 

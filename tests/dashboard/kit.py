@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from controlplane.admin import AdminClient
+from headroom_sidecar.controlplane.admin import AdminClient
 from tests.builders import token_ids
 from tests.controlplane.loopkit import (LOOSE_BUDGET, LiveAgent, connected, start, token_eval_args,
                                         traced_rows, wait_for)

@@ -2,7 +2,7 @@
 operator, through the control plane (which records it in the audit log)."""
 import pytest
 
-from controlplane.admin import AdminClient
+from headroom_sidecar.controlplane.admin import AdminClient
 from tests.dashboard.helpers import no_exception, tables, texts
 from tests.controlplane.loopkit import wait_for
 from tests.dashboard.kit import pending_plan

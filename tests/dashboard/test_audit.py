@@ -1,8 +1,8 @@
 """Audit log page: verification status of the hash chain, search, row details."""
 import duckdb
 
-from controlplane.server import start_server
-from controlplane.settings import ServerSettings
+from headroom_sidecar.controlplane.server import start_server
+from headroom_sidecar.controlplane.settings import ServerSettings
 from tests.dashboard.helpers import no_exception, tables, texts
 from tests.dashboard.kit import HISTORY_OPERATOR
 

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import pytest
 from playwright.sync_api import sync_playwright
 
-from controlplane.admin import AdminClient
+from headroom_sidecar.controlplane.admin import AdminClient
 from tests.controlplane.loopkit import wait_for
 from tests.dashboard.kit import AGENT, APP, free_port, pending_plan
 

@@ -1,6 +1,6 @@
 """Decisions page: the plan list, and one plan's diff, evidence, policy evaluation rule by rule,
 rollout history and rollback cause, as the control plane recorded them."""
-from controlplane.admin import AdminClient
+from headroom_sidecar.controlplane.admin import AdminClient
 from tests.dashboard.helpers import chart_titled, no_exception, tables, texts
 from tests.dashboard.kit import HISTORY_OPERATOR, ROLLBACK_REASON
 

@@ -30,7 +30,7 @@ def test_fleet_empty_state_says_how_to_attach(empty_server, open_app):
 
 
 def test_fleet_running_plan_shows_while_applied(world, open_app):
-    from controlplane.admin import AdminClient
+    from headroom_sidecar.controlplane.admin import AdminClient
     from tests.dashboard.kit import pending_plan, wait_rollout
     plan_id = pending_plan(world.address)
     with AdminClient(world.address, actor="carol") as admin:

@@ -1,7 +1,7 @@
 """DashboardSettings: command line > HEADROOM_* env > default, and clear errors."""
 import pytest
 
-from dashboard.settings import DEFAULT_ADDRESS, DashboardSettings
+from headroom_sidecar.dashboard.settings import DEFAULT_ADDRESS, DashboardSettings
 
 
 def test_defaults_env_and_flags_in_that_order(monkeypatch):

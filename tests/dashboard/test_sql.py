@@ -3,9 +3,9 @@ import time
 
 import pytest
 
-from dashboard.client import CommandFailed, ControlPlaneClient
-from dashboard.settings import DashboardSettings
-from dashboard.sql import TraceFilter, literal
+from headroom_sidecar.dashboard.client import CommandFailed, ControlPlaneClient
+from headroom_sidecar.dashboard.settings import DashboardSettings
+from headroom_sidecar.dashboard.sql import TraceFilter, literal
 from tests.dashboard.kit import AGENT, TRAFFIC
 
 

@@ -15,13 +15,13 @@ from typing import Optional
 
 import pytest
 
-from controlplane import certs
-from controlplane.admin import AdminClient
-from controlplane.auth import Role, issue_token, load_token_key
-from controlplane.credentials import ClientCredentials
-from controlplane.query import QueryClient
-from controlplane.server import RunningServer, start_server
-from controlplane.settings import ServerSettings
+from headroom_sidecar.controlplane import certs
+from headroom_sidecar.controlplane.admin import AdminClient
+from headroom_sidecar.controlplane.auth import Role, issue_token, load_token_key
+from headroom_sidecar.controlplane.credentials import ClientCredentials
+from headroom_sidecar.controlplane.query import QueryClient
+from headroom_sidecar.controlplane.server import RunningServer, start_server
+from headroom_sidecar.controlplane.settings import ServerSettings
 from tests.controlplane.helpers import AgentStream
 
 AGENTS = ("agent-1", "agent-2")

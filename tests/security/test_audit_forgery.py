@@ -11,11 +11,11 @@ import stat
 import duckdb
 import pytest
 
-from controlplane import cli
-from controlplane.audit import GENESIS_HASH, AuditHead, AuditKind, AuditLog, row_hash
-from controlplane.audit_key import ANCHOR_SUFFIX, KEY_SUFFIX, AuditSettings
-from controlplane.server import start_server
-from controlplane.settings import ServerSettings
+from headroom_sidecar.controlplane import cli
+from headroom_sidecar.controlplane.audit import GENESIS_HASH, AuditHead, AuditKind, AuditLog, row_hash
+from headroom_sidecar.controlplane.audit_key import ANCHOR_SUFFIX, KEY_SUFFIX, AuditSettings
+from headroom_sidecar.controlplane.server import start_server
+from headroom_sidecar.controlplane.settings import ServerSettings
 
 _OLD_SCHEMA = """
 CREATE TABLE audit_log (seq BIGINT PRIMARY KEY, ts_us BIGINT NOT NULL, kind VARCHAR NOT NULL,
@@ -82,12 +82,12 @@ def test_honest_log_verifies_against_its_own_and_a_copied_anchor(db, log, tmp_pa
 
 
 def test_key_file_is_created_0600_and_the_head_goes_to_the_log(db, con, caplog):
-    with caplog.at_level(logging.INFO, logger="controlplane.audit.anchor"):
+    with caplog.at_level(logging.INFO, logger="headroom_sidecar.controlplane.audit.anchor"):
         log = AuditLog(con)
         log.append(AuditKind.NOTE, "planner", "x", {})
     assert stat.S_IMODE(os.stat(db + KEY_SUFFIX).st_mode) == 0o600
     assert len(bytes.fromhex(open(db + KEY_SUFFIX).read().strip())) == 32
-    shipped = [r.getMessage() for r in caplog.records if r.name == "controlplane.audit.anchor"]
+    shipped = [r.getMessage() for r in caplog.records if r.name == "headroom_sidecar.controlplane.audit.anchor"]
     assert shipped == [f"audit head {json.dumps(dataclasses.asdict(log.head()), sort_keys=True)}"]
 
 

@@ -6,11 +6,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from controlplane import certs
-from controlplane.auth import COMMAND_ROLES, Role
-from controlplane.credentials import ClientCredentials
-from controlplane.plans import PlanDoc, PlanStatus, SkipLayers
-from controlplane.server import start_server
+from headroom_sidecar.controlplane import certs
+from headroom_sidecar.controlplane.auth import COMMAND_ROLES, Role
+from headroom_sidecar.controlplane.credentials import ClientCredentials
+from headroom_sidecar.controlplane.plans import PlanDoc, PlanStatus, SkipLayers
+from headroom_sidecar.controlplane.server import start_server
 from tests.controlplane import helpers
 from tests.security.conftest import OPERATORS, SecureWorld
 
@@ -140,7 +140,7 @@ def test_hello_naming_another_id_than_the_certificate_is_refused(secure):
 
 
 def test_only_verified_agents_can_be_canaries(secure):
-    from controlplane.rollout import Fleet
+    from headroom_sidecar.controlplane.rollout import Fleet
     with secure.agent("agent-2") as s:
         s.send(_hello("agent-2"))
         _ready(s)
@@ -187,7 +187,7 @@ def test_viewer_cannot_approve_and_operator_cannot_reload(secure):
         agent_stream.send(_hello("agent-1"))
         _ready(agent_stream)
     agent_creds = secure.agent_credentials("agent-1")
-    from controlplane.admin import AdminClient
+    from headroom_sidecar.controlplane.admin import AdminClient
     with AdminClient(secure.address, credentials=agent_creds, timeout_s=10) as as_agent:
         code, _ = _code(lambda: as_agent.call("agents.list"))
         assert code == grpc.StatusCode.PERMISSION_DENIED
@@ -230,7 +230,7 @@ def test_agent_exporter_streams_over_mutual_tls(secure):
 
 
 def test_agent_settings_refuse_half_a_certificate(pki):
-    from agent.settings import AgentSettings
+    from headroom_sidecar.agent.settings import AgentSettings
     with pytest.raises(ValueError, match="tls_cert_file and tls_key_file go together"):
         AgentSettings(tls_ca_file=pki.ca_file, tls_cert_file=pki.agents["agent-1"].cert_file)
     with pytest.raises(ValueError, match="needs tls_ca_file"):

@@ -12,13 +12,13 @@ import grpc
 import numpy as np
 import pytest
 
-from controlplane import analysis
-from controlplane.ingest_rules import COLUMN_RULES, MAX_LABEL_CHARS
-from controlplane.planner.candidates import CandidateScope, load_candidates
-from controlplane.schema import TELEMETRY_COLUMNS
-from controlplane.server import SERVICE_NAME, start_server
-from controlplane.settings import ServerSettings
-from proto import headroom_pb2 as pb
+from headroom_sidecar.controlplane import analysis
+from headroom_sidecar.controlplane.ingest_rules import COLUMN_RULES, MAX_LABEL_CHARS
+from headroom_sidecar.controlplane.planner.candidates import CandidateScope, load_candidates
+from headroom_sidecar.controlplane.schema import TELEMETRY_COLUMNS
+from headroom_sidecar.controlplane.server import SERVICE_NAME, start_server
+from headroom_sidecar.controlplane.settings import ServerSettings
+from headroom_sidecar.proto import headroom_pb2 as pb
 from tests.controlplane import helpers as h
 
 BATCHES = 2_000
@@ -265,10 +265,10 @@ def test_analysis_and_planner_still_read_the_store(fuzzed):
 
 # ---------------------------------------------------------------------- the agent hears about it
 def test_the_ack_tells_the_agent_what_was_refused_and_the_exporter_counts_it(tmp_path):
-    from agent import wire
-    from agent.exporter import BatchExporter
-    from agent.fingerprint import ModelInfo
-    from agent.settings import AgentSettings
+    from headroom_sidecar.agent import wire
+    from headroom_sidecar.agent.exporter import BatchExporter
+    from headroom_sidecar.agent.fingerprint import ModelInfo
+    from headroom_sidecar.agent.settings import AgentSettings
     running = start_server(ServerSettings(db_path=str(tmp_path / "cp.duckdb"), port=0))
     # The agent registers 2 layers and then traces 3 (a bug, or a lie): layer 2 is refused.
     model = ModelInfo(**{**{f.name: getattr(h.MODEL, f.name) for f in
@@ -293,8 +293,8 @@ def test_the_ack_tells_the_agent_what_was_refused_and_the_exporter_counts_it(tmp
 
 def test_what_slips_past_ingest_does_not_break_analysis_or_the_planner(tmp_path):
     """Rows written straight into the file (an older control plane, a manual INSERT)."""
-    from controlplane.ingest import decode_batch
-    from controlplane.store import Registration, Store
+    from headroom_sidecar.controlplane.ingest import decode_batch
+    from headroom_sidecar.controlplane.store import Registration, Store
     store = Store(str(tmp_path / "cp.duckdb"))
     store.register_agent(Registration(agent_id="a", model={"num_layers": LAYERS,
                                                            "num_heads": HEADS}))

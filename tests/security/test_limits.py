@@ -6,10 +6,10 @@ import time
 import grpc
 import pytest
 
-from controlplane.query import QueryError
-from controlplane.server import start_server
-from controlplane.settings import ServerSettings
-from proto import headroom_pb2 as pb
+from headroom_sidecar.controlplane.query import QueryError
+from headroom_sidecar.controlplane.server import start_server
+from headroom_sidecar.controlplane.settings import ServerSettings
+from headroom_sidecar.proto import headroom_pb2 as pb
 from tests.controlplane import helpers
 from tests.security.conftest import SecureWorld, tls_settings
 

@@ -17,13 +17,13 @@ import threading
 import pytest
 import torch
 
-from agent.verify import parse_trusted_keys
-from controlplane.plans import PlanDoc, PlanStatus, SkipLayers
-from controlplane.server import InboundKind
-from controlplane.signing import KEY_FILE_NAME, PlanSigner, SigningKeyError
-from controlplane.trials import DropReason, StatusState, plan_message
-from proto import headroom_pb2 as pb
-from proto.plandoc import PlanPurpose
+from headroom_sidecar.agent.verify import parse_trusted_keys
+from headroom_sidecar.controlplane.plans import PlanDoc, PlanStatus, SkipLayers
+from headroom_sidecar.controlplane.server import InboundKind
+from headroom_sidecar.controlplane.signing import KEY_FILE_NAME, PlanSigner, SigningKeyError
+from headroom_sidecar.controlplane.trials import DropReason, StatusState, plan_message
+from headroom_sidecar.proto import headroom_pb2 as pb
+from headroom_sidecar.proto.plandoc import PlanPurpose
 from tests.controlplane import helpers
 from tests.controlplane.loopkit import LiveAgent, audit_kinds, connected, start, wait_for
 
@@ -185,7 +185,7 @@ def test_key_rotation_trusts_the_listed_keys_only(world, tmp_path):
     ("/nonexistent/keys.pub", "no such file"),
 ])
 def test_bad_verify_keys_are_clear_errors(spec, error):
-    from agent.settings import AgentSettings
+    from headroom_sidecar.agent.settings import AgentSettings
     with pytest.raises(ValueError, match=f"plan_verify_keys: .*{error}"):
         AgentSettings(plan_verify_keys=spec)
 
@@ -224,7 +224,7 @@ def test_key_file_readable_by_others_is_refused(tmp_path):
 
 
 def test_signing_key_setting_names_the_file(tmp_path, monkeypatch):
-    from controlplane.signing import PlanSigner as S
+    from headroom_sidecar.controlplane.signing import PlanSigner as S
     path = tmp_path / "elsewhere" / "cp.key"
     monkeypatch.setenv("HEADROOM_PLAN_SIGNING_KEY", str(path))
     signer = S.for_server(str(tmp_path / "db" / "cp.duckdb"))
@@ -312,13 +312,13 @@ def test_rogue_quality_guard_claim_does_not_roll_the_fleet_back(world):
 def test_embedded_control_plane_key_is_trusted_in_process(tmp_path):
     """attach() without an address: this process makes the child's signing key (0600) and
     trusts exactly that key; nothing is learnt from the stream."""
-    from agent import attach
+    from headroom_sidecar.agent import attach
     from tests.builders import tiny_llama
     handle = attach(tiny_llama(), embedded_db_path=str(tmp_path / "emb.duckdb"), sample_rate=0.0)
     try:
         ids = handle.control.verifier.key_ids
         assert len(ids) == 1
-        from agent.attach import _EMBEDDED
+        from headroom_sidecar.agent.attach import _EMBEDDED
         (cp, _), = [v for k, v in _EMBEDDED._running.items() if k.endswith("emb.duckdb")]
         key_file = cp._tmp_dir / KEY_FILE_NAME
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600

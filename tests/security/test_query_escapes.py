@@ -6,7 +6,7 @@ from __future__ import annotations
 import duckdb
 import pytest
 
-from controlplane.query import (QueryClient, QueryError, QueryErrorKind, QuerySettings, run_query,
+from headroom_sidecar.controlplane.query import (QueryClient, QueryError, QueryErrorKind, QuerySettings, run_query,
                                 scrub)
 from tests.controlplane import helpers as h
 

@@ -6,13 +6,13 @@ import sys
 import grpc
 import pytest
 
-from controlplane import certs
-from controlplane.admin import AdminClient
-from controlplane.auth import AuthError, Role, issue_token, verify_token
-from controlplane.credentials import ClientCredentials
-from controlplane.query import QueryClient, QueryError
-from controlplane.server import start_server
-from controlplane.settings import ServerSettings
+from headroom_sidecar.controlplane import certs
+from headroom_sidecar.controlplane.admin import AdminClient
+from headroom_sidecar.controlplane.auth import AuthError, Role, issue_token, verify_token
+from headroom_sidecar.controlplane.credentials import ClientCredentials
+from headroom_sidecar.controlplane.query import QueryClient, QueryError
+from headroom_sidecar.controlplane.server import start_server
+from headroom_sidecar.controlplane.settings import ServerSettings
 from tests.controlplane import helpers
 from tests.security.conftest import tls_settings
 
@@ -69,7 +69,7 @@ def test_forged_tokens_are_refused(secure):
 
 
 def test_token_expiry_boundary(pki):
-    from controlplane.auth import load_token_key
+    from headroom_sidecar.controlplane.auth import load_token_key
     key = load_token_key(pki.token_key_file)
     token = issue_token(key, "tom", Role.VIEWER, ttl_s=60, now_s=1000.0)
     assert verify_token(key, token, now_s=1059.999).subject == "tom"
@@ -127,7 +127,7 @@ def test_tls_on_all_interfaces_starts(pki, tmp_path):
 
 
 def test_serve_cli_refuses_public_bind_with_what_to_set(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "controlplane", "serve", "--db",
+    out = subprocess.run([sys.executable, "-m", "headroom_sidecar.controlplane", "serve", "--db",
                           str(tmp_path / "cp.duckdb"), "--host", "0.0.0.0", "--port", "0"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
@@ -153,7 +153,7 @@ def test_local_token_mode_refuses_calls_without_the_token(tmp_path):
 
 
 def test_embedded_control_plane_takes_only_this_process_token(tmp_path):
-    from agent.embedded import LOCAL_TOKEN_ENV, start_embedded
+    from headroom_sidecar.agent.embedded import LOCAL_TOKEN_ENV, start_embedded
     import os
     with start_embedded(str(tmp_path / "emb.duckdb")) as cp:
         assert os.environ.get(LOCAL_TOKEN_ENV)                  # handed to in-process clients
@@ -166,7 +166,7 @@ def test_embedded_control_plane_takes_only_this_process_token(tmp_path):
 
 def test_readme_commands_certs_token_and_cli_over_tls(tmp_path, capsys):
     """certs init -> serve with TLS -> CLI with a token on the operator port and with a cert."""
-    from controlplane import cli
+    from headroom_sidecar.controlplane import cli
     d = tmp_path / "pki"
     assert cli.main(["certs", "init", str(d), "--agent", "gpu-0", "--operator",
                      "alice:approver"]) == 0
@@ -198,8 +198,8 @@ def test_readme_commands_certs_token_and_cli_over_tls(tmp_path, capsys):
 
 
 def test_dashboard_client_carries_the_operator_credential(secure):
-    from dashboard.client import CommandFailed, ControlPlaneClient
-    from dashboard.settings import DashboardSettings
+    from headroom_sidecar.dashboard.client import CommandFailed, ControlPlaneClient
+    from headroom_sidecar.dashboard.settings import DashboardSettings
     settings = DashboardSettings(address=secure.address, timeout_s=5.0)
     with_cert = ControlPlaneClient(settings, credentials=secure.operator_credentials("vera"))
     assert with_cert.ping() is None and with_cert.admin("agents.list") == []

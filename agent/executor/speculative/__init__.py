@@ -7,7 +7,7 @@
     generate.py  speculative_generate(): the loop, one KV cache per side, rejected positions cropped
     install.py   execution.speculative: the generate wrapper the executor installs
 """
-from agent.executor.speculative.draft import (Drafter, PromptLookupDrafter, Proposal,  # noqa: F401
+from headroom_sidecar.agent.executor.speculative.draft import (Drafter, PromptLookupDrafter, Proposal,  # noqa: F401
                                      SelfDrafter)
-from agent.executor.speculative.generate import SpecStats, speculative_generate  # noqa: F401
-from agent.executor.speculative.verify import Sampler  # noqa: F401
+from headroom_sidecar.agent.executor.speculative.generate import SpecStats, speculative_generate  # noqa: F401
+from headroom_sidecar.agent.executor.speculative.verify import Sampler  # noqa: F401

@@ -19,9 +19,9 @@ from typing import Iterator, Optional, Protocol
 import torch
 from torch import Tensor, nn
 
-from agent.executor.undo import UndoLog
-from agent.executor.speculative.model_io import forward_logits, new_cache
-from agent.executor.speculative.verify import Sampler
+from headroom_sidecar.agent.executor.undo import UndoLog
+from headroom_sidecar.agent.executor.speculative.model_io import forward_logits, new_cache
+from headroom_sidecar.agent.executor.speculative.verify import Sampler
 
 
 @dataclass

@@ -13,9 +13,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from agent.executor.speculative.draft import Drafter
-from agent.executor.speculative.model_io import forward_logits, new_cache
-from agent.executor.speculative.verify import Sampler, verify_greedy, verify_sampled
+from headroom_sidecar.agent.executor.speculative.draft import Drafter
+from headroom_sidecar.agent.executor.speculative.model_io import forward_logits, new_cache
+from headroom_sidecar.agent.executor.speculative.verify import Sampler, verify_greedy, verify_sampled
 
 StopFn = Callable[[Tensor], bool]     # seq [1, T] -> stop after its last token
 

@@ -23,13 +23,13 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from agent.executor.undo import UndoLog
-from agent.executor.speculative.draft import (DraftModules, Drafter, PromptLookupDrafter, RecordingLog,
+from headroom_sidecar.agent.executor.undo import UndoLog
+from headroom_sidecar.agent.executor.speculative.draft import (DraftModules, Drafter, PromptLookupDrafter, RecordingLog,
                                      SelfDrafter)
-from agent.executor.speculative.generate import SpecStats, speculative_generate
-from agent.executor.speculative.model_io import SpeculationUnsupported
-from agent.executor.speculative.verify import Sampler
-from proto.plandoc import SpeculativeDraft
+from headroom_sidecar.agent.executor.speculative.generate import SpecStats, speculative_generate
+from headroom_sidecar.agent.executor.speculative.model_io import SpeculationUnsupported
+from headroom_sidecar.agent.executor.speculative.verify import Sampler
+from headroom_sidecar.proto.plandoc import SpeculativeDraft
 
 _MAX_ERRORS_KEPT = 8
 # generate() arguments that choose another decoding loop: such calls are passed through as is.
@@ -49,7 +49,7 @@ class SpeculativeSettings:
 
     @classmethod
     def resolve(cls, **overrides: Any) -> "SpeculativeSettings":
-        from agent.settings import resolve_settings
+        from headroom_sidecar.agent.settings import resolve_settings
         return resolve_settings(cls, overrides, "speculative")
 
 

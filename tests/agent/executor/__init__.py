@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from agent.adapters import ModelStructure, resolve_structure
-from agent.executor import Executor
-from agent.fingerprint import fingerprint
-from agent.plan import Plan
+from headroom_sidecar.agent.adapters import ModelStructure, resolve_structure
+from headroom_sidecar.agent.executor import Executor
+from headroom_sidecar.agent.fingerprint import fingerprint
+from headroom_sidecar.agent.plan import Plan
 from tests.builders import token_ids
 
 

@@ -22,10 +22,10 @@ import pytest
 import torch
 from torch import nn
 
-from agent.adapters import UnsupportedModelError, WeightLayout, resolve_structure
-from agent.executor.int8 import Int8Embedding, Int8Linear
-from agent.executor.prune import PrunedAttention
-from agent.plan import PlanError, TransformKind
+from headroom_sidecar.agent.adapters import UnsupportedModelError, WeightLayout, resolve_structure
+from headroom_sidecar.agent.executor.int8 import Int8Embedding, Int8Linear
+from headroom_sidecar.agent.executor.prune import PrunedAttention
+from headroom_sidecar.agent.plan import PlanError, TransformKind
 from tests.agent.executor import (HeadZeroHooks, assert_bitwise_equal, greedy, logits, plan,
                                   rig, state_snapshot)
 from tests.agent.executor.test_skip import IdentityHooks

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agent.executor import ExecutorSettings
-from agent.executor.compiled import CompiledDecoder
-from agent.executor.execution import cache_tokens
-from agent.handle import AgentHandle
-from agent.settings import AgentSettings
+from headroom_sidecar.agent.executor import ExecutorSettings
+from headroom_sidecar.agent.executor.compiled import CompiledDecoder
+from headroom_sidecar.agent.executor.execution import cache_tokens
+from headroom_sidecar.agent.handle import AgentHandle
+from headroom_sidecar.agent.settings import AgentSettings
 from tests.agent.executor import greedy, plan, rig
 from tests.builders import tiny_llama, token_ids
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agent.executor import Executor, TransformError, weight_bytes
-from agent.executor.executor import DEFAULT_APPLIERS
-from agent.executor.int8 import Int8Embedding, Int8Linear
-from agent.plan import PlanError, TransformKind
+from headroom_sidecar.agent.executor import Executor, TransformError, weight_bytes
+from headroom_sidecar.agent.executor.executor import DEFAULT_APPLIERS
+from headroom_sidecar.agent.executor.int8 import Int8Embedding, Int8Linear
+from headroom_sidecar.agent.plan import PlanError, TransformKind
 from tests.agent.executor import (assert_bitwise_equal, greedy, logits, plan, rig,
                                   state_snapshot)
 from tests.builders import tiny_gpt2, tiny_llama, tiny_plain, tiny_qwen2

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from agent.adapters.base import WeightLayout
-from agent.executor import weight_bytes
-from agent.executor.int8 import Int8Linear, quantize_per_channel
-from agent.kernels import probe
+from headroom_sidecar.agent.adapters.base import WeightLayout
+from headroom_sidecar.agent.executor import weight_bytes
+from headroom_sidecar.agent.executor.int8 import Int8Linear, quantize_per_channel
+from headroom_sidecar.agent.kernels import probe
 from tests.agent.executor import logits, plan, rig
 from tests.builders import tiny_llama
 

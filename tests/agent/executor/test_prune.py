@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agent.executor.prune import PrunedAttention, ZeroAttention, kv_grouping
+from headroom_sidecar.agent.executor.prune import PrunedAttention, ZeroAttention, kv_grouping
 from tests.agent.executor import HeadZeroHooks, greedy, logits, plan, rig
 from tests.builders import tiny_llama, tiny_mistral, tiny_qwen2
 

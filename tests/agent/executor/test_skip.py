@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agent.executor.skip import IdentityBlock
+from headroom_sidecar.agent.executor.skip import IdentityBlock
 from tests.agent.executor import greedy, logits, plan, rig
 from tests.builders import tiny_llama, tiny_qwen2
 

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from agent.executor import ExecutorSettings
-from agent.executor.int8 import Int8Linear
-from agent.executor.sparsity import SPARSE_RUNNER, SparseDownProj
-from agent.kernels import KernelSettings, probe
+from headroom_sidecar.agent.executor import ExecutorSettings
+from headroom_sidecar.agent.executor.int8 import Int8Linear
+from headroom_sidecar.agent.executor.sparsity import SPARSE_RUNNER, SparseDownProj
+from headroom_sidecar.agent.kernels import KernelSettings, probe
 from tests.agent.executor import greedy, logits, plan, rig
 from tests.builders import tiny_llama
 

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from agent.kernels.reference import int8_linear_ref
+from headroom_sidecar.agent.kernels.reference import int8_linear_ref
 
 
 def prepare(kernel: str, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):

@@ -7,10 +7,10 @@ import time
 import torch
 from torch import nn
 
-from agent.adapters.base import WeightLayout
-from agent.executor.int8 import Int8Linear
-from agent.kernels import KernelSettings
-from agent.kernels.autotune import (SLOW_FACTOR, KernelChoice, _hopeless, _round_robin, fastest,
+from headroom_sidecar.agent.adapters.base import WeightLayout
+from headroom_sidecar.agent.executor.int8 import Int8Linear
+from headroom_sidecar.agent.kernels import KernelSettings
+from headroom_sidecar.agent.kernels.autotune import (SLOW_FACTOR, KernelChoice, _hopeless, _round_robin, fastest,
                                     kernel_choices, within_slow_factor)
 
 X = torch.randn(1, 8)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agent.kernels import Backend, KernelSettings, KernelUnavailableError, select_backend
-from agent.kernels import cpu
-from agent.kernels.reference import int8_linear_ref, sparse_gemv_ref
+from headroom_sidecar.agent.kernels import Backend, KernelSettings, KernelUnavailableError, select_backend
+from headroom_sidecar.agent.kernels import cpu
+from headroom_sidecar.agent.kernels.reference import int8_linear_ref, sparse_gemv_ref
 
 SHAPES = [(96, 64), (77, 45), (1536, 576)]     # (I, O), odd sizes and SmolLM2's down_proj
 
@@ -101,7 +101,7 @@ def test_bad_env_value_names_the_variable(monkeypatch):
 
 
 def test_impl_is_the_function_behind_the_op_for_that_device():
-    from agent.kernels import ops
+    from headroom_sidecar.agent.kernels import ops
     assert ops.impl("int8_linear", torch.device("cpu")) is ops.dequant_linear
     assert ops.impl("int8_linear", torch.device("cuda")) is ops._int8_linear_cuda
     with pytest.raises(ValueError, match="no kernel for cuda"):

@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agent.adapters.base import WeightLayout
-from agent.executor import ExecutorSettings, weight_bytes
-from agent.executor.int8 import Int8Embedding, Int8Kernel, Int8Linear, apply_head_int8
-from agent.executor.sparsity import SparseDownProj
-from agent.executor.undo import UndoLog
-from agent.kernels import Backend, Int8Cpu, KernelSettings
-from agent.kernels.reference import int8_linear_ref
+from headroom_sidecar.agent.adapters.base import WeightLayout
+from headroom_sidecar.agent.executor import ExecutorSettings, weight_bytes
+from headroom_sidecar.agent.executor.int8 import Int8Embedding, Int8Kernel, Int8Linear, apply_head_int8
+from headroom_sidecar.agent.executor.sparsity import SparseDownProj
+from headroom_sidecar.agent.executor.undo import UndoLog
+from headroom_sidecar.agent.kernels import Backend, Int8Cpu, KernelSettings
+from headroom_sidecar.agent.kernels.reference import int8_linear_ref
 from tests.agent.executor import assert_bitwise_equal, greedy, logits, plan, rig, state_snapshot
 from tests.builders import tiny_llama
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from agent.adapters.base import WeightLayout
-from agent.executor.int8 import Int8Linear, safe_int8_kernels
-from agent.kernels import Int8Cpu, KernelSettings, probe
-from agent.kernels.int8_impls import Int8Kernel
-from agent.kernels.probe_child import _compare
+from headroom_sidecar.agent.adapters.base import WeightLayout
+from headroom_sidecar.agent.executor.int8 import Int8Linear, safe_int8_kernels
+from headroom_sidecar.agent.kernels import Int8Cpu, KernelSettings, probe
+from headroom_sidecar.agent.kernels.int8_impls import Int8Kernel
+from headroom_sidecar.agent.kernels.probe_child import _compare
 
 RUNNER = "tests.agent.kernels.crashing_kernels"
 
@@ -126,9 +126,9 @@ def test_layer_falls_back_to_dequant_when_int8pack_is_unsafe(settings, forced):
 _GUARD = textwrap.dedent("""
     import json, sys, torch
     from torch import nn
-    from agent.adapters.base import WeightLayout
-    from agent.executor.int8 import Int8Linear, _int8pack_ok
-    from agent.kernels import Int8Cpu, KernelSettings
+    from headroom_sidecar.agent.adapters.base import WeightLayout
+    from headroom_sidecar.agent.executor.int8 import Int8Linear, _int8pack_ok
+    from headroom_sidecar.agent.kernels import Int8Cpu, KernelSettings
     k = int(sys.argv[1])
     s = KernelSettings(cache_dir=sys.argv[2], int8_cpu=Int8Cpu.INT8PACK_BF16)
     q8 = Int8Linear.from_module(nn.Linear(k, 16), WeightLayout.OUT_IN, s)

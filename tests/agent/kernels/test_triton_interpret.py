@@ -13,8 +13,8 @@ import torch
 triton = pytest.importorskip("triton")
 assert os.environ.get("TRITON_INTERPRET") == "1", "conftest.py must set TRITON_INTERPRET=1"
 
-from agent.kernels import triton_kernels as tk  # noqa: E402
-from agent.kernels.reference import int8_linear_ref, sparse_gemv_ref  # noqa: E402
+from headroom_sidecar.agent.kernels import triton_kernels as tk  # noqa: E402
+from headroom_sidecar.agent.kernels.reference import int8_linear_ref, sparse_gemv_ref  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=2e-2),

@@ -9,10 +9,10 @@ import time
 import pytest
 import torch
 
-from agent.adapters import resolve_structure
-from agent.handle import AgentHandle
-from agent.observe.requests import WorkSite
-from agent.settings import AgentSettings
+from headroom_sidecar.agent.adapters import resolve_structure
+from headroom_sidecar.agent.handle import AgentHandle
+from headroom_sidecar.agent.observe.requests import WorkSite
+from headroom_sidecar.agent.settings import AgentSettings
 from tests.agent.test_exporter import wait_until
 from tests.builders import tiny_llama, token_ids
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from agent.adapters import UnsupportedModelError, WeightLayout, resolve_structure
-from agent.handle import AgentHandle
-from agent.records import MAGNITUDE_QUANTILES, SPARSITY_THRESHOLDS
-from agent.settings import AgentSettings
+from headroom_sidecar.agent.adapters import UnsupportedModelError, WeightLayout, resolve_structure
+from headroom_sidecar.agent.handle import AgentHandle
+from headroom_sidecar.agent.records import MAGNITUDE_QUANTILES, SPARSITY_THRESHOLDS
+from headroom_sidecar.agent.settings import AgentSettings
 from tests.builders import ARCH_BUILDERS, token_ids
 
 TRACE_ALL = AgentSettings(sample_rate=1.0, attn_decode_stride=2)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from agent.observe import stats
+from headroom_sidecar.agent.observe import stats
 
 THRESHOLDS = torch.tensor([0.5])
 

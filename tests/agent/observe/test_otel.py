@@ -11,10 +11,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from agent import attach
-from controlplane.metrics import observe_server, unobserve_server
-from controlplane.server import start_server
-from controlplane.settings import ServerSettings
+from headroom_sidecar.agent import attach
+from headroom_sidecar.controlplane.metrics import observe_server, unobserve_server
+from headroom_sidecar.controlplane.server import start_server
+from headroom_sidecar.controlplane.settings import ServerSettings
 from tests.agent.test_exporter import wait_until
 from tests.builders import tiny_llama, token_ids
 

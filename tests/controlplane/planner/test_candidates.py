@@ -3,9 +3,9 @@ import duckdb
 import numpy as np
 import pytest
 
-from controlplane.planner.candidates import (CandidateScope, LadderStep, head_candidates,
+from headroom_sidecar.controlplane.planner.candidates import (CandidateScope, LadderStep, head_candidates,
                                              load_candidates, threshold_ladder)
-from controlplane.planner.settings import PlannerSettings
+from headroom_sidecar.controlplane.planner.settings import PlannerSettings
 
 # Means at least 0.015 apart, so the +-0.004 noise cannot reorder them; rows sum to 1.
 SHARE = np.array([[0.5, 0.28, 0.22], [0.1, 0.58, 0.32], [0.05, 0.15, 0.8], [0.40, 0.34, 0.26]])  # [L, H]

@@ -4,12 +4,12 @@ import threading
 
 import pytest
 
-from controlplane.audit import AuditKind, AuditLog
-from controlplane.plans import PlanDoc, PlanStatus, PlanStore, TransformKind, check_against
-from controlplane.planner.candidates import CandidateScope, load_candidates
-from controlplane.planner.recorder import StoreRecorder, json_safe
-from controlplane.planner.search import Planner, PlanTarget, QualityBudget
-from controlplane.planner.settings import PlannerSettings
+from headroom_sidecar.controlplane.audit import AuditKind, AuditLog
+from headroom_sidecar.controlplane.plans import PlanDoc, PlanStatus, PlanStore, TransformKind, check_against
+from headroom_sidecar.controlplane.planner.candidates import CandidateScope, load_candidates
+from headroom_sidecar.controlplane.planner.recorder import StoreRecorder, json_safe
+from headroom_sidecar.controlplane.planner.search import Planner, PlanTarget, QualityBudget
+from headroom_sidecar.controlplane.planner.settings import PlannerSettings
 from tests.controlplane.planner.test_candidates import make_traces
 
 FP = "1e" * 32
@@ -78,7 +78,7 @@ def test_json_safe():
 
 def test_agent_parses_every_hypothesis_and_hashes_the_same(db):
     # tests may import agent/: the two sides must agree on the document and its hash
-    from agent.plan import Plan, plan_hash as agent_hash
+    from headroom_sidecar.agent.plan import Plan, plan_hash as agent_hash
     lock = threading.Lock()
     plans = PlanStore(db, lock)
     settings = PlannerSettings(max_trials=30)

@@ -5,13 +5,13 @@ import math
 
 import pytest
 
-from controlplane.plans import PlanDoc, PlanMode, TransformKind
-from controlplane.planner.candidates import (Candidates, HeadCandidate, LadderStep, LayerCandidate,
+from headroom_sidecar.controlplane.plans import PlanDoc, PlanMode, TransformKind
+from headroom_sidecar.controlplane.planner.candidates import (Candidates, HeadCandidate, LadderStep, LayerCandidate,
                                              SparseLayerCandidate)
-from controlplane.planner.search import (Phase, Planner, PlanTarget, QualityBudget, TrialError,
+from headroom_sidecar.controlplane.planner.search import (Phase, Planner, PlanTarget, QualityBudget, TrialError,
                                          TrialRecord, choose_best)
-from controlplane.policy.schema import Objective
-from controlplane.planner.settings import PlannerSettings
+from headroom_sidecar.controlplane.policy.schema import Objective
+from headroom_sidecar.controlplane.planner.settings import PlannerSettings
 
 FP = "0f" * 32
 BUDGET = QualityBudget(min_top1=0.97, max_ppl_ratio=1.01, max_mean_kl=0.02)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.policy.testing import merge
+from headroom_sidecar.controlplane.policy.testing import merge
 
 REPO = Path(__file__).resolve().parents[3]
 SHIPPED_POLICIES = REPO / "policies"

@@ -4,11 +4,11 @@ import re
 
 import pytest
 
-from controlplane.policy import (
+from headroom_sidecar.controlplane.policy import (
     Context, Evidence, ModelFacts, Outcome, PlanError, RuleOutcome, evaluate, load_policy_set,
     plan_sha256)
-from controlplane.policy.plan import TransformKind, parse_plan
-from controlplane.policy.risk import RiskLevel, risk_level, risk_score
+from headroom_sidecar.controlplane.policy.plan import TransformKind, parse_plan
+from headroom_sidecar.controlplane.policy.risk import RiskLevel, risk_level, risk_score
 from tests.controlplane.policy.conftest import NOW_S, inputs
 
 METRIC_MIN = "- {id: r, kind: metric_bound, metric: top1_agreement, min: 0.98}"
@@ -123,7 +123,7 @@ def test_rule_kind_outcomes(policy_dir, rule, overrides, decision, rule_outcome)
 
 
 def test_every_rule_kind_has_every_outcome_covered():
-    from controlplane.policy import RuleKind
+    from headroom_sidecar.controlplane.policy import RuleKind
     seen = {(c[1].split("kind: ")[1].split(",")[0], c[3]) for c in CASES}
     for kind in RuleKind:
         assert {(kind.value, A), (kind.value, R), (kind.value, H)} <= seen, kind
@@ -145,7 +145,7 @@ def test_a_trade_has_its_own_bound(policy_dir):
     ("- {id: r, kind: latency, max_ratio: 1.0, trade: speed, reason: x}", "trade"),
 ])
 def test_latency_rules_are_validated(policy_dir, rule, error):
-    from controlplane.policy import PolicyError
+    from headroom_sidecar.controlplane.policy import PolicyError
     with pytest.raises(PolicyError, match=error):
         load_policy_set(str(policy_dir(rule)))
 
@@ -233,8 +233,8 @@ def test_typed_inputs_are_accepted(policy_dir):
 
 
 def test_head_precision_written_by_the_control_plane_is_read_by_the_shipped_policies():
-    from controlplane.plans import PlanDoc, Precision, WeightPrecision
-    from controlplane.policy.plan import Component, Touch
+    from headroom_sidecar.controlplane.plans import PlanDoc, Precision, WeightPrecision
+    from headroom_sidecar.controlplane.policy.plan import Component, Touch
     from tests.controlplane.policy.conftest import SHIPPED_POLICIES
     doc = PlanDoc("p-head", 1, "ab" * 32,
                   (WeightPrecision({3: Precision.INT8}, Precision.INT8),)).to_doc()

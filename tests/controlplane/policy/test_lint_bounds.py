@@ -4,9 +4,9 @@ import io
 
 import pytest
 
-from controlplane.policy.cli import main
-from controlplane.policy.lint import has_errors, lint
-from controlplane.policy.schema import Severity
+from headroom_sidecar.controlplane.policy.cli import main
+from headroom_sidecar.controlplane.policy.lint import has_errors, lint
+from headroom_sidecar.controlplane.policy.schema import Severity
 from tests.controlplane.policy.conftest import SHIPPED_POLICIES, policy_text
 
 

@@ -4,9 +4,9 @@ import subprocess
 
 import pytest
 
-from controlplane.policy import PolicyError, PolicyStore, evaluate, load_policy_set
-from controlplane.policy.plan import TransformKind
-from controlplane.policy.revision import content_sha256
+from headroom_sidecar.controlplane.policy import PolicyError, PolicyStore, evaluate, load_policy_set
+from headroom_sidecar.controlplane.policy.plan import TransformKind
+from headroom_sidecar.controlplane.policy.revision import content_sha256
 from tests.controlplane.policy.conftest import SHIPPED_POLICIES, inputs, policy_text
 
 GOOD = "- {id: r, kind: metric_bound, metric: top1_agreement, min: 0.98}"
@@ -99,7 +99,7 @@ def test_every_problem_in_every_file_is_reported(tmp_path):
 
 
 def test_shipped_policies_load_with_every_rule_kind():
-    from controlplane.policy import RuleKind
+    from headroom_sidecar.controlplane.policy import RuleKind
     policy_set = load_policy_set(str(SHIPPED_POLICIES))
     assert {r.kind for r in policy_set.rules} == set(RuleKind)
     assert policy_set.files == ("determinism.yaml", "safety.yaml")

@@ -5,11 +5,11 @@ import subprocess
 
 import pytest
 
-from controlplane.policy import Outcome, RuleKind, lint, load_policy_set, replay, run_tests
-from controlplane.policy.cli import main
-from controlplane.policy.lint import has_errors
-from controlplane.policy.replay import Record, read_records_jsonl
-from controlplane.policy.schema import Severity
+from headroom_sidecar.controlplane.policy import Outcome, RuleKind, lint, load_policy_set, replay, run_tests
+from headroom_sidecar.controlplane.policy.cli import main
+from headroom_sidecar.controlplane.policy.lint import has_errors
+from headroom_sidecar.controlplane.policy.replay import Record, read_records_jsonl
+from headroom_sidecar.controlplane.policy.schema import Severity
 from tests.controlplane.policy.conftest import SHIPPED_POLICIES, inputs, policy_text
 
 TOP1 = "- {{id: top1, kind: metric_bound, metric: top1_agreement, min: {}, description: d}}"

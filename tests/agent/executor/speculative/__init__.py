@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from agent.executor.speculative.draft import Proposal
+from headroom_sidecar.agent.executor.speculative.draft import Proposal
 
 
 def execution(spec: dict | None = None, static: bool = False, compile: str = "none") -> dict:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agent.executor.speculative import PromptLookupDrafter, Sampler, SelfDrafter, speculative_generate
-from agent.executor.speculative.install import build_draft
-from agent.plan import Plan
+from headroom_sidecar.agent.executor.speculative import PromptLookupDrafter, Sampler, SelfDrafter, speculative_generate
+from headroom_sidecar.agent.executor.speculative.install import build_draft
+from headroom_sidecar.agent.plan import Plan
 from tests.agent.executor import plan_doc, rig
 from tests.agent.executor.speculative import INT8_ALL, SKIP_1, ScriptedDrafter
 from tests.builders import ARCH_BUILDERS, token_ids

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agent.plan import Plan, SpeculativeDraft
-from agent.executor.speculative.install import SpeculativeSettings, installed
+from headroom_sidecar.agent.plan import Plan, SpeculativeDraft
+from headroom_sidecar.agent.executor.speculative.install import SpeculativeSettings, installed
 from tests.agent.executor import assert_bitwise_equal, plan, rig, state_snapshot
 from tests.agent.executor.speculative import INT8_ALL, SKIP_1, execution, self_spec
 from tests.builders import ARCH_BUILDERS, token_ids
@@ -113,7 +113,7 @@ def test_the_plan_parses_to_what_was_installed():
 
 
 def test_detach_with_a_speculative_plan_active_leaves_no_wrapper():
-    import agent
+    from headroom_sidecar import agent
     model = ARCH_BUILDERS["llama"]()
     ids = _ids()
     ref = _gen(model, ids)

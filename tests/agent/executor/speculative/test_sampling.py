@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agent.executor.speculative.verify import Sampler, verify_sampled
+from headroom_sidecar.agent.executor.speculative.verify import Sampler, verify_sampled
 
 V, N, TV_MAX = 6, 20_000, 0.02
 

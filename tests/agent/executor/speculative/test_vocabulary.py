@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from agent.plan import Plan, PlanError, SpeculativeDraft, check_fit
-from controlplane.plans import PlanDoc, PlanValidationError, check_against, plan_diff
-from proto.plandoc import DRAFT_PLAN_KINDS, SPECULATIVE_K_MAX, TransformKind, plan_hash
+from headroom_sidecar.agent.plan import Plan, PlanError, SpeculativeDraft, check_fit
+from headroom_sidecar.controlplane.plans import PlanDoc, PlanValidationError, check_against, plan_diff
+from headroom_sidecar.proto.plandoc import DRAFT_PLAN_KINDS, SPECULATIVE_K_MAX, TransformKind, plan_hash
 from tests.agent.executor import plan_doc, rig
 from tests.agent.executor.speculative import INT8_ALL, SKIP_1, execution, self_spec
 from tests.builders import ARCH_BUILDERS
