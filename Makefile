@@ -13,13 +13,14 @@ PROTO_OUT := proto/headroom_pb2.py proto/headroom_pb2_grpc.py
 
 # The dashboard's browser test drives the system's Chromium (a browser download is never used).
 CHROMIUM ?= /usr/bin/chromium
+GO ?= /usr/bin/go
 # make dashboard: the demo's control plane data, served again, and the Streamlit app over it.
 DASHBOARD_DB ?= .headroom/demo.duckdb
 DASHBOARD_HOST ?= 127.0.0.1
 DASHBOARD_PORT ?= 8501
 CP_PORT ?= 50051
 
-.PHONY: setup proto demo test bench bench-overhead bench-ingest bench-table bench-agree bench-gpu serve dashboard clean
+.PHONY: setup proto demo test helm-policies bench bench-overhead bench-ingest bench-table bench-agree bench-gpu serve dashboard clean
 
 setup: $(STAMP) $(PROTO_OUT)
 
@@ -43,8 +44,15 @@ proto: $(PROTO_OUT)
 demo: setup
 	$(PY) -m workloads.demo
 
-test: setup $(CHROMIUM)
+test: setup $(CHROMIUM) $(GO)
 	$(PY) -m pytest -q tests
+
+# No helm binary can be installed here: the Helm chart's test renders it with Go's text/template
+# (the engine helm runs; tests/deploy/helmrender) and validates the manifests offline.
+$(GO):
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q golang-go; \
+	else echo "the Helm chart's test needs Go at $(GO): install the 'golang-go' package (or pass GO=/path)"; exit 2; fi
 
 $(CHROMIUM):
 	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
@@ -82,6 +90,10 @@ dashboard: setup
 	trap 'kill $$cp 2>/dev/null' EXIT INT TERM; \
 	HEADROOM_OPERATOR=$${HEADROOM_OPERATOR:-$$(id -un)} $(BIN)/headroom-dashboard \
 	  --server.address $(DASHBOARD_HOST) --server.port $(DASHBOARD_PORT) --address 127.0.0.1:$(CP_PORT)
+
+# The Helm chart packs its own copy of the policy set (helm reads only files inside a chart).
+helm-policies:
+	cp policies/*.yaml deploy/helm/headroom/policies/
 
 clean:
 	rm -rf $(VENV) $(PROTO_OUT) proto/headroom_pb2.pyi .headroom

@@ -20,10 +20,7 @@ PlanStatusReport.detail is JSON:
   "was_active": false when the plan named was not the active one), "quality_guard" ("top1",
   "threshold", "request_id"), "trial" (a trial could not re-apply it), "detach".
 
-eval_json of a TrialRequest (every field optional; defaults shown):
-    {"token_sequences": [[ids]], "token_prompts": [[ids]], "texts": [str], "seq_len": 64,
-     "max_sequences": 4, "prompts": 2 (count cut from texts) or [str], "prompt_tokens": 16,
-     "new_tokens": 12, "latency_repeats": 3}
+eval_json of a TrialRequest: proto/evalset.py (EvalSpec parses and validates it).
 Token ids win over texts (controlplane/evalsets.py sends either): held-out sequences are
 token_sequences, else up to max_sequences seq_len-token chunks of the texts; prompts are
 token_prompts, else prompt strings, else `prompts` chunks cut from the texts after the
@@ -49,13 +46,16 @@ from torch import nn
 from headroom_sidecar.agent import wire
 from headroom_sidecar.agent.adapters.base import ModelStructure
 from headroom_sidecar.agent.executor import ApplyReport, Executor
+from headroom_sidecar.agent.executor.speculative import classcontrol
+from headroom_sidecar.agent.executor.speculative.classes import ClassPlans
 from headroom_sidecar.agent.guard import GuardResult, QualityGuard
 from headroom_sidecar.agent.observe.requests import RequestTracker, WorkSite
-from headroom_sidecar.agent.plan import Plan, PlanError
+from headroom_sidecar.proto.plan import Plan, PlanError
 from headroom_sidecar.agent.settings import AgentSettings
 from headroom_sidecar.agent.trial import (Baseline, EvalSet, Evidence, logit_width, prompt_ids,
                          trial_with_baseline)
 from headroom_sidecar.agent.verify import PlanVerifier
+from headroom_sidecar.proto.evalset import EvalSpec, EvalSpecError
 from headroom_sidecar.proto.plandoc import PlanPurpose
 
 log = logging.getLogger("headroom.control")
@@ -81,84 +81,8 @@ class Origin(str, enum.Enum):
 
 
 # ---------------------------------------------------------------------------- eval sets
-class EvalSpecError(ValueError):
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("eval_json refused: " + "; ".join(self.problems))
-
-
-_TokenLists = tuple[tuple[int, ...], ...]
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    token_sequences: _TokenLists = ()
-    token_prompts: _TokenLists = ()
-    texts: tuple[str, ...] = ()
-    seq_len: int = 64
-    max_sequences: int = 4
-    prompts: int | tuple[str, ...] = 2
-    prompt_tokens: int = 16
-    new_tokens: int = 12
-    latency_repeats: int = 3
-
-    @staticmethod
-    def from_json(text: str) -> "EvalSpec":
-        try:
-            doc = json.loads(text) if text.strip() else {}
-        except json.JSONDecodeError as e:
-            raise EvalSpecError([f"not JSON: line {e.lineno}, column {e.colno}: {e.msg}"]) from e
-        if not isinstance(doc, dict):
-            raise EvalSpecError([f"must be a JSON object, got {type(doc).__name__}"])
-        return EvalSpec.from_doc(doc)
-
-    @staticmethod
-    def from_doc(doc: Mapping[str, Any]) -> "EvalSpec":
-        problems: list[str] = []
-        names = {f.name for f in dataclasses.fields(EvalSpec)}
-        problems += [f"unknown field {k!r}" for k in sorted(doc.keys() - names)]
-        values = {k: _token_lists(doc[k], k, problems) for k in ("token_sequences", "token_prompts")
-                  if k in doc}
-        if "texts" in doc:
-            values["texts"] = _strings(doc["texts"], "texts", problems)
-        for k in ("seq_len", "max_sequences", "prompt_tokens", "new_tokens", "latency_repeats"):
-            if k in doc:
-                values[k] = _positive_int(doc[k], k, problems, minimum=2 if k == "seq_len" else 1)
-        if "prompts" in doc:
-            p = doc["prompts"]
-            values["prompts"] = (_positive_int(p, "prompts", problems, minimum=0)
-                                 if not isinstance(p, list) else _strings(p, "prompts", problems))
-        if problems:
-            raise EvalSpecError(problems)
-        return EvalSpec(**values)
-
-
-def _positive_int(v: Any, where: str, problems: list[str], minimum: int) -> int:
-    if not (isinstance(v, int) and not isinstance(v, bool) and v >= minimum):
-        problems.append(f"{where}: must be an integer >= {minimum}, got {v!r}")
-        return minimum
-    return v
-
-
-def _strings(v: Any, where: str, problems: list[str]) -> tuple[str, ...]:
-    if not (isinstance(v, list) and all(isinstance(s, str) for s in v)):
-        problems.append(f"{where}: must be a list of strings")
-        return ()
-    return tuple(v)
-
-
-def _token_lists(v: Any, where: str, problems: list[str]) -> _TokenLists:
-    if not isinstance(v, list):
-        problems.append(f"{where}: must be a list of token id lists")
-        return ()
-    out = []
-    for i, ids in enumerate(v):
-        if not (isinstance(ids, list) and ids and all(isinstance(t, int) and not isinstance(t, bool)
-                                                      and t >= 0 for t in ids)):
-            problems.append(f"{where}[{i}]: must be a non-empty list of token ids (integers >= 0)")
-            continue
-        out.append(tuple(ids))
-    return tuple(out)
+# The eval_json contract (EvalSpec, EvalSpecError) is proto/evalset.py's: one parser for
+# both sides. What it means for this model (tokenizer, vocabulary) is checked here.
 
 
 def vocab_size(model: nn.Module) -> Optional[int]:
@@ -301,10 +225,13 @@ class ControlHandler:
         self._last_apply: Optional[ApplyReport] = None
         self._baselines: "collections.OrderedDict[tuple, Baseline]" = collections.OrderedDict()
         self.verifier = PlanVerifier.from_spec(settings.plan_verify_keys)
+        # Plans scoped to query classes: speculation only, beside the default (classes.py).
+        self.classes = ClassPlans(model, executor)
 
     def bind(self, tracker: RequestTracker, send) -> None:
         """Wires the request boundaries, the guard and the reply channel (send(Reply))."""
         self._tracker, self._send = tracker, send
+        self.classes.current_class = tracker.current_query_class
         self.guard = QualityGuard(self.model, self.executor, self.settings, tracker.boundary,
                                   self._guard_breach)
         tracker.on_finished = self.guard.on_request_finished
@@ -351,15 +278,32 @@ class ControlHandler:
         try:
             plan = parse_plan(msg, verifier, PlanPurpose.APPLY)
             self.executor.validate(plan)      # outside the boundary: reads the structure only
+            refused = classcontrol.refusal(self.classes, plan)
+            if refused is not None:
+                raise refused
         except PlanError as e:
             self.stats.refused += 1
             self.stats.unverified += isinstance(e, UnverifiedPlanError)
             return ApplyOutcome([wire.PlanStatusReport(
                 msg.plan_id[:200], msg.sha256[:64], wire.PlanState.REFUSED,
-                _detail({"problems": e.problems, "origin": origin.value}))], error=e)
+                _detail({"problems": e.problems, "origin": origin.value,
+                         **classcontrol.scope_detail(e)}))], error=e)
         provenance = {"origin": origin.value, **({"key_id": msg.key_id} if verifier else {})}
         with self._tracker.boundary():
+            if plan.query_classes:
+                return self._apply_class(plan, provenance)
             return self._apply_at_boundary(plan, provenance)
+
+    def _apply_class(self, plan: Plan, provenance: Mapping[str, str]) -> ApplyOutcome:
+        try:
+            reports, report, error = classcontrol.apply_class(self.classes, plan, self._status,
+                                                              provenance)
+        finally:
+            self._sync()
+        self.stats.applied += report is not None
+        self.stats.refused += isinstance(error, PlanError)
+        self.stats.failed += error is not None and not isinstance(error, PlanError)
+        return ApplyOutcome(reports, report, error)
 
     def _apply_at_boundary(self, plan: Plan, provenance: Mapping[str, str]) -> ApplyOutcome:
         """provenance: {"origin": Origin, "key_id": the signing key}, in the APPLIED detail."""
@@ -402,12 +346,31 @@ class ControlHandler:
         """Rolls back the active plan (if `plan_id` is given, only if it is that plan)."""
         with self._tracker.boundary():
             active = self.executor.active_plan
+            scoped = self.classes.classes_of(plan_id) if plan_id else []
+            if scoped and (active is None or active.plan_id != plan_id):
+                return self._rollback_classes(scoped, {"cause": cause.value, "reason": reason,
+                                                       "was_active": True})[0]
             if active is None or (plan_id and active.plan_id != plan_id):
                 return wire.PlanStatusReport(plan_id, "", wire.PlanState.ROLLED_BACK, _detail(
                     {"cause": cause.value, "reason": reason, "was_active": False,
                      "active_plan": active.plan_id if active else None}))
             return self._rollback_at_boundary(active, {"cause": cause.value, "reason": reason,
                                                        "was_active": True})
+
+    def rollback_class(self, query_class: str, reason: str = "", cause: Cause = Cause.LOCAL
+                       ) -> list[wire.PlanStatusReport]:
+        """Rolls back the plan of one query class (its requests run the default again)."""
+        with self._tracker.boundary():
+            return self._rollback_classes([query_class], {"cause": cause.value, "reason": reason})
+
+    def _rollback_classes(self, classes: list[str], detail: dict) -> list[wire.PlanStatusReport]:
+        try:
+            reports = classcontrol.rollback_classes(self.classes, classes, self._status, detail)
+        finally:
+            self._sync()
+        self.stats.rolled_back += len(reports)
+        return reports or [wire.PlanStatusReport("", "", wire.PlanState.ROLLED_BACK, _detail(
+            {**detail, "query_classes": classes, "was_active": False}))]
 
     def _rollback_at_boundary(self, plan: Plan, detail: dict) -> wire.PlanStatusReport:
         try:
@@ -431,9 +394,26 @@ class ControlHandler:
     def _sync(self) -> None:
         """Traces, token capture and the guard follow whichever plan is active now."""
         plan = self.executor.active_plan
-        self._tracker.traces_paused = self._tracker.capture_ids = plan is not None
+        self._sync_classes(plan)
+        self._tracker.capture_ids = plan is not None
+        # A class's self draft swaps modules in the middle of requests: no traces either.
+        self._tracker.traces_paused = plan is not None or bool(self.classes)
         if self.guard is not None:
             self.guard.watch(plan)
+
+    def _sync_classes(self, default: Optional[Plan]) -> None:
+        """Class plans checked against another default are dropped (reported); a draft that
+        can no longer be built drops every class plan rather than serve a stale one."""
+        by = {"cause": Cause.REPLACED.value, "reason": "the default plan changed",
+              "default_plan": default.plan_id if default else None}
+        try:
+            dropped = self.classes.sync()
+        except Exception as e:  # noqa: BLE001
+            self.stats.errors += 1
+            by["reason"], dropped = f"draft rebuild failed: {type(e).__name__}: {e}", self.classes.close()
+        for r in classcontrol.rolled_back_reports(dropped, self._status, by):
+            self.stats.rolled_back += 1
+            self.reply(r)
 
     def _status(self, plan: Plan, state: int, detail: Mapping[str, Any]) -> wire.PlanStatusReport:
         return wire.PlanStatusReport(plan.plan_id, plan.hash, state, _detail(detail))
@@ -512,6 +492,9 @@ class ControlHandler:
         if self._tracker is None:
             return
         with self._tracker.boundary():
+            for r in self._rollback_classes(sorted(self.classes.routes), {"cause": Cause.DETACH.value}):
+                if r.plan_id:
+                    self.reply(r)
             active = self.executor.active_plan
             if active is not None:
                 self.reply(self._rollback_at_boundary(active, {"cause": Cause.DETACH.value}))

@@ -9,23 +9,26 @@ dropped and counted in failed_batches / lost_records past that) and is resent af
 reconnect, in seq order, with its original seq: the server stores a batch once per
 (agent_id, pid, seq), so a batch it stored before the break is acked again and not stored twice.
 A batch the server answers with ErrorReply was refused: counted lost, not resent.
+
+The queues, the unacked window and the counters are agent/batching.py's; control commands
+that arrive on the stream run on agent/dispatch.py's thread. This module is the transport.
 """
 from __future__ import annotations
 
 import atexit
-import collections
 import logging
 import queue
 import random
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
 import grpc
 
 from headroom_sidecar.agent import wire
+from headroom_sidecar.agent.batching import GPU_QUEUE_MAX, REPLY_QUEUE_MAX, ExportBuffer, Inflight
 from headroom_sidecar.agent.credentials import AgentChannels
+from headroom_sidecar.agent.dispatch import ControlDispatcher, OnControl
 from headroom_sidecar.agent.records import GpuSample, RequestRecord
 from headroom_sidecar.agent.settings import AgentSettings
 from headroom_sidecar.proto import headroom_pb2 as pb
@@ -33,8 +36,9 @@ from headroom_sidecar.proto import headroom_pb2_grpc
 
 log = logging.getLogger("headroom.exporter")
 
-GPU_QUEUE_MAX = 4096          # GPU samples arrive ~1/s per device; this is over an hour
-REPLY_QUEUE_MAX = 1024        # plan statuses and trial results waiting for a stream
+__all__ = ["ACK_TIMEOUT_S", "BatchExporter", "Exporter", "GPU_QUEUE_MAX", "Inflight",
+           "NoopExporter", "OnControl", "REPLY_QUEUE_MAX", "make_exporter"]
+
 MAX_INFLIGHT_BATCHES = 4      # unacked batches on a stream; more waits, the queue absorbs it
 ACK_TIMEOUT_S = 30.0          # oldest unacked batch older than this: the stream is dead
 CONNECT_TIMEOUT_S = 5.0       # a black-holed address fails after this
@@ -44,8 +48,6 @@ RESEND_MAX_BYTES = 16 << 20   # ... and their encoded size; past either the olde
 
 # (plan_id, sha256) of the plan the model runs now, or None: goes in every hello.
 ActivePlan = Callable[[], Optional[tuple[str, str]]]
-
-OnControl = Callable[[wire.ControlCommand], None]
 
 
 class Exporter(Protocol):
@@ -195,23 +197,6 @@ def _close_later(channel: grpc.Channel) -> None:
 
 
 # ------------------------------------------------------------------ the exporter
-@dataclass
-class _Inflight:
-    """A batch sent and not yet acked; kept whole so a reconnect can resend it unchanged."""
-    records: int
-    sent_at: float
-    batch: Optional[pb.TelemetryBatch] = None
-    size_bytes: int = 0
-
-
-@dataclass
-class _Stats:
-    """Mutable counters behind BatchExporter._lock; counters() returns a frozen copy."""
-    c: dict = field(default_factory=lambda: {f: 0 for f in wire.ExportCounters.__dataclass_fields__
-                                             if f not in ("queue_len", "connected")})
-    connected: bool = False
-
-
 class BatchExporter:
     """See the module docstring. submit() and submit_gpu() are O(1), never block on I/O, never raise."""
 
@@ -225,20 +210,13 @@ class BatchExporter:
         if resend_max_batches < 0 or resend_max_bytes < 0:
             raise ValueError(f"BatchExporter: resend_max_batches={resend_max_batches} and "
                              f"resend_max_bytes={resend_max_bytes} must be >= 0")
-        self._resend_max_batches, self._resend_max_bytes = resend_max_batches, resend_max_bytes
         self._active_plan = active_plan
         self._settings, self._hello, self._target = settings, hello, target
         self._channels = AgentChannels(settings)   # reads TLS files now: bad paths fail at attach
         self._ack_timeout_s = ack_timeout_s
-        self._queue_max, self._batch_max = settings.queue_max_records, settings.batch_max_records
         self._agent_id = hello.agent_id
-        self._lock = threading.Lock()   # held only for deque and counter updates, never for I/O
-        self._records: collections.deque = collections.deque()
-        self._gpu: collections.deque = collections.deque()
-        self._replies: collections.deque = collections.deque(maxlen=REPLY_QUEUE_MAX)
-        self._stats = _Stats()
-        self._inflight: "collections.OrderedDict[int, _Inflight]" = collections.OrderedDict()
-        self._building = 0              # records popped but not yet in a sent batch
+        self._buffer = ExportBuffer(settings.queue_max_records, settings.batch_max_records,
+                                    resend_max_batches, resend_max_bytes)
         # The control plane drops a batch whose (agent_id, pid, seq) it already stored, so seq
         # must never repeat in this process, even for a re-attach under the same agent_id.
         self._seq = time.time_ns() // 1000
@@ -246,59 +224,34 @@ class BatchExporter:
         self._flush_requested = threading.Event()
         self._stream: Optional[_Stream] = None
         self._in_outage = False
-        self._on_control = on_control
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._dispatcher = self._start_thread(self._dispatch, "headroom-export-control")
-        self._worker = self._start_thread(self._run, "headroom-export")
+        self._dispatcher = ControlDispatcher(on_control)
+        self._worker = threading.Thread(target=self._run, name="headroom-export", daemon=True)
+        self._worker.start()
         atexit.register(self._at_exit)
-
-    @staticmethod
-    def _start_thread(target, name: str) -> threading.Thread:
-        t = threading.Thread(target=target, name=name, daemon=True)
-        t.start()
-        return t
 
     # -------------------------------------------------------------- hot path
     def submit(self, record: RequestRecord) -> None:
-        with self._lock:
-            if len(self._records) >= self._queue_max:
-                self._records.popleft()   # the oldest goes: fresh data is worth more
-                self._stats.c["dropped_records"] += 1
-            self._records.append(record)
-            self._stats.c["enqueued_records"] += 1
-            # Wake the worker when a full batch first becomes available, not on every submit
-            # above that: a worker waiting for acks would otherwise wake at the request rate.
-            full = len(self._records) == self._batch_max
-        if full:
+        if self._buffer.add_record(record):
             self._wake.set()
 
     def submit_gpu(self, sample: GpuSample) -> None:
-        with self._lock:
-            if len(self._gpu) >= GPU_QUEUE_MAX:
-                self._gpu.popleft()
-                self._stats.c["gpu_dropped"] += 1
-            self._gpu.append(sample)
-            self._stats.c["gpu_enqueued"] += 1
+        self._buffer.add_gpu(sample)
 
     def send_reply(self, reply: wire.Reply) -> None:
         """Queues a PlanStatusReport / TrialResultReport for the stream (at most once, like batches)."""
-        self._replies.append(reply)
+        self._buffer.add_reply(reply)
         self._wake.set()
 
     # -------------------------------------------------------------- introspection and control
     def counters(self) -> wire.ExportCounters:
-        with self._lock:
-            return wire.ExportCounters(**self._stats.c, queue_len=len(self._records),
-                                       connected=self._stats.connected)
+        return self._buffer.counters()
 
     @property
     def target(self) -> str:
         return self._target
 
     def _pending(self) -> bool:
-        with self._lock:
-            return bool(self._records or self._gpu or self._replies or self._inflight
-                        or self._building)
+        return self._buffer.pending()
 
     def flush(self, timeout_ms: Optional[int] = None) -> bool:
         """Sends everything queued now and waits for its acks; False if the deadline came first."""
@@ -327,7 +280,7 @@ class BatchExporter:
             if stream is not None:
                 stream.abort("shutdown deadline")
             self._worker.join(max(0.0, deadline - time.monotonic()))
-        self._commands.put(None)
+        self._dispatcher.close()
         return not self._worker.is_alive() and not self._pending()
 
     def _at_exit(self) -> None:
@@ -344,16 +297,10 @@ class BatchExporter:
         else:
             command = wire.command_from_pb(msg)
             if command is not None:
-                self._commands.put(command)
+                self._dispatcher.put(command)
 
     def _on_ack(self, seq: int, rows_stored: int) -> None:
-        # Acks are cumulative: the server handles a stream's batches in order.
-        with self._lock:
-            while self._inflight and next(iter(self._inflight)) <= seq:
-                _, done = self._inflight.popitem(last=False)
-                self._stats.c["acked_batches"] += 1
-                self._stats.c["acked_records"] += done.records
-            self._stats.c["acked_rows"] += rows_stored
+        self._buffer.ack(seq, rows_stored)
         stream = self._stream
         if stream is not None:
             stream.acked_any = True
@@ -364,33 +311,13 @@ class BatchExporter:
         if ack.rows_rejected:
             log.warning("headroom control plane refused %d row(s) of batch %d: %s",
                         ack.rows_rejected, ack.seq, ack.reject_reason)
-            with self._lock:
-                self._stats.c["server_rejected_rows"] += ack.rows_rejected
+            self._buffer.count("server_rejected_rows", ack.rows_rejected)
 
     def _on_error(self, code: str, message: str) -> None:
         """The server refused the oldest unacked batch (it answers each batch once, in order)."""
         log.warning("headroom control plane error %s: %s", code, message)
-        with self._lock:
-            if self._inflight:
-                _, failed = self._inflight.popitem(last=False)
-                self._stats.c["failed_batches"] += 1
-                self._stats.c["lost_records"] += failed.records
+        self._buffer.fail_oldest()
         self._wake.set()
-
-    def _dispatch(self) -> None:
-        """Runs on_control on its own thread, in order, so a slow plan never delays acks."""
-        while True:
-            command = self._commands.get()
-            if command is None:
-                return
-            if self._on_control is None:
-                log.warning("headroom exporter: no on_control handler; ignored %s",
-                            type(command).__name__)
-                continue
-            try:
-                self._on_control(command)
-            except Exception:
-                log.exception("headroom exporter: on_control failed for %s", type(command).__name__)
 
     # -------------------------------------------------------------- worker: connection loop
     def _run(self) -> None:
@@ -421,8 +348,7 @@ class BatchExporter:
         stream = _Stream(channel, self._current_hello(), self._on_reply, self._wake.set)
         self._stream = stream
         self._in_outage = False
-        with self._lock:
-            self._stats.connected = True
+        self._buffer.set_connected(True)
         log.info("headroom exporter: connected to %s", self._target)
         return stream
 
@@ -457,9 +383,8 @@ class BatchExporter:
         """Closes the stream (gracefully if it is alive); unacked batches stay for a resend."""
         grace_s = 0.0 if self._stop.is_set() or stream.dead.is_set() else 1.0
         stream.close(grace_s)
-        with self._lock:
-            self._stats.connected = False
-            self._trim_unacked()
+        self._buffer.set_connected(False)
+        self._buffer.trim_unacked()
         self._stream = None
         if stream.error and not self._closing.is_set():
             log.warning("headroom exporter: stream to %s lost (%s); reconnecting",
@@ -474,36 +399,18 @@ class BatchExporter:
                         "(bounded, oldest dropped) until it is back", self._target)
 
     def _count(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._stats.c[name] += n
+        self._buffer.count(name, n)
 
     # -------------------------------------------------------------- worker: resending
-    def _trim_unacked(self) -> None:
-        """Caller holds _lock. Past the resend bound (count or bytes) the oldest unacked
-        batches go, counted as lost: fresh data is worth more, as in the queue."""
-        total_bytes = sum(f.size_bytes for f in self._inflight.values())
-        while self._inflight and (len(self._inflight) > self._resend_max_batches
-                                  or total_bytes > self._resend_max_bytes):
-            _, old = self._inflight.popitem(last=False)
-            total_bytes -= old.size_bytes
-            self._stats.c["failed_batches"] += 1
-            self._stats.c["lost_records"] += old.records
-
     def _resend_unacked(self, stream: _Stream) -> None:
         """First thing on a new stream: the batches the last one left unacked, oldest first,
         with their original seq (the hello carries the same pid), so the server's
         (agent_id, pid, seq) de-duplication stores each exactly once. Their counters are
         stale by now: left out, so they never overwrite newer ones in the agents table."""
-        with self._lock:
-            kept = list(self._inflight.values())
-            now = time.monotonic()
-            for f in kept:
-                f.sent_at = now          # the ack timeout counts from this send
-            self._stats.c["resent_batches"] += len(kept)
-            self._stats.c["resent_records"] += sum(f.records for f in kept)
-        for f in kept:
+        kept = self._buffer.take_for_resend()   # their ack timeouts count from this send
+        for sent in kept:
             batch = pb.TelemetryBatch()
-            batch.CopyFrom(f.batch)
+            batch.CopyFrom(sent)
             batch.ClearField("counters")
             stream.send(wire.batch_message(self._agent_id, batch))
         if kept:
@@ -543,26 +450,22 @@ class BatchExporter:
         With the in-flight window full, only an ack (which sets _wake) lets a batch go: no spin.
         Never past the oldest unacked batch's ack deadline: a stalled stream is dropped (and its
         batches resent) after ack_timeout_s, however long the flush interval."""
-        with self._lock:
-            can_send = bool(self._records or self._gpu) and len(self._inflight) < MAX_INFLIGHT_BATCHES
-            oldest = next(iter(self._inflight.values()), None)
+        can_send = self._buffer.can_send(MAX_INFLIGHT_BATCHES)
+        oldest_sent_at = self._buffer.oldest_sent_at()
         due = last_batch + interval_s if can_send else last_send + interval_s
-        if oldest is not None:
-            due = min(due, oldest.sent_at + self._ack_timeout_s + POLL_S)
+        if oldest_sent_at is not None:
+            due = min(due, oldest_sent_at + self._ack_timeout_s + POLL_S)
         return min(interval_s, max(0.001, due - now))
 
     def _window_open(self) -> bool:
-        with self._lock:
-            return len(self._inflight) < MAX_INFLIGHT_BATCHES
+        return self._buffer.window_len() < MAX_INFLIGHT_BATCHES
 
     def _ack_overdue(self) -> bool:
-        with self._lock:
-            oldest = next(iter(self._inflight.values()), None)
-        return oldest is not None and time.monotonic() - oldest.sent_at > self._ack_timeout_s
+        oldest_sent_at = self._buffer.oldest_sent_at()
+        return oldest_sent_at is not None and time.monotonic() - oldest_sent_at > self._ack_timeout_s
 
     def _batch_due(self, timer_fired: bool) -> bool:
-        with self._lock:
-            n, gpu = len(self._records), len(self._gpu)
+        n, gpu = self._buffer.queued()
         if n == 0 and gpu == 0:
             self._flush_requested.clear()
             return False
@@ -570,32 +473,16 @@ class BatchExporter:
         return urgent or timer_fired or n >= self._settings.batch_max_records
 
     def _send_replies(self, stream: _Stream) -> bool:
-        sent = False
-        while self._replies:
-            stream.send(wire.reply_message(self._agent_id, self._replies.popleft()))
-            sent = True
-        return sent
-
-    def _take(self) -> tuple[list, list]:
-        with self._lock:
-            n = min(len(self._records), self._settings.batch_max_records)
-            records = [self._records.popleft() for _ in range(n)]
-            gpu = list(self._gpu)
-            self._gpu.clear()
-            self._building = n + len(gpu)
-        return records, gpu
+        replies = self._buffer.pop_replies()
+        for reply in replies:
+            stream.send(wire.reply_message(self._agent_id, reply))
+        return bool(replies)
 
     def _send_batch(self, stream: _Stream) -> bool:
-        records, gpu = self._take()
+        records, gpu = self._buffer.take()
         batch, records, gpu = self._encode(records, gpu)
-        with self._lock:
-            self._building = 0
-            if batch is None:
-                return False
-            self._stats.c["sent_batches"] += 1
-            self._stats.c["sent_records"] += len(records)
-            self._inflight[batch.seq] = _Inflight(len(records), time.monotonic(), batch,
-                                                  batch.ByteSize())
+        if not self._buffer.sent(batch, len(records)):
+            return False
         stream.send(wire.batch_message(self._agent_id, batch))
         return True
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from headroom_sidecar.agent.executor import Executor
-from headroom_sidecar.agent.plan import Plan
+from headroom_sidecar.proto.plan import Plan
 from headroom_sidecar.agent.settings import AgentSettings
 
 log = logging.getLogger("headroom.guard")

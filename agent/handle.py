@@ -34,7 +34,7 @@ from headroom_sidecar.agent.fingerprint import ModelInfo
 from headroom_sidecar.agent.guard import GuardStats
 from headroom_sidecar.agent.observe.metrics import observe_exporter, unobserve_exporter
 from headroom_sidecar.agent.observe.requests import ErrorCount, RequestTracker, Sink, WorkSite
-from headroom_sidecar.agent.plan import Plan
+from headroom_sidecar.proto.plan import Plan
 from headroom_sidecar.agent.settings import AgentSettings
 from headroom_sidecar.agent.trial import EvalSet, Evidence
 from headroom_sidecar.agent import wire
@@ -106,12 +106,23 @@ class AgentHandle:
     def apply_plan(self, plan: PlanInput) -> ApplyReport:
         """Validates and applies `plan` (a Plan, its document, or its JSON) at the next request
         boundary, rolling back an active plan first. The control plane gets the PlanStatus
-        reports too. Raises PlanError (refused; nothing touched) or the apply's error."""
+        reports too. Raises PlanError (refused; nothing touched) or the apply's error.
+
+        A plan with `query_classes` is that classes' own plan, beside the default: weights and
+        execution settings are process-wide, so it may differ from the active default plan
+        only in execution.speculative (draft and k, or none); anything else is refused. Requests
+        labelled `request(query_class=...)` with such a class speculate its way."""
         return self._control().apply_local(plan)
 
-    def rollback(self, reason: str = "") -> wire.PlanStatusReport:
-        """Rolls back the active plan at the next boundary (bitwise original); reported."""
+    def rollback(self, reason: str = "", query_class: str = "") -> wire.PlanStatusReport:
+        """Rolls back the active plan at the next boundary (bitwise original); reported. With
+        query_class: that class's own plan only (its requests then run the default plan)."""
         control = self._control()
+        if query_class:
+            reports = control.rollback_class(query_class, reason)
+            for r in reports:
+                control.reply(r)
+            return reports[0]
         report = control.rollback(reason=reason)
         control.reply(report)
         return report
@@ -143,6 +154,14 @@ class AgentHandle:
     @property
     def active_plan(self) -> Optional[Plan]:
         return self.executor.active_plan if self.executor is not None else None
+
+    @property
+    def class_plans(self) -> dict[str, Plan]:
+        """query class -> its own active plan (speculation only; see apply_plan). A class not
+        listed runs the default plan (`active_plan`)."""
+        if self.control is None:
+            return {}
+        return {c: r.plan for c, r in sorted(self.control.classes.routes.items())}
 
     # ------------------------------------------------------------ counters
     @property

@@ -47,6 +47,12 @@ class RequestRecord:
     ttft_ms: float = math.nan    # request start -> end of the first forward (first token's logits)
     tpot_ms: float = math.nan    # mean time per decode step after the first; nan if < 2 steps
     latency_ms: float = math.nan
+    # Speculative decoding (execution.speculative, the default's or the class's plan); 0 when the
+    # request did not speculate. acceptance = accepted / drafted; tokens per verify forward =
+    # output_tokens / verify_forwards (output_tokens then counts emitted tokens, not forwards).
+    spec_drafted: int = 0        # drafted tokens offered to the verifier
+    spec_accepted: int = 0       # of those, kept
+    spec_verify_forwards: int = 0   # verifier forwards (the first is the prefill)
     trace: Optional[TraceArrays] = None   # None when the request was not sampled for tracing
 
     @property
@@ -86,6 +92,8 @@ def _request_columns(recs: Sequence[RequestRecord]) -> dict[str, np.ndarray]:
         "batch_size": col("batch_size", np.uint32), "prompt_tokens": col("prompt_tokens", np.uint32),
         "output_tokens": col("output_tokens", np.uint32), "ttft_ms": col("ttft_ms", np.float32),
         "tpot_ms": col("tpot_ms", np.float32), "latency_ms": col("latency_ms", np.float32),
+        "spec_drafted": col("spec_drafted", np.uint32), "spec_accepted": col("spec_accepted", np.uint32),
+        "spec_verify_forwards": col("spec_verify_forwards", np.uint32),
     }
 
 

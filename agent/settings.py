@@ -1,10 +1,10 @@
 """The agent's one settings object: argument > environment variable > default, validated."""
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from headroom_sidecar.proto.settings import resolve_settings  # noqa: F401 (agent parts import it here)
 
 
 @dataclass(frozen=True)
@@ -95,37 +95,3 @@ class AgentSettings:
     def resolve(cls, **overrides: Any) -> "AgentSettings":
         """Arguments win, then HEADROOM_* environment variables, then defaults."""
         return resolve_settings(cls, overrides, "agent")
-
-
-def resolve_settings(cls, overrides: dict, what: str):
-    """Any agent settings dataclass whose fields carry metadata {"env": NAME}: arguments
-    (not None) win, then the environment, then defaults; __post_init__ validates."""
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise TypeError(f"unknown {what} setting(s): {', '.join(sorted(unknown))}")
-    values = {}
-    for f in dataclasses.fields(cls):
-        if overrides.get(f.name) is not None:
-            values[f.name] = overrides[f.name]
-        elif f.metadata.get("env") in os.environ:
-            values[f.name] = _parse(f, os.environ[f.metadata["env"]])
-    return cls(**values)
-
-
-def _parse(f: dataclasses.Field, raw: str) -> Any:
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    try:
-        if "bool" in kind:
-            if raw.strip().lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.strip().lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if "int" in kind:
-            return int(raw)
-        if "float" in kind:
-            return float(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {f.metadata['env']}={raw!r}: "
-                         f"not a valid {kind} for setting {f.name}") from None
-    return raw

@@ -18,9 +18,8 @@ not: it is measured afresh in every trial, plan and baseline interleaved in one 
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -30,7 +29,8 @@ from torch import nn
 from headroom_sidecar.agent.adapters.base import ModelStructure
 from headroom_sidecar.agent.executor import Executor, weight_bytes
 from headroom_sidecar.agent.latency import LatencyResult, generate_timed, interleaved, model_device
-from headroom_sidecar.agent.plan import Plan
+from headroom_sidecar.proto.evidence import Evidence
+from headroom_sidecar.proto.plan import Plan
 
 _MAX_BASELINE_BYTES = 2 << 30     # refuse eval sets whose baseline log-probs exceed 2 GiB
 
@@ -93,62 +93,7 @@ def stdlib_doc_texts() -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
-@dataclass
-class Evidence:
-    plan_id: str
-    plan_hash: str
-    top1_agreement: float
-    mean_kl: float
-    ppl_ratio: float
-    exact_match: float
-    latency_ms_per_token_base: float     # median over the interleaved samples
-    latency_ms_per_token_plan: float
-    weight_bytes_base: int
-    weight_bytes_plan: int
-    eval_tokens: int
-    n_prompts: int
-    heads_removed_fraction: float
-    layers_removed_fraction: float
-    ppl_base: float = float("nan")
-    ppl_plan: float = float("nan")
-    notes: list[str] = field(default_factory=list)
-    # Spread of the interleaved timing (agent/latency.py); NaN / 0 where nothing was timed.
-    latency_pairs: int = 0
-    latency_ratio_median: float = float("nan")   # median of the pairs' plan/base
-    latency_ratio_min: float = float("nan")
-    latency_ratio_max: float = float("nan")
-    latency_ms_per_token_base_min: float = float("nan")
-    latency_ms_per_token_base_max: float = float("nan")
-    latency_ms_per_token_plan_min: float = float("nan")
-    latency_ms_per_token_plan_max: float = float("nan")
-    warmup_ms_base: float = float("nan")         # first generate, whole; excluded above
-    warmup_ms_plan: float = float("nan")         # includes any compile
-    timed_on: str = ""                           # the thread (and site) that timed it
-    kernels: dict = field(default_factory=dict)  # module path -> the kernel chosen, its timings
-
-    @property
-    def latency_ratio(self) -> float:
-        """Median of back-to-back pairs when timed that way; else the ratio of the medians."""
-        if self.latency_pairs > 0:
-            return self.latency_ratio_median
-        return self.latency_ms_per_token_plan / self.latency_ms_per_token_base
-
-    @property
-    def memory_ratio(self) -> float:
-        return self.weight_bytes_plan / self.weight_bytes_base
-
-    def to_json(self) -> str:
-        """Strict JSON: a figure that was not measured (NaN) is null, never a bare NaN."""
-        d = asdict(self)
-        d.update(latency_ratio=self.latency_ratio, memory_ratio=self.memory_ratio)
-        d = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in d.items()}
-        return json.dumps(d, sort_keys=True, allow_nan=False)
-
-    @staticmethod
-    def from_json(text: str) -> "Evidence":
-        d = json.loads(text)
-        d.pop("latency_ratio", None), d.pop("memory_ratio", None)
-        return Evidence(**{k: float("nan") if v is None else v for k, v in d.items()})
+# Evidence (what a trial reports, and its JSON) is the contract's: proto/evidence.py.
 
 
 def latency_fields(lat: LatencyResult | None) -> dict:

@@ -29,7 +29,7 @@ from headroom_sidecar.agent.adapters import resolve_structure  # noqa: E402
 from headroom_sidecar.agent.executor import Executor, ExecutorSettings  # noqa: E402
 from headroom_sidecar.agent.fingerprint import fingerprint  # noqa: E402
 from headroom_sidecar.agent.latency import interleaved  # noqa: E402
-from headroom_sidecar.agent.plan import Plan  # noqa: E402
+from headroom_sidecar.proto.plan import Plan  # noqa: E402
 from workloads.prompts import PROMPTS, chat_ids  # noqa: E402
 from workloads.smollm2 import load_smollm2  # noqa: E402
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _plan(fp: str, compiled: bool):
-    from headroom_sidecar.agent.plan import SCHEMA, Plan
+    from headroom_sidecar.proto.plan import PLAN_SCHEMA as SCHEMA, Plan
     layers = {**{str(i): "int8" for i in range(30)}, "lm_head": "int8"}
     ts = [{"kind": "weight_precision", "layers": layers}]
     if compiled:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from headroom_sidecar.agent.adapters import resolve_structure  # noqa: E402
 from headroom_sidecar.agent.executor import Executor, ExecutorSettings, weight_bytes  # noqa: E402
 from headroom_sidecar.agent.fingerprint import fingerprint  # noqa: E402
-from headroom_sidecar.agent.plan import SCHEMA, Plan  # noqa: E402
+from headroom_sidecar.proto.plan import PLAN_SCHEMA as SCHEMA, Plan  # noqa: E402
 from bench.table import decode_steps_ms  # noqa: E402
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,

@@ -15,7 +15,15 @@ tokens/s over the unoptimised row's in that round. Exact = the fraction of promp
 equal the unoptimised greedy tokens. Weight memory: the model's weights plus the draft's own
 (its int8 copies; skipped layers share the verifier's tensors).
 
+Per class (--prompts classes): the demo's mixed workload (workloads/prompts.py: factual, code,
+creative, arithmetic, and grounded), each class measured on its own prompts with every row,
+then the choice the per-class planner would make (controlplane/planner/speculation.py: the
+fastest headroom row at exact match 1.0 if it beats the unoptimised model, else the class is
+left alone) and the mix's tokens/s with each class on its choice.
+
     .venv/bin/python bench/speculative.py [--rounds 4] [--new-tokens 64] [--k 4] [--prompts grounded]
+    .venv/bin/python bench/speculative.py --prompts classes [--per-class 2] [--ks 2,4,6]
+    smallest: --prompts classes --per-class 1 --rounds 1 --new-tokens 8 --ks 4 --skip-layers 0
 """
 from __future__ import annotations
 
@@ -34,11 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from headroom_sidecar.agent.adapters import resolve_structure  # noqa: E402
 from headroom_sidecar.agent.executor import Executor, weight_bytes  # noqa: E402
 from headroom_sidecar.agent.fingerprint import fingerprint  # noqa: E402
-from headroom_sidecar.agent.plan import Plan  # noqa: E402
+from headroom_sidecar.proto.plan import Plan  # noqa: E402
 from headroom_sidecar.agent.executor.speculative.generate import SpecStats  # noqa: E402
 from headroom_sidecar.agent.executor.speculative.install import installed  # noqa: E402
 from bench.table import calibrate, plan_doc, token_chunks  # noqa: E402
-from workloads.prompts import GROUNDED_PROMPTS, PROMPTS, chat_ids  # noqa: E402
+from workloads.prompts import GROUNDED_PROMPTS, PROMPTS, QueryClass, chat_ids  # noqa: E402
 from workloads.smollm2 import load_smollm2  # noqa: E402
 from headroom_sidecar.controlplane.evaltexts import Split  # noqa: E402
 
@@ -99,20 +107,30 @@ def least_update_layers(model, s, tok, skip: int) -> list[int]:
     return sorted(sorted(inner, key=lambda i: stats["update"][i])[:skip])
 
 
-def build_rows(fp: str, s, k: int, skipped: list[int]) -> list[Row]:
-    def execution(spec: dict) -> dict:
-        return {"kind": "execution", "static_kv_cache": False, "compile": "none",
-                "speculative": spec}
+def _execution(spec: dict) -> dict:
+    return {"kind": "execution", "static_kv_cache": False, "compile": "none", "speculative": spec}
+
+
+def _draft(s, skipped: list[int]) -> list[dict]:
     draft = [{"kind": "weight_precision", "layers": {str(i): "int8" for i in range(s.num_layers)}}]
     if skipped:
         draft.append({"kind": "skip_layers", "layers": skipped})
+    return draft
+
+
+def headroom_rows(fp: str, s, ks: list[int], skipped: list[int]) -> list[Row]:
+    """The per-class planner's candidates: prompt lookup and self draft, each k."""
+    rows = [Row(f"headroom prompt lookup k={k}", plan_doc(fp, f"bench-spec-lookup-{k}", [_execution(
+        {"draft": "prompt_lookup", "k": k})], "bench/speculative.py")) for k in ks]
+    return rows + [Row(f"headroom self-spec k={k} (draft int8 + skip {skipped})", plan_doc(
+        fp, f"bench-spec-self-{k}", [_execution({"draft": "self", "k": k, "draft_plan": {
+            "transforms": _draft(s, skipped)}})], "bench/speculative.py")) for k in ks]
+
+
+def build_rows(fp: str, s, k: int, skipped: list[int], ks: Optional[list[int]] = None) -> list[Row]:
     return [Row("unoptimised"),
-            Row(f"HF prompt lookup k={k}", generate_kwargs={"prompt_lookup_num_tokens": k}),
-            Row(f"headroom prompt lookup k={k}", plan_doc(fp, "bench-spec-lookup", [execution(
-                {"draft": "prompt_lookup", "k": k})], "bench/speculative.py")),
-            Row(f"headroom self-spec k={k} (draft int8 + skip {skipped})", plan_doc(
-                fp, "bench-spec-self", [execution({"draft": "self", "k": k, "draft_plan": {
-                    "transforms": draft}})], "bench/speculative.py"))]
+            Row(f"HF prompt lookup k={k}", generate_kwargs={"prompt_lookup_num_tokens": k})
+            ] + headroom_rows(fp, s, ks or [k], skipped)
 
 
 def measure(rows: list[Row], model, ex, prompts, n: int, rounds: int) -> None:
@@ -125,7 +143,7 @@ def measure(rows: list[Row], model, ex, prompts, n: int, rounds: int) -> None:
             row.ratio.append(rates[row.name] / rates[rows[0].name])
 
 
-def print_table(rows: list[Row], base_bytes: int) -> None:
+def print_table(rows: list[Row], base_bytes: int, anchor_note: bool = True) -> None:
     print(f"\n{'row':58} {'tok/s':>7} {'x unopt (min-max)':>20} {'accept':>7} "
           f"{'tok/verify':>10} {'exact':>6} {'weights MiB':>11}")
     for row in rows:
@@ -137,6 +155,51 @@ def print_table(rows: list[Row], base_bytes: int) -> None:
         mib = (base_bytes + row.draft_bytes) / 2**20
         print(f"{row.name:58} {statistics.median(row.tok_s):7.1f} {spread:>20} {acc:>7} "
               f"{tpv:>10} {exact:>6} {mib:11.1f}")
+    if anchor_note:
+        print(NO_DRAFT_MODEL)
+
+
+def class_prompts(per_class: int) -> dict[QueryClass, list]:
+    """query class -> its first `per_class` prompts of the demo's mix (grounded included)."""
+    out: dict[QueryClass, list] = {}
+    for q in PROMPTS + GROUNDED_PROMPTS:
+        if len(out.setdefault(q.query_class, [])) < per_class:
+            out[q.query_class].append(q)
+    return out
+
+
+def planner_choice(rows: list[Row]) -> Optional[Row]:
+    """The fastest headroom row at exact match 1.0 that beats the unoptimised row (its median
+    tokens/s ratio above 1: a latency ratio below 1), as the per-class planner keeps; None:
+    the class is left alone."""
+    ok = [r for r in rows if r.plan is not None and r.exact and all(r.exact)
+          and statistics.median(r.ratio) > 1.0]
+    return max(ok, key=lambda r: statistics.median(r.ratio), default=None)
+
+
+def run_classes(model, tok, ex, fp: str, s, args) -> None:
+    """Per class: every row on the class's own prompts, the planner's choice, then the mix."""
+    skipped = least_update_layers(model, s, tok, args.skip_layers) if args.skip_layers else []
+    totals = {"tokens": 0, "base_s": 0.0, "chosen_s": 0.0}
+    for qc, chosen in class_prompts(args.per_class).items():
+        prompts = [chat_ids(tok, q.text) for q in chosen]
+        rows = build_rows(fp, s, args.k, skipped, args.ks)
+        measure(rows, model, ex, prompts, args.new_tokens, args.rounds)
+        print(f"\nclass {qc.value}: {len(prompts)} prompt(s)")
+        print_table(rows, weight_bytes(model), anchor_note=False)
+        pick = planner_choice(rows)
+        base = statistics.median(rows[0].tok_s)
+        rate = statistics.median(pick.tok_s) if pick else base
+        print(f"  planner: {pick.name} ({rate / base:.2f}x)" if pick else
+              f"  planner: speculation does not pay for class {qc.value}: best ratio "
+              f"{max(statistics.median(r.ratio) for r in rows if r.plan is not None):.2f}x; "
+              "left alone")
+        tokens = len(prompts) * args.new_tokens
+        totals["tokens"] += tokens
+        totals["base_s"] += tokens / base
+        totals["chosen_s"] += tokens / rate
+    print(f"\nmix: {totals['tokens']} tokens, each class on the planner's choice: "
+          f"{totals['base_s'] / totals['chosen_s']:.2f}x the unoptimised tokens/s")
     print(NO_DRAFT_MODEL)
 
 
@@ -146,15 +209,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--skip-layers", type=int, default=2)
-    p.add_argument("--prompts", choices=("grounded", "mixed"), default="grounded")
+    p.add_argument("--prompts", choices=("grounded", "mixed", "classes"), default="grounded")
+    p.add_argument("--per-class", type=int, default=2, help="prompts per class (--prompts classes)")
+    p.add_argument("--ks", type=lambda v: [int(k) for k in v.split(",")], default=[2, 4, 6],
+                   help="k values tried per class (--prompts classes), comma-separated")
     args = p.parse_args(argv)
-    if args.rounds < 1 or args.new_tokens < 1:
-        p.error("--rounds and --new-tokens must be >= 1")
+    if args.rounds < 1 or args.new_tokens < 1 or args.per_class < 1:
+        p.error("--rounds, --new-tokens and --per-class must be >= 1")
+    if not args.ks or min(args.ks) < 1:
+        p.error("--ks: give k values >= 1, e.g. 2,4,6")
     torch.manual_seed(0)
     model, tok = load_smollm2()
     s = resolve_structure(model)
     fp = fingerprint(model, s)
     ex = Executor(model, s, fp)
+    if args.prompts == "classes":
+        print(f"SmolLM2-135M, per class x {args.per_class} prompt(s) x {args.new_tokens} new "
+              f"tokens, {args.rounds} interleaved round(s), {torch.get_num_threads()} threads")
+        return run_classes(model, tok, ex, fp, s, args)
     chosen = GROUNDED_PROMPTS if args.prompts == "grounded" else PROMPTS[::4]
     prompts = [chat_ids(tok, q.text) for q in chosen]
     rows = build_rows(fp, s, args.k, least_update_layers(model, s, tok, args.skip_layers))

@@ -46,7 +46,7 @@ from headroom_sidecar.agent.adapters import resolve_structure  # noqa: E402
 from headroom_sidecar.agent.executor import Executor, ExecutorSettings, weight_bytes  # noqa: E402
 from headroom_sidecar.agent.fingerprint import fingerprint  # noqa: E402
 from headroom_sidecar.agent.latency import generate_timed  # noqa: E402
-from headroom_sidecar.agent.plan import SCHEMA, Plan  # noqa: E402
+from headroom_sidecar.proto.plan import PLAN_SCHEMA as SCHEMA, Plan  # noqa: E402
 from workloads.prompts import PROMPTS, chat_ids  # noqa: E402
 from workloads.smollm2 import load_smollm2  # noqa: E402
 from headroom_sidecar.controlplane.evaltexts import Split, texts  # noqa: E402

@@ -26,7 +26,6 @@ Timestamps are wall clock and are recorded, not checked for order.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import hashlib
 import hmac
 import json
@@ -39,29 +38,11 @@ import duckdb
 
 from headroom_sidecar.controlplane.audit_key import (AuditSettings, load_or_create_key, read_anchor,
                                     write_anchor)
+from headroom_sidecar.controlplane.schema import AUDIT_DDL
+from headroom_sidecar.proto.contract import AuditKind
 
 GENESIS_HASH = "0" * 64
 _VERIFY_CHUNK_ROWS = 2048
-
-
-class AuditKind(str, enum.Enum):
-    PROPOSED = "PROPOSED"
-    TRIAL_REQUESTED = "TRIAL_REQUESTED"
-    TRIAL_RESULT = "TRIAL_RESULT"
-    POLICY_EVALUATED = "POLICY_EVALUATED"
-    APPROVED = "APPROVED"
-    REJECTED = "REJECTED"
-    NEEDS_HUMAN = "NEEDS_HUMAN"
-    APPLY_REQUESTED = "APPLY_REQUESTED"
-    APPLIED = "APPLIED"
-    APPLY_FAILED = "APPLY_FAILED"
-    ROLLBACK_REQUESTED = "ROLLBACK_REQUESTED"
-    ROLLED_BACK = "ROLLED_BACK"
-    SUPERSEDED = "SUPERSEDED"
-    POLICY_RELOADED = "POLICY_RELOADED"
-    AGENT_CONNECTED = "AGENT_CONNECTED"
-    AGENT_DISCONNECTED = "AGENT_DISCONNECTED"
-    NOTE = "NOTE"
 
 
 @dataclass(frozen=True)
@@ -115,37 +96,13 @@ class VerifyResult:
     unkeyed_before_seq: Optional[int] = None
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS audit_log (
-    seq BIGINT PRIMARY KEY,
-    ts_us BIGINT NOT NULL,
-    kind VARCHAR NOT NULL,
-    actor VARCHAR NOT NULL,
-    subject VARCHAR NOT NULL,
-    details_json VARCHAR NOT NULL,
-    prev_hash VARCHAR NOT NULL,
-    row_hash VARCHAR NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit_head (
-    id INTEGER PRIMARY KEY,
-    seq BIGINT NOT NULL,
-    row_hash VARCHAR NOT NULL
-);
-"""
-
-
-# Migration from the unkeyed schema: older rows keep mac NULL ("unkeyed before seq N").
-_KEYED_COLUMNS = """
-ALTER TABLE audit_log ADD COLUMN IF NOT EXISTS mac VARCHAR;
-ALTER TABLE audit_head ADD COLUMN IF NOT EXISTS mac VARCHAR;
-ALTER TABLE audit_head ADD COLUMN IF NOT EXISTS keyed_since BIGINT;
-"""
+# The tables (and the migration from the unkeyed schema: older rows keep mac NULL, "unkeyed
+# before seq N") are schema.py's, under the schema version; run here for a bare connection.
 _ROW_COLUMNS = "seq, ts_us, kind, actor, subject, details_json, prev_hash, row_hash, mac"
 
 
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(_SCHEMA)
-    con.execute(_KEYED_COLUMNS)
+    con.execute(AUDIT_DDL)
 
 
 def canonical_json(value: Any) -> str:

@@ -9,14 +9,15 @@ Modes (AuthMode, chosen from ServerSettings by `auth_mode`):
   optional operator port takes TLS without client certificates and a signed operator token.
 Anything but loopback without TLS and a way to authenticate refuses to start (`check_bind`).
 
-Roles, checked per Admin command by the server (the client's `actor` field is ignored):
+Roles, checked per Admin RPC method by the server (METHOD_ROLES; the client's
+`headroom-actor` metadata is ignored for authenticated callers):
 
-    role      may run
-    viewer    agents.list plan.list plan.show plan.status audit.list audit.verify
-              policy.show analysis.summary, and the Query RPC
-    operator  + plan.trigger
-    approver  + plan.approve plan.reject plan.rollback
-    admin     + policy.reload agents.unbind (release an agent id's certificate binding)
+    role      may call
+    viewer    ListAgents ListPlans ShowPlan GetJob ListJobs ListAudit VerifyAudit ShowPolicy
+              AnalysisSummary, and the Query RPC
+    operator  + TriggerPlan
+    approver  + ApprovePlan RejectPlan RollbackPlan
+    admin     + ReloadPolicy UnbindAgent (release an agent id's certificate binding)
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
+
+from headroom_sidecar.controlplane.schema import AGENT_BINDINGS_DDL
 
 TOKEN_PREFIX = "hrt1"
 BEARER = "bearer "
@@ -60,16 +63,18 @@ class Role(enum.IntEnum):
                              f"{', '.join(r.name.lower() for r in cls)}") from None
 
 
-COMMAND_ROLES: dict[str, Role] = {
-    "agents.list": Role.VIEWER, "plan.list": Role.VIEWER, "plan.show": Role.VIEWER,
-    "plan.status": Role.VIEWER, "audit.list": Role.VIEWER, "audit.verify": Role.VIEWER,
-    "policy.show": Role.VIEWER, "analysis.summary": Role.VIEWER,
-    "plan.trigger": Role.OPERATOR,
-    "plan.approve": Role.APPROVER, "plan.reject": Role.APPROVER, "plan.rollback": Role.APPROVER,
-    "policy.reload": Role.ADMIN, "agents.unbind": Role.ADMIN,
+# The one table of who may call which Admin RPC (method names of service Headroom in
+# proto/headroom.proto); tests/security checks it covers exactly the service's Admin methods.
+METHOD_ROLES: dict[str, Role] = {
+    "ListAgents": Role.VIEWER, "ListPlans": Role.VIEWER, "ShowPlan": Role.VIEWER,
+    "GetJob": Role.VIEWER, "ListJobs": Role.VIEWER, "ListAudit": Role.VIEWER,
+    "VerifyAudit": Role.VIEWER, "ShowPolicy": Role.VIEWER, "AnalysisSummary": Role.VIEWER,
+    "TriggerPlan": Role.OPERATOR,
+    "ApprovePlan": Role.APPROVER, "RejectPlan": Role.APPROVER, "RollbackPlan": Role.APPROVER,
+    "ReloadPolicy": Role.ADMIN, "UnbindAgent": Role.ADMIN,
 }
 QUERY_ROLE = Role.VIEWER
-# A command nobody mapped needs the highest role: a new command is never open by accident.
+# A method nobody mapped needs the highest role: a new method is never open by accident.
 UNMAPPED_ROLE = Role.ADMIN
 
 
@@ -296,8 +301,9 @@ def require_role(principal: Principal, needed: Role, what: str) -> None:
                         f"has {have}")
 
 
-def authorize_command(principal: Principal, command: str) -> None:
-    require_role(principal, COMMAND_ROLES.get(command, UNMAPPED_ROLE), command)
+def authorize_method(principal: Principal, method: str) -> None:
+    """PERMISSION_DENIED unless principal's role covers Admin RPC `method` (METHOD_ROLES)."""
+    require_role(principal, METHOD_ROLES.get(method, UNMAPPED_ROLE), method)
 
 
 def _bearer(context: grpc.ServicerContext) -> str:
@@ -318,9 +324,7 @@ class AgentBindings:
     def __init__(self, con, lock: threading.RLock):
         self._con, self._lock = con, lock
         with self._lock:
-            self._con.execute("CREATE TABLE IF NOT EXISTS agent_bindings (agent_id VARCHAR "
-                              "PRIMARY KEY, cert_sha256 VARCHAR NOT NULL, fingerprint VARCHAR "
-                              "NOT NULL, bound_at TIMESTAMP DEFAULT current_timestamp)")
+            self._con.execute(AGENT_BINDINGS_DDL)   # schema.py's table; here for a bare connection
 
     def bind(self, agent_id: str, cert_sha256: str, fingerprint: str) -> Optional[str]:
         """None once bound to this certificate and model (now or before); else why not."""

@@ -10,13 +10,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import pyarrow as pa
 
 from headroom_sidecar.controlplane.auth import AuthMode
 from headroom_sidecar.controlplane.query import QueryClient, QueryError, QueryResult, open_read_only, run_query
-from headroom_sidecar.controlplane.server import RunningServer, serve_forever
+from headroom_sidecar.controlplane.app import RunningServer, serve_forever
 from headroom_sidecar.controlplane.settings import ServerSettings
 from headroom_sidecar.controlplane.store import StoreError
 
@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--db", help="open this DuckDB file read-only instead (no server)")
     query.add_argument("--format", choices=("table", "csv", "json"), default="table")
     query.add_argument("--max-rows", type=int, default=0, help="0 = the server's default")
+    _add_json_flag(query, "{columns, rows, row_count, truncated}")
     _add_credential_args(query)
     export = sub.add_parser("export", help="telemetry and hourly roll-ups since a time, as "
                                            "Parquet files (one per table)")
@@ -58,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                                      "(env HEADROOM_CP_DB)")
     export.add_argument("--since", required=True, help="ISO 8601 date or time (UTC if no zone)")
     export.add_argument("--to", required=True, dest="to_dir", help="directory for <table>.parquet")
+    _add_json_flag(export, "{since, to, tables: {table: {path, rows}}}")
     _add_health_command(sub)
     _add_admin_commands(sub)
     from headroom_sidecar.controlplane.policy.cli import add_policy_commands
@@ -90,18 +92,35 @@ def _add_health_command(sub) -> None:
                         "(HEADROOM_CP_HEALTH_PORT) of a TLS one (default 127.0.0.1:50051)")
     p.add_argument("--service", default="", help="service name; \"\" = the whole server")
     p.add_argument("--timeout-s", type=float, default=3.0, help="deadline of the call (default 3)")
+    _add_json_flag(p, "{address, service, status, error}")
+
+
+def _add_json_flag(p: argparse.ArgumentParser, shape: str) -> None:
+    """`--json`: one JSON document on stdout instead of text (errors too: {command, error})."""
+    p.add_argument("--json", action="store_true", help=f"print one JSON document: {shape}")
+
+
+def _write_json(doc, out=None) -> None:
+    out = out or sys.stdout
+    out.write(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def _health(args: argparse.Namespace) -> int:
     import grpc
     from headroom_sidecar.controlplane.health import check
+    doc = {"address": args.address, "service": args.service, "status": None, "error": None}
     try:
         status = check(args.address, args.service, args.timeout_s)
     except grpc.RpcError as e:
-        print(f"controlplane health: {args.address}: {e.code().name}: {e.details()}",
-              file=sys.stderr)
+        doc["error"] = f"{e.code().name}: {e.details()}"
+        print(f"controlplane health: {args.address}: {doc['error']}", file=sys.stderr)
+        if args.json:
+            _write_json(doc)
         return EXIT_UNHEALTHY
-    print(status)
+    if args.json:
+        _write_json({**doc, "status": status})
+    else:
+        print(status)
     return 0 if status == "SERVING" else EXIT_UNHEALTHY
 
 
@@ -125,7 +144,7 @@ def _add_credential_args(p: argparse.ArgumentParser) -> None:
 
 
 def _credentials(args: argparse.Namespace):
-    from headroom_sidecar.controlplane.credentials import ClientCredentials
+    from headroom_sidecar.proto.credentials import ClientCredentials
     return ClientCredentials.resolve(ca_file=args.ca, cert_file=args.cert, key_file=args.key,
                                      token=args.token)
 
@@ -165,71 +184,77 @@ def _add_admin_commands(sub) -> None:
     p.add_argument("--limit", type=int, default=50)
 
 
-def _admin_call(args: argparse.Namespace) -> tuple[str, dict]:
-    """(Admin command, its JSON args) for `plan ...` / `audit ...`."""
+def _admin_call(args: argparse.Namespace) -> Callable[[Any], Any]:
+    """The typed Admin call of `plan ...` / `audit ...`: client -> reply message."""
     c = args.admin_command
     if args.command == "audit":
         if c == "verify":
-            from headroom_sidecar.controlplane.audit_key import read_anchor
-            if args.anchor is None:
-                return "audit.verify", {}
-            anchor = read_anchor(args.anchor)
-            if anchor is None:
-                raise CliError(f"no anchor file at {args.anchor}")
-            return "audit.verify", {"anchor": anchor}
-        return "audit.list", _present(subject=args.subject, kind=args.kind, limit=args.limit)
+            anchor = _anchor(args.anchor) if args.anchor is not None else None
+            return lambda client: client.verify_audit(anchor)
+        return lambda client: client.list_audit(subject=args.subject or "", kind=args.kind or "",
+                                                limit=args.limit)
     if c == "list":
-        return "plan.list", _present(status=args.status, limit=args.limit)
+        return lambda client: client.list_plans(status=args.status or "", limit=args.limit)
     if c == "show":
-        return "plan.show", {"plan_id": args.plan_id}
+        return lambda client: client.show_plan(args.plan_id)
     if c == "trigger":
-        return "plan.trigger", _present(agent_id=args.agent, fingerprint=args.fingerprint,
-                                        query_class=args.query_class, max_trials=args.max_trials)
+        return lambda client: client.trigger_plan(
+            agent_id=args.agent or "", fingerprint=args.fingerprint or "",
+            query_class=args.query_class or "", max_trials=args.max_trials)
     if c == "status":
-        return "plan.status", _present(job_id=args.job_id)
-    return f"plan.{c}", {"plan_id": args.plan_id, "reason": args.reason}
+        return (lambda client: client.get_job(args.job_id)) if args.job_id else \
+            (lambda client: client.list_jobs())
+    verdict = {"approve": "approve_plan", "reject": "reject_plan", "rollback": "rollback_plan"}[c]
+    return lambda client: getattr(client, verdict)(args.plan_id, args.reason)
 
 
-def _present(**kw) -> dict:
-    return {k: v for k, v in kw.items() if v is not None}
+def _anchor(path: str) -> dict:
+    from headroom_sidecar.controlplane.audit_key import read_anchor
+    anchor = read_anchor(path)
+    if anchor is None:
+        raise CliError(f"no anchor file at {path}")
+    return anchor
 
 
 def _admin(args: argparse.Namespace) -> int:
     import grpc
-    from headroom_sidecar.controlplane.admin import DEFAULT_ADDRESS, AdminClient
+    from headroom_sidecar.proto import headroom_pb2 as pb
+    from headroom_sidecar.proto.client import DEFAULT_ADDRESS, AdminClient, reply_json
     address = args.address or os.environ.get("HEADROOM_ADDRESS") or DEFAULT_ADDRESS
     actor = args.actor or os.environ.get("HEADROOM_OPERATOR", "")
-    command, payload = _admin_call(args)
+    call = _admin_call(args)
+    waits = args.command == "plan" and args.admin_command == "trigger" and args.wait
     try:
         with AdminClient(address, actor=actor, credentials=_credentials(args)) as client:
-            result = client.call(command, payload)
-            if command == "plan.trigger" and args.wait:
-                result = _wait_job(client, result, args.poll_s)
+            reply = call(client)
+            if waits:
+                reply = _wait_job(client, reply, args.poll_s)
     except grpc.RpcError as e:
         raise CliError(f"{e.code().name}: {e.details()}") from None
-    json.dump(result, sys.stdout, indent=2, sort_keys=True)
+    except (ValueError, TypeError) as e:   # an anchor file with fields a head does not have
+        raise CliError(str(e)) from None
+    json.dump(reply_json(reply), sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
-    if command == "audit.verify" and not result.get("ok"):
+    if isinstance(reply, pb.VerifyAuditReply) and not reply.ok:
         return 1
-    if command == "plan.trigger" and args.wait and result.get("state") != "done":
-        return 1
-    return 0
+    return 1 if waits and reply.state != "done" else 0
 
 
-def _wait_job(client, job: dict, poll_s: float) -> dict:
-    """Polls plan.status until the job leaves `running`; one progress line on stderr per change
+def _wait_job(client, job, poll_s: float):
+    """Polls GetJob until the job leaves `running`; one progress line on stderr per change
     (stage, trials answered, the plan kept so far)."""
     seen = None
     while True:
-        progress = (job.get("stage"), job.get("trials"), job.get("plan_id"))
+        plan_id = job.plan_id if job.HasField("plan_id") else None
+        progress = (job.stage, job.trials, plan_id)
         if progress != seen:
-            print(f"job {job['job_id']}: {job.get('stage')}, {job.get('trials')} trial(s) done"
-                  + (f", plan {job['plan_id']}" if job.get("plan_id") else ""), file=sys.stderr)
+            print(f"job {job.job_id}: {job.stage}, {job.trials} trial(s) done"
+                  + (f", plan {plan_id}" if plan_id else ""), file=sys.stderr)
             seen = progress
-        if job.get("state") != "running":
+        if job.state != "running":
             return job
         time.sleep(poll_s)
-        job = client.call("plan.status", {"job_id": job["job_id"]})
+        job = client.get_job(job.job_id)
 
 
 # ---------------------------------------------------------------------- serve
@@ -314,6 +339,13 @@ def _print(table: pa.Table, fmt: str, out) -> None:
                 out.write("  ".join("-" * w for w in widths) + "\n")
 
 
+def _result_doc(result: QueryResult) -> dict:
+    table = result.table
+    rows = [{n: _json_value(v) for n, v in r.items()} for r in table.to_pylist()]
+    return {"columns": [{"name": f.name, "type": str(f.type)} for f in table.schema],
+            "rows": rows, "row_count": table.num_rows, "truncated": result.truncated}
+
+
 def _query(args: argparse.Namespace) -> int:
     if args.max_rows < 0:
         raise CliError(f"--max-rows={args.max_rows} must be >= 0")
@@ -321,6 +353,9 @@ def _query(args: argparse.Namespace) -> int:
         result = _run_local(args.db, args.sql, args.max_rows)
     else:
         result = _run_remote(args.address, args.sql, args.max_rows, _credentials(args))
+    if args.json:
+        _write_json(_result_doc(result))
+        return 0
     _print(result.table, args.format, sys.stdout)
     if result.truncated:
         print(f"(truncated at {result.table.num_rows} rows)", file=sys.stderr)
@@ -339,8 +374,13 @@ def _export(args: argparse.Namespace) -> int:
         rows = export_parquet(con, since, args.to_dir)
     finally:
         con.close()
+    paths = {table: str(Path(args.to_dir) / (table + ".parquet")) for table in rows}
+    if args.json:
+        _write_json({"since": since.isoformat(), "to": str(Path(args.to_dir)), "tables": {
+            table: {"path": paths[table], "rows": n} for table, n in rows.items()}})
+        return 0
     for table, n in rows.items():
-        print(f"{Path(args.to_dir) / (table + '.parquet')}\t{n} rows")
+        print(f"{paths[table]}\t{n} rows")
     return 0
 
 
@@ -361,6 +401,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (CliError, QueryError, StoreError, ValueError, OSError) as e:
         message = " ".join(str(e).split())   # one line, whatever DuckDB or gRPC said
         print(f"controlplane {args.command}: error: {message}", file=sys.stderr)
+        if getattr(args, "json", False):   # a script reading stdout gets a document too
+            _write_json({"command": args.command, "error": message})
         return EXIT_ERROR
 
 

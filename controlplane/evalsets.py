@@ -1,6 +1,7 @@
 """What a trial measures on: held-out text (or token ids) and the counts of TrialRequest.eval_json.
 
-The agent builds its EvalSet from this JSON (agent/trial.py). Text comes from the held-out
+The document's fields and their validation are the contract's (proto/evalset.py), which the
+agent parses with too, and builds its EvalSet from (agent/control.py). Text comes from the held-out
 split of Python's own documentation (controlplane/evaltexts.py), so the planner never measures on
 what calibration looked at. A model without a tokenizer (tests' tiny models) gets token ids:
 `token_sequences` / `token_prompts` win over `texts` when given. Both paths start every
@@ -14,15 +15,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
-from headroom_sidecar.controlplane.settings import resolve_settings
 from headroom_sidecar.controlplane.evaltexts import Split, texts
+from headroom_sidecar.controlplane.settings import resolve_settings
+from headroom_sidecar.proto.evalset import FIELDS, EvalSpec
 
 # Characters of held-out text sent per evaluated token: English/code runs ~4 chars per token,
 # so 8 leaves room for the agent to cut every sequence and prompt it was asked for.
 _CHARS_PER_TOKEN = 8
 
-_KNOWN_KEYS = ("token_sequences", "token_prompts", "texts", "seq_len", "max_sequences", "prompts",
-               "prompt_tokens", "new_tokens", "latency_repeats")
+_KNOWN_KEYS = FIELDS   # the eval_json contract's fields (proto/evalset.py)
 
 
 def _env(name: str) -> dict:
@@ -66,22 +67,12 @@ def held_out_texts(settings: EvalSettings) -> list[str]:
     return texts(Split.HELD_OUT, max_chars=max_chars)
 
 
-def _token_lists(value: Any, name: str) -> list[list[int]]:
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ValueError(f"eval.{name}: expected a non-empty list of token-id lists")
-    out = []
-    for i, seq in enumerate(value):
-        if not isinstance(seq, (list, tuple)) or not seq or not all(
-                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in seq):
-            raise ValueError(f"eval.{name}[{i}]: expected a non-empty list of token ids >= 0")
-        out.append([int(t) for t in seq])
-    return out
-
-
 def eval_spec(settings: EvalSettings, overrides: Optional[Mapping[str, Any]] = None) -> dict:
     """The eval_json document: the settings' counts, held-out texts unless token ids are given.
 
     overrides: keys of the eval_json contract (e.g. token_sequences from plan.trigger's args).
+    The document is validated as the agent will (proto.evalset.EvalSpec): EvalSpecError (a
+    ValueError) names each bad field.
     """
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(_KNOWN_KEYS))
@@ -94,13 +85,13 @@ def eval_spec(settings: EvalSettings, overrides: Optional[Mapping[str, Any]] = N
     spec = dataclasses.asdict(resolved)
     for name in ("token_sequences", "token_prompts"):
         if name in overrides:
-            spec[name] = _token_lists(overrides.pop(name), name)
+            spec[name] = overrides.pop(name)
     if isinstance(overrides.get("prompts"), list):
         spec["prompts"] = [str(p) for p in overrides.pop("prompts")]
     if "token_sequences" not in spec:
         # Enough text for the counts asked for here, not only for the defaults.
         spec["texts"] = [str(t) for t in overrides.pop("texts", None) or held_out_texts(resolved)]
-    return spec
+    return EvalSpec.from_doc(spec).to_doc()
 
 
 def byte_token_ids(text: str, vocab_size: int) -> list[int]:

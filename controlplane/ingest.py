@@ -12,20 +12,19 @@ import queue
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from headroom_sidecar.controlplane.ingest_rules import (MAX_BATCH_ROWS, ModelShape, RowCheck, check_lengths,
-                                      check_numeric, summarize)
+from headroom_sidecar.controlplane.batches import BatchJob, DecodedBatch, StoredBatch
+from headroom_sidecar.controlplane.ingest_rules import (MAX_BATCH_ROWS, ModelShape, RowCheck,
+                                                        check_lengths, check_numeric, summarize)
 from headroom_sidecar.controlplane.schema import TELEMETRY_COLUMNS
+from headroom_sidecar.controlplane.store import Store
 from headroom_sidecar.proto import columnar
 from headroom_sidecar.proto import headroom_pb2 as pb
-
-if TYPE_CHECKING:
-    from headroom_sidecar.controlplane.store import BatchJob, Store, StoredBatch
 
 _POLL_S = 0.2   # how often a blocked submit looks at whether its stream is still alive
 
@@ -57,17 +56,6 @@ class IngestError(ValueError):
 
     def reply(self) -> pb.ControlMessage:
         return pb.ControlMessage(error=pb.ErrorReply(code=self.code.value, message=self.message))
-
-
-@dataclass
-class DecodedBatch:
-    seq: int
-    sent_at_us: int
-    tables: dict[str, pa.Table]   # only tables with rows
-    num_rows: int
-    num_bytes: int                # serialized size of the batch's tables
-    rows_rejected: int = 0        # rows that broke a column rule: not stored
-    reject_reason: str = ""       # ingest_rules.summarize() of why
 
 
 def _dtype_name(code: int) -> str:
@@ -181,12 +169,12 @@ def decode_batch(batch: pb.TelemetryBatch, shape: Optional[ModelShape] = None) -
 
 # ---------------------------------------------------------------------- the writer thread
 # Done callback: the StoredBatch, or the exception that kept the job from being stored.
-DoneCallback = Callable[[Union["StoredBatch", Exception]], None]
+DoneCallback = Callable[[Union[StoredBatch, Exception]], None]
 
 
 @dataclass
 class _Pending:
-    job: "BatchJob"
+    job: BatchJob
     done: DoneCallback
 
 
@@ -198,14 +186,14 @@ class IngestWriter:
     (and checkpoints) once per group instead of once per batch.
     """
 
-    def __init__(self, store: "Store", max_pending: int, group_max_rows: int):
+    def __init__(self, store: Store, max_pending: int, group_max_rows: int):
         self.store = store
         self.group_max_rows = group_max_rows
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._thread = threading.Thread(target=self._run, name="headroom-ingest-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, job: "BatchJob", done: DoneCallback, alive: Callable[[], bool]) -> bool:
+    def submit(self, job: BatchJob, done: DoneCallback, alive: Callable[[], bool]) -> bool:
         """Queues a job; blocks while the queue is full (backpressure), False if `alive()` turns false."""
         while alive():
             try:
@@ -214,6 +202,10 @@ class IngestWriter:
             except queue.Full:
                 continue
         return False
+
+    def pending_batches(self) -> int:
+        """Batches queued for the writer thread (approximate: another thread may change it)."""
+        return self._queue.qsize()
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stores what is queued, then stops the thread."""

@@ -16,18 +16,21 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from headroom_sidecar.controlplane.audit import AuditKind, AuditLog
+from headroom_sidecar.controlplane.audit import AuditLog
 from headroom_sidecar.controlplane.evalsets import EvalSettings, eval_json
+from headroom_sidecar.controlplane.inbound import InboundKind
 from headroom_sidecar.controlplane.jobs import Job, JobState, JobStore, Stage  # noqa: F401 (Job* re-exported)
 from headroom_sidecar.controlplane.planner import (CandidateScope, Planner, PlannerSettings, QualityBudget,
                                   load_candidates)
+from headroom_sidecar.controlplane.planner.classjob import search_class
 from headroom_sidecar.controlplane.planner.recorder import StoreRecorder, json_safe
 from headroom_sidecar.controlplane.planner.search import PlanTarget
 from headroom_sidecar.controlplane.policy.engine import trade_rule
 from headroom_sidecar.controlplane.policy.schema import Objective
-from headroom_sidecar.controlplane.plans import Decision, DecisionOutcome, PlanStatus, PlanStore
-from headroom_sidecar.controlplane.policy import (Context, Evidence, ModelFacts, PolicyError, PolicyStore,
-                                 Revision)
+from headroom_sidecar.controlplane.plans import Decision, PlanStore
+from headroom_sidecar.proto.contract import AuditKind, PlanStatus
+from headroom_sidecar.controlplane.policy import (Context, Evidence, ModelFacts, Outcome, PolicyError,
+                                 PolicyStore, Revision)
 from headroom_sidecar.controlplane.recovery import RolloutRecovery
 from headroom_sidecar.controlplane.rollout import Rollout, RolloutResult
 from headroom_sidecar.controlplane.settings import resolve_settings
@@ -179,7 +182,6 @@ class ControlLoop:
                                "stage": job.stage.value, "plan_id": job.plan_id,
                                "reason": job.last_error})
         self.recovery.start()
-        from headroom_sidecar.controlplane.server import InboundKind   # server -> admin -> loop: import late
         self.state.on(InboundKind.HELLO, self.recovery.on_hello)
 
     def close(self) -> None:
@@ -297,6 +299,8 @@ class ControlLoop:
             raise LoopError(f"no traced requests for model {job.fingerprint[:12]}"
                             + (f" and query class {request.query_class!r}" if request.query_class
                                else "") + "; raise the agents' sample_rate or wait")
+        if request.query_class:
+            return self._class_job(job, request, spec)
         result = self._search(job, request, spec, candidates)
         job.message = f"{result.stop_reason}; objective: {result.objective.value}"
         if result.best is None:
@@ -310,9 +314,27 @@ class ControlLoop:
         self._update(job, stage=Stage.DECIDING)
         outcome = self.decide(job.plan_id, result.best_trial.evidence, context)
         self._update(job, decision=outcome.value)
-        if outcome is DecisionOutcome.APPROVE:
+        if outcome is Outcome.APPROVE:
             self._update(job, stage=Stage.ROLLING_OUT)
             job.message = self.rollout.run(job.plan_id).message
+
+    def _class_job(self, job: Job, request: PlanRequest, spec: str) -> None:
+        """A query class chooses only how it speculates (weights are process-wide on the
+        agent): planner/classjob.py; the chosen plan is decided and rolled out as any other."""
+        result = search_class(self, job, request, spec, PLANNER_ACTOR)
+        job.message = result.message
+        if result.best is None:
+            return
+        self._update(job, plan_id=result.best["plan_id"])
+        context = Context(tenant=request.tenant, route=request.route,
+                          query_class=request.query_class,
+                          requires_determinism=request.requires_determinism)
+        self._update(job, stage=Stage.DECIDING)
+        outcome = self.decide(job.plan_id, result.best_trial.evidence, context)
+        self._update(job, decision=outcome.value)
+        if outcome is Outcome.APPROVE:
+            self._update(job, stage=Stage.ROLLING_OUT)
+            job.message = f"{result.message}; {self.rollout.run(job.plan_id).message}"
 
     def _scope(self, fingerprint: str, scope: CandidateScope) -> CandidateScope:
         with self.store.reader() as cur:
@@ -356,7 +378,7 @@ class ControlLoop:
         return traded.params.trade, dataclasses.replace(request.budget, max_latency_ratio=bound)
 
     # ------------------------------------------------------------------ deciding
-    def decide(self, plan_id: str, evidence: Mapping[str, Any], context: Context) -> DecisionOutcome:
+    def decide(self, plan_id: str, evidence: Mapping[str, Any], context: Context) -> Outcome:
         """Policy evaluation of a trialled plan, recorded; the plan moves to the outcome's status."""
         policy = self.policies.require()
         plan = self.plans.get(plan_id)
@@ -367,7 +389,7 @@ class ControlLoop:
         decision = policy.evaluate(plan.doc, Evidence.from_dict(json_safe(dict(evidence)), strict=False),
                                    ModelFacts(facts["num_layers"], facts["num_heads"]), context)
         rules = [json_safe(r.to_dict()) for r in decision.results]
-        outcome = DecisionOutcome(decision.outcome.value)
+        outcome = Outcome(decision.outcome.value)
         reason = "; ".join(f"{r.rule_id}: {r.message}" for r in decision.failing()) or \
             f"every rule passed or did not apply ({len(rules)} rules)"
         self.plans.record_decision(Decision(plan_id, outcome, rules, _revision_name(decision.revision),
@@ -394,7 +416,7 @@ class ControlLoop:
         """An operator approves a needs_human plan; its rollout starts on a job thread."""
         actor = operator_actor(actor)
         plan = self._needs_human(plan_id)
-        self.plans.record_decision(Decision(plan_id, DecisionOutcome.APPROVE, [], "", "", actor,
+        self.plans.record_decision(Decision(plan_id, Outcome.APPROVE, [], "", "", actor,
                                             reason))
         self.plans.transition(plan_id, PlanStatus.APPROVED, actor, reason)
         self.audit.append(AuditKind.APPROVED, actor, plan_id, {"reason": reason})
@@ -412,7 +434,7 @@ class ControlLoop:
     def reject(self, plan_id: str, actor: str, reason: str) -> dict:
         actor = operator_actor(actor)
         self._needs_human(plan_id)
-        self.plans.record_decision(Decision(plan_id, DecisionOutcome.REJECT, [], "", "", actor,
+        self.plans.record_decision(Decision(plan_id, Outcome.REJECT, [], "", "", actor,
                                             reason))
         record = self.plans.transition(plan_id, PlanStatus.REJECTED, actor, reason)
         self.audit.append(AuditKind.REJECTED, actor, plan_id, {"reason": reason})
@@ -431,10 +453,10 @@ class ControlLoop:
         return plan
 
 
-_STATUS_OF = {DecisionOutcome.APPROVE: PlanStatus.APPROVED, DecisionOutcome.REJECT: PlanStatus.REJECTED,
-              DecisionOutcome.NEEDS_HUMAN: PlanStatus.NEEDS_HUMAN}
-_AUDIT_OF = {DecisionOutcome.APPROVE: AuditKind.APPROVED, DecisionOutcome.REJECT: AuditKind.REJECTED,
-             DecisionOutcome.NEEDS_HUMAN: AuditKind.NEEDS_HUMAN}
+_STATUS_OF = {Outcome.APPROVE: PlanStatus.APPROVED, Outcome.REJECT: PlanStatus.REJECTED,
+              Outcome.NEEDS_HUMAN: PlanStatus.NEEDS_HUMAN}
+_AUDIT_OF = {Outcome.APPROVE: AuditKind.APPROVED, Outcome.REJECT: AuditKind.REJECTED,
+             Outcome.NEEDS_HUMAN: AuditKind.NEEDS_HUMAN}
 
 
 def default_policy_folder() -> str:

@@ -25,6 +25,7 @@ import enum
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -33,10 +34,12 @@ import grpc
 import numpy as np
 import pyarrow as pa
 
+from headroom_sidecar.controlplane.metrics import QueryOutcome, record_query
 from headroom_sidecar.controlplane.settings import resolve_settings
 from headroom_sidecar.proto import columnar
 from headroom_sidecar.proto import headroom_pb2 as pb
 from headroom_sidecar.proto import headroom_pb2_grpc
+from headroom_sidecar.proto.query_result import decode_result  # noqa: F401 (QueryClient; re-exported)
 
 _FETCH_ROWS = 2048   # rows per fetched batch: the byte cap overshoots by at most one batch
 
@@ -235,7 +238,23 @@ def _fetch(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int,
 
 def run_query(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int, timeout_s: float,
               settings: Optional[QuerySettings] = None) -> QueryResult:
-    """Runs one read-only statement on `con` (a cursor of its own), at most `max_rows` rows."""
+    """Runs one read-only statement on `con` (a cursor of its own), at most `max_rows` rows.
+    Each run is recorded (outcome, seconds, rows) on the providers observing a server."""
+    start_s = time.monotonic()
+    outcome, rows = QueryOutcome.OK, 0
+    try:
+        result = _run_query(con, sql, max_rows, timeout_s, settings)
+        rows = result.table.num_rows
+        return result
+    except QueryError as e:
+        outcome = QueryOutcome(e.kind.value)
+        raise
+    finally:
+        record_query(outcome, time.monotonic() - start_s, rows)
+
+
+def _run_query(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int, timeout_s: float,
+               settings: Optional[QuerySettings]) -> QueryResult:
     settings = settings or QuerySettings.resolve()
     check_read_only(con, sql)
     lock_down(con, settings)
@@ -310,29 +329,14 @@ def encode_result(name: str, table: pa.Table) -> pb.Table:
     return out
 
 
-# ---------------------------------------------------------------------- Table -> Arrow
-def decode_result(table: pb.Table) -> pa.Table:
-    """The inverse of encode_result: columnar Table -> Arrow, null_mask rows as nulls."""
-    arrays = columnar.decode_table(table)
-    out = {}
-    for col in table.columns:
-        values = arrays[col.name]
-        mask = (np.frombuffer(col.null_mask, dtype=np.uint8) != 0) if col.null_mask else None
-        if col.dtype == pb.STRING:
-            out[col.name] = pa.array(values.tolist(), type=pa.string(), mask=mask)
-        else:
-            out[col.name] = pa.array(values, mask=mask)
-    return pa.table(out)
-
-
 class QueryClient:
     """Read-only SQL against a running control plane."""
 
     def __init__(self, address: str, max_message_bytes: int = 64 * 1024 * 1024,
                  credentials=None):
-        """credentials: controlplane.credentials.ClientCredentials; None = from HEADROOM_TLS_* /
+        """credentials: proto.credentials.ClientCredentials; None = from HEADROOM_TLS_* /
         HEADROOM_TOKEN / HEADROOM_LOCAL_TOKEN (plaintext without them)."""
-        from headroom_sidecar.controlplane.credentials import ClientCredentials
+        from headroom_sidecar.proto.credentials import ClientCredentials
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
         credentials = credentials or ClientCredentials.resolve()

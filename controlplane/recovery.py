@@ -17,10 +17,11 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-from headroom_sidecar.controlplane.audit import AuditKind, AuditLog
+from headroom_sidecar.controlplane.audit import AuditLog
 from headroom_sidecar.controlplane.jobs import JobStore
-from headroom_sidecar.controlplane.plans import (Application, ApplicationState, PlanRecord, PlanStatus, PlanStore,
-                                RolloutStage)
+from headroom_sidecar.controlplane.plans import (Application, ApplicationState, PlanRecord, PlanStore,
+                                                 RolloutStage)
+from headroom_sidecar.proto.contract import AuditKind, PlanStatus
 from headroom_sidecar.proto import headroom_pb2 as pb
 
 log = logging.getLogger("headroom_sidecar.controlplane.recovery")

@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from headroom_sidecar.controlplane.audit import AuditKind, AuditLog
+from headroom_sidecar.controlplane.audit import AuditLog
 from headroom_sidecar.controlplane.planner import TrialError
-from headroom_sidecar.controlplane.plans import (ApplicationState, IllegalTransition, PlanRecord, PlanStatus,
-                                PlanStore, RolloutStage)
+from headroom_sidecar.controlplane.plan_status import IllegalTransition
+from headroom_sidecar.controlplane.plans import ApplicationState, PlanRecord, PlanStore, RolloutStage
+from headroom_sidecar.proto.contract import AuditKind, PlanStatus
 from headroom_sidecar.controlplane.settings import resolve_settings
 from headroom_sidecar.controlplane.trials import StatusReport, StatusState, TrialClient
 
@@ -215,7 +216,10 @@ class Rollout:
 
     def _supersede_others(self, plan: PlanRecord, actor: str) -> None:
         for other in self.plans.list(status=PlanStatus.APPLIED, fingerprint=plan.fingerprint):
-            if other.plan_id != plan.plan_id:
+            # A class plan replaces only plans of its classes; a default plan replaces every
+            # plan (agents drop class plans checked against the default it replaces).
+            scoped = set(plan.query_classes)
+            if other.plan_id != plan.plan_id and (not scoped or scoped & set(other.query_classes)):
                 self.plans.transition(other.plan_id, PlanStatus.SUPERSEDED, actor,
                                       f"replaced by {plan.plan_id}")
                 self.audit.append(AuditKind.SUPERSEDED, actor, other.plan_id,

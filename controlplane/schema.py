@@ -1,10 +1,21 @@
-"""The store's tables. Telemetry column names and wire dtypes are agent/records.py's to_tables()
-contract; the store adds `agent_id` and `received_at` in front of them."""
+"""Every table of the control plane's DuckDB file, and its schema version: the one owner of
+the DDL. Telemetry column names and wire dtypes are agent/records.py's to_tables() contract;
+the store adds `agent_id` and `received_at` in front of them. The plan store (plans.py), the
+audit log (audit.py) and the agent bindings (auth.py) run their part of these strings on a
+bare connection; the store creates them all, and migrates an older file, when it opens.
+
+Version history:
+  1: telemetry, agents, batches, jobs and roll-ups here; plans, audit and agent_bindings
+     created by their own modules, outside the version (jobs.objective and the audit MAC
+     columns were added to version-1 files without a bump).
+  2: every table here, under the version; migrating from 1 adds what a version-1 file may
+     lack (those tables, the audit MAC columns, jobs.objective) and keeps every row.
+"""
 from __future__ import annotations
 
 from headroom_sidecar.proto import headroom_pb2 as pb
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Wire dtype -> DuckDB type.
 DUCKDB_TYPES = {
@@ -22,6 +33,8 @@ TELEMETRY_COLUMNS: dict[str, dict[str, int]] = {
         "query_class": pb.STRING, "traced": pb.BOOL, "batch_size": pb.UINT32,
         "prompt_tokens": pb.UINT32, "output_tokens": pb.UINT32, "ttft_ms": pb.FLOAT32,
         "tpot_ms": pb.FLOAT32, "latency_ms": pb.FLOAT32,
+        # speculative decoding per request (0: it did not speculate); agent/records.py
+        "spec_drafted": pb.UINT32, "spec_accepted": pb.UINT32, "spec_verify_forwards": pb.UINT32,
     },
     "head_stats": {
         **_PER_LAYER, "head": pb.UINT16,
@@ -98,7 +111,6 @@ _VERSION_DDL = """CREATE TABLE IF NOT EXISTS schema_version (
 
 # Control-plane jobs (planning, rollouts), written on every change so a restart finds them:
 # one running when the process died is marked interrupted at start (controlplane/jobs.py).
-# Added without a version bump: CREATE IF NOT EXISTS gives a version-1 file the table on open.
 JOBS_DDL = """CREATE TABLE IF NOT EXISTS jobs (
   job_id VARCHAR PRIMARY KEY,
   kind VARCHAR NOT NULL,
@@ -124,7 +136,6 @@ JOBS_DDL = """CREATE TABLE IF NOT EXISTS jobs (
 # Hourly roll-ups of the traced statistics (controlplane/rollup.py), written in the same
 # transaction that deletes the raw rows they summarize: an hour is in raw or in a roll-up,
 # never both. Each statistic column holds the mean over the `n` rows the planner counts.
-# Added without a version bump (CREATE IF NOT EXISTS), like jobs.
 ROLLUP_TABLES = {"head_stats": "head_stats_hourly", "layer_stats": "layer_stats_hourly",
                  "mlp_stats": "mlp_stats_hourly"}
 
@@ -140,8 +151,99 @@ def _rollup_ddl(raw: str, hourly: str) -> str:
     return f"CREATE TABLE IF NOT EXISTS {hourly} (\n  " + ",\n  ".join(cols) + "\n)"
 
 
+# Plans, their status history, trials, policy decisions and rollout applications (plans.py).
+PLAN_TABLES_DDL = """
+CREATE TABLE IF NOT EXISTS plans (
+    plan_id VARCHAR PRIMARY KEY, version INTEGER NOT NULL, sha256 VARCHAR NOT NULL,
+    fingerprint VARCHAR NOT NULL, query_classes VARCHAR[] NOT NULL, mode VARCHAR NOT NULL,
+    doc_json VARCHAR NOT NULL, status VARCHAR NOT NULL, proposed_by VARCHAR NOT NULL,
+    created_at_us BIGINT NOT NULL, updated_at_us BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS plan_transitions (
+    plan_id VARCHAR NOT NULL, ts_us BIGINT NOT NULL, from_status VARCHAR,
+    to_status VARCHAR NOT NULL, actor VARCHAR NOT NULL, reason VARCHAR NOT NULL);
+CREATE TABLE IF NOT EXISTS trials (
+    trial_id VARCHAR PRIMARY KEY, plan_id VARCHAR NOT NULL, agent_id VARCHAR NOT NULL,
+    evidence_json VARCHAR, requested_at_us BIGINT NOT NULL, finished_at_us BIGINT, error VARCHAR);
+CREATE TABLE IF NOT EXISTS decisions (
+    plan_id VARCHAR NOT NULL, outcome VARCHAR NOT NULL, rules_json VARCHAR NOT NULL,
+    policy_revision VARCHAR NOT NULL, policy_hash VARCHAR NOT NULL, decided_at_us BIGINT NOT NULL,
+    actor VARCHAR NOT NULL, reason VARCHAR NOT NULL);
+CREATE TABLE IF NOT EXISTS applications (
+    plan_id VARCHAR NOT NULL, agent_id VARCHAR NOT NULL, stage VARCHAR NOT NULL,
+    state VARCHAR NOT NULL, detail VARCHAR NOT NULL, ts_us BIGINT NOT NULL);
+"""
+
+# The hash-chained audit log and its head (audit.py). mac / keyed_since: the HMAC chain; a
+# file from before the key has them NULL on older rows ("unkeyed before seq N").
+AUDIT_DDL = """
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq BIGINT PRIMARY KEY,
+    ts_us BIGINT NOT NULL,
+    kind VARCHAR NOT NULL,
+    actor VARCHAR NOT NULL,
+    subject VARCHAR NOT NULL,
+    details_json VARCHAR NOT NULL,
+    prev_hash VARCHAR NOT NULL,
+    row_hash VARCHAR NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_head (
+    id INTEGER PRIMARY KEY,
+    seq BIGINT NOT NULL,
+    row_hash VARCHAR NOT NULL
+);
+ALTER TABLE audit_log ADD COLUMN IF NOT EXISTS mac VARCHAR;
+ALTER TABLE audit_head ADD COLUMN IF NOT EXISTS mac VARCHAR;
+ALTER TABLE audit_head ADD COLUMN IF NOT EXISTS keyed_since BIGINT;
+"""
+
+# agent id -> the certificate and model it first connected with (auth.AgentBindings).
+AGENT_BINDINGS_DDL = """CREATE TABLE IF NOT EXISTS agent_bindings (
+  agent_id VARCHAR PRIMARY KEY,
+  cert_sha256 VARCHAR NOT NULL,
+  fingerprint VARCHAR NOT NULL,
+  bound_at TIMESTAMP DEFAULT current_timestamp
+)"""
+
+
 def ddl_statements() -> list[str]:
+    """Every table at SCHEMA_VERSION; each statement is idempotent (IF NOT EXISTS)."""
     out = [_VERSION_DDL, _agents_ddl(), _BATCHES_DDL, JOBS_DDL]
     out += [_telemetry_ddl(t, cols) for t, cols in TELEMETRY_COLUMNS.items()]
     out += [_rollup_ddl(raw, hourly) for raw, hourly in ROLLUP_TABLES.items()]
+    out += [PLAN_TABLES_DDL, AUDIT_DDL, AGENT_BINDINGS_DDL]
     return out
+
+
+# version -> what takes a file of version-1 to it, run after ddl_statements() (which creates
+# the tables a file lacks). Columns added to an existing table go here.
+MIGRATIONS: dict[int, list[str]] = {
+    2: ["ALTER TABLE jobs ADD COLUMN IF NOT EXISTS objective VARCHAR"]
+       + [f"ALTER TABLE requests ADD COLUMN IF NOT EXISTS {c} UINTEGER DEFAULT 0"
+          for c in ("spec_drafted", "spec_accepted", "spec_verify_forwards")],
+}
+
+
+class SchemaError(RuntimeError):
+    """The file's schema version is one this code cannot open."""
+
+
+def migrate(cur, db_path: str, now) -> list[int]:
+    """Brings the file on `cur` (inside the caller's transaction) to SCHEMA_VERSION and records
+    each version applied; returns them ([] when already current). A file without a version row
+    is new: it gets SCHEMA_VERSION. `now`: the naive-UTC applied_at."""
+    for ddl in ddl_statements():
+        cur.execute(ddl)
+    versions = [v for (v,) in cur.execute("SELECT version FROM schema_version").fetchall()]
+    if not versions:
+        cur.execute("INSERT INTO schema_version VALUES (?, ?)", [SCHEMA_VERSION, now])
+        return [SCHEMA_VERSION]
+    found = max(versions)
+    if found > SCHEMA_VERSION:
+        raise SchemaError(f"{db_path}: schema version {found}, newer than this control plane's "
+                          f"{SCHEMA_VERSION}: upgrade the control plane")
+    applied = list(range(found + 1, SCHEMA_VERSION + 1))
+    for version in applied:
+        for statement in MIGRATIONS.get(version, []):
+            cur.execute(statement)
+        cur.execute("INSERT INTO schema_version VALUES (?, ?)", [version, now])
+    return applied

@@ -1,8 +1,10 @@
 """`controlplane certs init|issue` and `controlplane token issue`: credentials for running the
-control plane beyond localhost (see README "Beyond localhost")."""
+control plane beyond localhost (see README "Beyond localhost"). Text by default; `--json`
+prints one JSON document instead (paths; the token itself for `token issue`)."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -37,12 +39,14 @@ def add_security_commands(sub) -> None:
     init.add_argument("--server-name", action="append", default=None,
                       help="DNS name or IP clients use for the server; repeatable "
                            "(default localhost, 127.0.0.1)")
+    _add_json_flag(init)
     init.set_defaults(handler=_certs_init)
     issue = c.add_parser("issue", help="one more client certificate from DIR's CA")
     issue.add_argument("dir")
     who = issue.add_mutually_exclusive_group(required=True)
     who.add_argument("--agent", help="agent id")
     who.add_argument("--operator", type=_operator, help="NAME:ROLE")
+    _add_json_flag(issue)
     issue.set_defaults(handler=_certs_issue)
     t = sub.add_parser("token", help="signed operator tokens").add_subparsers(
         dest="token_command", required=True)
@@ -51,7 +55,26 @@ def add_security_commands(sub) -> None:
     ti.add_argument("--role", required=True, choices=ROLES)
     ti.add_argument("--ttl", default="8h", help="e.g. 15m, 8h, 7d (default 8h)")
     ti.add_argument("--key-file", default=None, help=f"HMAC key (env {TOKEN_KEY_ENV})")
+    _add_json_flag(ti)
     ti.set_defaults(handler=_token_issue)
+
+
+def _add_json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout, not text")
+
+
+def _write_json(doc: dict, out) -> None:
+    out.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def _pair_doc(pair: certs.Issued) -> dict:
+    return {"cert_file": str(pair.cert_file), "key_file": str(pair.key_file)}
+
+
+def _serve_env(root: Path) -> dict:
+    """The server's environment for this folder's TLS files and token key."""
+    return {"HEADROOM_CP_TLS_CERT": f"{root}/server.pem", "HEADROOM_CP_TLS_KEY": f"{root}/server.key",
+            "HEADROOM_CP_TLS_CLIENT_CA": f"{root}/ca.pem", TOKEN_KEY_ENV: f"{root}/token.key"}
 
 
 def _certs_init(args: argparse.Namespace, out) -> int:
@@ -59,6 +82,14 @@ def _certs_init(args: argparse.Namespace, out) -> int:
                           operators=args.operator or (("admin", "admin"),),
                           server_names=args.server_name or certs.DEFAULT_SERVER_NAMES)
     root = Path(args.dir).resolve()
+    if args.json:
+        _write_json({"dir": str(root), "ca_file": str(made.ca_file),
+                     "ca_key_file": str(made.ca_key_file), "server": _pair_doc(made.server),
+                     "agents": {a: _pair_doc(p) for a, p in made.agents.items()},
+                     "operators": {o: _pair_doc(p) for o, p in made.operators.items()},
+                     "token_key_file": str(made.token_key_file), "serve_env": _serve_env(root)},
+                    out)
+        return 0
     out.write(f"wrote {root}: ca.pem (keep ca.key offline), server.pem/.key, "
               f"{', '.join(f'agent-{a}' for a in made.agents)}, "
               f"{', '.join(f'operator-{o}' for o in made.operators)}, token.key\n"
@@ -70,6 +101,9 @@ def _certs_init(args: argparse.Namespace, out) -> int:
 def _certs_issue(args: argparse.Namespace, out) -> int:
     cn, ou = (args.agent, certs.AGENT_OU) if args.agent else args.operator
     pair = certs.issue_into(Path(args.dir), cn, ou)
+    if args.json:
+        _write_json({"cn": cn, "ou": ou, **_pair_doc(pair)}, out)
+        return 0
     out.write(f"{pair.cert_file}\n{pair.key_file}\n")
     return 0
 
@@ -81,5 +115,9 @@ def _token_issue(args: argparse.Namespace, out) -> int:
                          "token key, e.g. DIR/token.key from `controlplane certs init DIR`)")
     token = issue_token(load_token_key(key_file), args.subject, Role.parse(args.role),
                         parse_ttl_s(args.ttl))
+    if args.json:
+        _write_json({"token": token, "subject": args.subject, "role": args.role,
+                     "ttl_s": parse_ttl_s(args.ttl)}, out)
+        return 0
     out.write(token + "\n")
     return 0

@@ -1,55 +1,45 @@
 """The `Headroom` gRPC service: agents stream telemetry in, clients query the store read-only.
 
-Each Connect stream has a reader thread (parses, stores, acks) and an outbound queue that the
-gRPC handler drains, so the control plane can push plans and trial requests to a connected agent
-at any time through `ServerState.send_to_agent`. Requests arrive as raw bytes and are parsed
-here, so a malformed message gets an ErrorReply instead of tearing the stream down.
+It runs on grpc.aio (controlplane/aiohost.py): a Connect stream is read and written on the
+event loop, so an idle agent holds no thread. Each message is handled on one of
+`stream_workers` threads (parsing, registration, handing batches to the ingest writer, which
+may block while the writer is full), one message of a stream at a time, in order. The control
+plane pushes plans and trial requests to a connected agent at any time, from any thread,
+through `ServerState.send_to_agent` (controlplane/stream.py). Query and the Admin methods are
+synchronous handlers the aio server runs in its `max_workers` migration pool. Requests arrive as
+raw bytes and are parsed here, so a malformed message gets an ErrorReply instead of tearing the
+stream down.
+
+This module builds no control plane: controlplane/app.py wires store, writer, this service,
+admin, loop, rollout, trials and retention, and hands the Admin methods in. It imports none of
+them (controlplane/inbound.py is what they subscribe through).
 """
 from __future__ import annotations
 
-import enum
+import asyncio
 import logging
-import queue
-import signal
 import threading
-import time
-from concurrent import futures
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Mapping, Optional
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from headroom_sidecar.controlplane.auth import (QUERY_ROLE, AgentBindings, AuthError, AuthMode, Principal,
+from headroom_sidecar.controlplane.auth import (QUERY_ROLE, AgentBindings, AuthError, Principal,
                                PrincipalKind, ServerAuth, require_role)
-from headroom_sidecar.controlplane.health import HealthSettings, StoreHealth, add_health
+from headroom_sidecar.controlplane.inbound import InboundCallback, InboundKind  # noqa: F401 (re-exported)
 from headroom_sidecar.controlplane.ingest import DecodedBatch, ErrorCode, IngestError, IngestWriter, decode_batch
 from headroom_sidecar.controlplane.query import QueryError, QueryErrorKind, encode_result, run_query
-from headroom_sidecar.controlplane.metrics import observe_server, unobserve_server
-from headroom_sidecar.controlplane.retention import RetentionSettings, RetentionWorker
 from headroom_sidecar.controlplane.schema import COUNTER_COLUMNS, MODEL_COLUMNS
 from headroom_sidecar.controlplane.settings import ServerSettings
 from headroom_sidecar.controlplane.store import BatchJob, Counters, Registration, Store, StoreError
+from headroom_sidecar.controlplane.stream import HELLO_EXPIRED, Session
 from headroom_sidecar.proto import headroom_pb2 as pb
-
-if TYPE_CHECKING:
-    from headroom_sidecar.controlplane.admin import ControlSettings
 
 log = logging.getLogger("headroom_sidecar.controlplane.server")
 
 SERVICE_NAME = "headroom.v1.Headroom"
-_POLL_S = 0.2   # how often a blocked queue operation looks at whether its stream is still alive
-
-
-class InboundKind(enum.Enum):
-    """Agent messages other components subscribe to (AgentMessage oneof field names)."""
-    PLAN_STATUS = "plan_status"
-    TRIAL_RESULT = "trial_result"
-    HELLO = "hello"   # after registration: the agent's active plan settles a restart's rollouts
-
-
-# callback(agent_id, message): message is pb.PlanStatus, pb.TrialResult or pb.AgentHello.
-InboundCallback = Callable[[str, object], None]
 
 
 # ---------------------------------------------------------------------- proto -> plain types
@@ -66,61 +56,6 @@ def counters_from_proto(msg, has: bool) -> Optional[Counters]:
 
 def _error(code: ErrorCode, message: str) -> pb.ControlMessage:
     return pb.ControlMessage(error=pb.ErrorReply(code=code.value, message=message))
-
-
-# ---------------------------------------------------------------------- one agent stream
-@dataclass(eq=False)
-class _Session:
-    context: grpc.ServicerContext
-    outbound: queue.Queue
-    agent_id: Optional[str] = None
-    pid: int = 0
-    principal: Optional[Principal] = None
-    # monotonic time by which hello must have arrived; the stream is closed after it.
-    hello_by_s: float = float("inf")
-    hello_expired: bool = False
-    ended: threading.Event = field(default_factory=threading.Event)
-    # Jobs handed to the writer and not yet answered: the stream stays open until they are.
-    _pending: int = 0
-    _idle: threading.Condition = field(default_factory=threading.Condition)
-
-    def job_started(self) -> None:
-        with self._idle:
-            self._pending += 1
-
-    def job_done(self) -> None:
-        with self._idle:
-            self._pending -= 1
-            self._idle.notify_all()
-
-    def wait_idle(self) -> None:
-        """Until every job of this stream is answered, or the client is gone."""
-        with self._idle:
-            while self._pending and self.context.is_active():
-                self._idle.wait(_POLL_S)
-
-    def alive(self) -> bool:
-        return not self.ended.is_set() and self.context.is_active()
-
-    def put(self, msg: pb.ControlMessage) -> bool:
-        """Never blocks: acks and errors are bounded by the batches the writer holds."""
-        if not self.alive():
-            return False
-        self.outbound.put(msg)
-        return True
-
-    def drain(self) -> Iterator[pb.ControlMessage]:
-        """What the gRPC handler yields: queued messages until the stream ends and the queue is empty."""
-        while True:
-            try:
-                yield self.outbound.get(timeout=_POLL_S)
-            except queue.Empty:
-                if not self.alive():
-                    return
-                if self.agent_id is None and time.monotonic() >= self.hello_by_s:
-                    self.hello_expired = True
-                    self.ended.set()
-                    return
 
 
 @dataclass
@@ -141,11 +76,11 @@ class ServerState:
         self.writer = writer
         self.stats = IngestStats()
         self._lock = threading.Lock()
-        self._sessions: dict[str, _Session] = {}
+        self._sessions: dict[str, Session] = {}   # agent id -> its stream (after hello)
+        self._open: set[Session] = set()           # every open stream, hello or not
         self._callbacks: dict[InboundKind, list[InboundCallback]] = {k: [] for k in InboundKind}
-        self._readers: set[threading.Thread] = set()
-        self.control = None   # controlplane.admin.ControlPlane, set by start_server
-        self.auth: Optional[ServerAuth] = None        # set by start_server
+        self.control = None   # what the wiring (controlplane/app.py) built on this server
+        self.auth: Optional[ServerAuth] = None        # set by the wiring
         self.bindings: Optional[AgentBindings] = None  # TLS: agent id -> certificate
         # Open Connect streams, in all and per authenticated agent certificate.
         self._agent_streams = 0
@@ -158,7 +93,7 @@ class ServerState:
         outbound_queue_max messages already wait for an agent that does not read them."""
         with self._lock:
             session = self._sessions.get(agent_id)
-        if session is None or session.outbound.qsize() >= self.settings.outbound_queue_max:
+        if session is None or session.queued() >= self.settings.outbound_queue_max:
             return False
         return session.put(message)
 
@@ -173,7 +108,7 @@ class ServerState:
             return sorted(a for a, s in self._sessions.items() if _verified(s, a))
 
     def on(self, kind: InboundKind, callback: InboundCallback) -> None:
-        """Calls `callback(agent_id, message)` for every message of `kind`, on the stream's reader."""
+        """Calls `callback(agent_id, message)` for every message of `kind`, on a stream worker."""
         with self._lock:
             self._callbacks[kind].append(callback)
 
@@ -189,7 +124,7 @@ class ServerState:
             except Exception:   # one faulty subscriber must not cut the agent's stream
                 log.exception("callback for %s from agent %s failed", kind.value, agent_id)
 
-    def _attach(self, session: _Session) -> bool:
+    def _attach(self, session: Session) -> bool:
         """False if another principal holds a stream for the agent id (no takeover); a
         reconnect of the same principal replaces its own session."""
         with self._lock:
@@ -239,7 +174,11 @@ class ServerState:
     def operator_call_done(self) -> None:
         self._operator_calls.release()
 
-    def _detach(self, session: _Session) -> None:
+    def _track(self, session: Session, is_open: bool) -> None:
+        with self._lock:
+            (self._open.add if is_open else self._open.discard)(session)
+
+    def _detach(self, session: Session) -> None:
         with self._lock:
             current = self._sessions.get(session.agent_id) is session
             if current:
@@ -253,25 +192,31 @@ class ServerState:
                 setattr(self.stats, name, getattr(self.stats, name) + delta)
 
     def end_all(self) -> None:
+        """Every stream ends once what is queued for it has been sent (server stop)."""
+        with self._lock:
+            sessions = list(self._open)
+        for session in sessions:
+            session.finish()
+
+    def detach_all(self) -> None:
+        """After the server stopped: agents still attached are marked disconnected."""
         with self._lock:
             sessions = list(self._sessions.values())
         for session in sessions:
             session.ended.set()
-
-    def join_readers(self, timeout_s: float) -> None:
-        with self._lock:
-            readers = list(self._readers)
-        for reader in readers:
-            reader.join(timeout_s)
+            try:
+                self._detach(session)
+            except StoreError as e:
+                log.warning("could not mark agent %s disconnected: %s", session.agent_id, e)
 
 
-def _verified(session: _Session, agent_id: str) -> bool:
+def _verified(session: Session, agent_id: str) -> bool:
     p = session.principal
     return p is not None and (p.kind is PrincipalKind.LOCAL or
                               (p.kind is PrincipalKind.AGENT and p.subject == agent_id))
 
 
-def _same_principal(a: _Session, b: _Session) -> bool:
+def _same_principal(a: Session, b: Session) -> bool:
     pa, pb_ = a.principal, b.principal
     if pa is None or pb_ is None or pa.kind is PrincipalKind.LOCAL:
         return pa == pb_   # local trust: the machine's user may reconnect under any id
@@ -280,82 +225,94 @@ def _same_principal(a: _Session, b: _Session) -> bool:
 
 # ---------------------------------------------------------------------- the service
 class HeadroomService:
-    def __init__(self, state: ServerState):
+    def __init__(self, state: ServerState, stream_pool: Executor):
         self.state = state
         self.store = state.store
         self.settings = state.settings
+        self._stream_pool = stream_pool
 
-    def handler(self) -> grpc.GenericRpcHandler:
+    def handler(self, operator_methods: Mapping[str, grpc.RpcMethodHandler]
+                ) -> grpc.GenericRpcHandler:
+        """Connect and Query, plus the operator methods the wiring hands in (the typed Admin
+        RPCs: controlplane/admin.py's registration table, merged by controlplane/app.py, so
+        that this module never imports admin). Sync handlers run in the migration pool."""
         # No request deserializer: the raw bytes come to us, so garbage gets a precise answer.
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {
             "Connect": grpc.stream_stream_rpc_method_handler(
                 self.connect, response_serializer=pb.ControlMessage.SerializeToString),
             "Query": grpc.unary_unary_rpc_method_handler(
                 self.query, response_serializer=pb.QueryReply.SerializeToString),
-            "Admin": grpc.unary_unary_rpc_method_handler(
-                self.admin, response_serializer=pb.AdminReply.SerializeToString),
+            **operator_methods,
         })
 
-    # ------------------------------------------------------------------ Connect
-    def connect(self, requests: Iterator[bytes], context: grpc.ServicerContext):
-        principal = self._authenticate(context)
-        if principal.kind is PrincipalKind.OPERATOR:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"operator {principal.subject!r} "
-                          "cannot open an agent stream; agents present an agent certificate")
+    # ------------------------------------------------------------------ Connect (event loop)
+    async def connect(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext):
+        principal = await self._stream_principal(context)
         refused = self.state.open_agent_stream(principal)
         if refused is not None:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
-        release = _once(lambda: self.state.close_agent_stream(principal))
-        context.add_callback(release)   # also when the client vanishes mid-stream
-        session = _Session(context=context, outbound=queue.Queue(), principal=principal,
-                           hello_by_s=time.monotonic() + self.settings.hello_timeout_s)
-        context.add_callback(session.ended.set)
-        reader = threading.Thread(target=self._read, args=(requests, session), daemon=True,
-                                  name="headroom-connect-reader")
-        with self.state._lock:
-            self.state._readers.add(reader)
-        reader.start()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
+        loop = asyncio.get_running_loop()
+        session = Session(loop, principal)
+        self.state._track(session, True)
+        timer = loop.call_later(self.settings.hello_timeout_s, session.expire_hello)
+        reader = asyncio.ensure_future(self._read(requests, session))
         try:
-            yield from session.drain()
-        finally:
-            release()
+            async for msg in session.drain():
+                yield msg
+        finally:   # also when the client vanishes: grpc cancels this handler
+            timer.cancel()
+            session.ended.set()
+            self.state._track(session, False)
+            self.state.close_agent_stream(principal)
+            if not reader.done():
+                reader.cancel()
         if session.hello_expired:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no hello within hello_timeout_s="
-                          f"{self.settings.hello_timeout_s:g} s; the stream is closed")
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no hello within "
+                                f"hello_timeout_s={self.settings.hello_timeout_s:g} s; the "
+                                "stream is closed")
 
-    def _authenticate(self, context: grpc.ServicerContext) -> Principal:
+    async def _stream_principal(self, context: grpc.aio.ServicerContext) -> Principal:
         try:
-            return self.state.auth.authenticate(context)
+            principal = self.state.auth.authenticate(context)
         except AuthError as e:
-            context.abort(e.code, e.message)
+            await context.abort(e.code, e.message)
+        if principal.kind is PrincipalKind.OPERATOR:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"operator "
+                                f"{principal.subject!r} cannot open an agent stream; agents "
+                                "present an agent certificate")
+        return principal
 
-    def _read(self, requests: Iterator[bytes], session: _Session) -> None:
+    async def _read(self, requests: AsyncIterator[bytes], session: Session) -> None:
+        """Reads the stream on the loop and handles each message on a stream worker, in order.
+        When the agent half-closes (or a message ends the stream), the answers to its last
+        batches are sent before the stream ends."""
+        loop = asyncio.get_running_loop()
         try:
-            for raw in requests:
-                if not self._handle(raw, session):
+            async for raw in requests:
+                if not await loop.run_in_executor(self._stream_pool, self._handle, raw, session):
                     break
-        except grpc.RpcError:
-            pass   # the client went away; the finally below records it
-        except Exception:
-            log.exception("agent stream %s failed", session.agent_id)
-            session.put(_error(ErrorCode.INTERNAL, "internal error; see the server log"))
-        finally:
-            self._close_session(session)
+            await session.wait_idle()
+        except Exception as e:
+            if not isinstance(e, grpc.RpcError):
+                log.exception("agent stream %s failed", session.agent_id)
+                session.put(_error(ErrorCode.INTERNAL, "internal error; see the server log"))
+        finally:   # also when cancelled (the client vanished): the agent is marked disconnected
+            closed = self._stream_pool.submit(self._close_session, session)
+        await asyncio.shield(asyncio.wrap_future(closed))
+        session.finish()
 
-    def _close_session(self, session: _Session) -> None:
-        session.wait_idle()
+    def _close_session(self, session: Session) -> None:
         try:
             if session.agent_id is not None:
                 self.state._detach(session)
         except StoreError as e:
             log.warning("could not mark agent %s disconnected: %s", session.agent_id, e)
-        finally:
-            session.ended.set()
-            with self.state._lock:
-                self.state._readers.discard(threading.current_thread())
 
-    def _handle(self, raw: bytes, session: _Session) -> bool:
+    # ------------------------------------------------------------------ messages (stream worker)
+    def _handle(self, raw: bytes, session: Session) -> bool:
         """Handles one message; False ends the stream."""
+        if not session.alive():
+            return False
         try:
             msg = pb.AgentMessage.FromString(raw)
         except DecodeError as e:
@@ -375,12 +332,12 @@ class HeadroomService:
         handler(self, msg, session)
         return True
 
-    def _no_hello(self, kind: Optional[str], session: _Session) -> bool:
+    def _no_hello(self, kind: Optional[str], session: Session) -> bool:
         session.put(_error(ErrorCode.HELLO_REQUIRED,
                            f"the first message of a stream must be hello, got {kind or 'nothing'}"))
         return False
 
-    def _hello(self, msg: pb.AgentMessage, session: _Session) -> bool:
+    def _hello(self, msg: pb.AgentMessage, session: Session) -> bool:
         agent_id = msg.hello.agent_id or msg.agent_id
         if not agent_id:
             session.put(_error(ErrorCode.AGENT_ID_REQUIRED, "hello without an agent_id"))
@@ -397,6 +354,9 @@ class HeadroomService:
                 session.agent_id = None
                 refused = (f"agent {agent_id!r} is connected with another identity; a second "
                            "stream cannot take it over")
+            elif not session.alive():   # the stream ended while hello was handled
+                self.state._detach(session)
+                return False
         if refused is not None:
             log.warning("hello refused: %s", refused)
             session.put(_error(ErrorCode.AGENT_ID_MISMATCH, refused))
@@ -419,10 +379,10 @@ class HeadroomService:
                     f"{principal.subject!r}")
         refused = self.state.bindings.bind(agent_id, principal.cert_sha256, fingerprint)
         if refused is not None:
-            return f"{refused}; an admin can release it with the Admin command agents.unbind"
+            return f"{refused}; an admin can release it with the Admin RPC UnbindAgent"
         return None
 
-    def _batch(self, msg: pb.AgentMessage, session: _Session) -> None:
+    def _batch(self, msg: pb.AgentMessage, session: Session) -> None:
         batch = msg.batch
         try:
             decoded = decode_batch(batch, self.store.model_shape(session.agent_id))
@@ -434,7 +394,7 @@ class HeadroomService:
                        counters_from_proto(batch.counters, batch.HasField("counters")))
         self._submit(session, job, lambda outcome: self._stored(session, decoded, outcome))
 
-    def _submit(self, session: _Session, job: BatchJob, done) -> None:
+    def _submit(self, session: Session, job: BatchJob, done) -> None:
         def answered(outcome) -> None:
             try:
                 done(outcome)
@@ -444,7 +404,7 @@ class HeadroomService:
         if not self.state.writer.submit(job, answered, alive=session.alive):
             session.job_done()
 
-    def _stored(self, session: _Session, decoded: DecodedBatch, outcome) -> None:
+    def _stored(self, session: Session, decoded: DecodedBatch, outcome) -> None:
         """On the writer thread: the batch's ack, or why it was not stored."""
         if isinstance(outcome, Exception):
             log.error("agent %s batch seq=%d: %s", session.agent_id, decoded.seq, outcome)
@@ -460,7 +420,7 @@ class HeadroomService:
             seq=decoded.seq, rows_stored=outcome.rows_stored, rows_rejected=decoded.rows_rejected,
             reject_reason=decoded.reject_reason)))
 
-    def _heartbeat(self, msg: pb.AgentMessage, session: _Session) -> None:
+    def _heartbeat(self, msg: pb.AgentMessage, session: Session) -> None:
         hb = msg.heartbeat
         # Through the writer, so counters are stored in the order the agent sent them;
         # without counters it still refreshes last_seen.
@@ -468,23 +428,23 @@ class HeadroomService:
                        counters=counters_from_proto(hb.counters, hb.HasField("counters")))
         self._submit(session, job, lambda outcome: None)
 
-    def _plan_status(self, msg: pb.AgentMessage, session: _Session) -> None:
+    def _plan_status(self, msg: pb.AgentMessage, session: Session) -> None:
         self.state._dispatch(InboundKind.PLAN_STATUS, session.agent_id, msg.plan_status)
 
-    def _trial_result(self, msg: pb.AgentMessage, session: _Session) -> None:
+    def _trial_result(self, msg: pb.AgentMessage, session: Session) -> None:
         self.state._dispatch(InboundKind.TRIAL_RESULT, session.agent_id, msg.trial_result)
 
-    def _duplicate_hello(self, msg: pb.AgentMessage, session: _Session) -> None:
+    def _duplicate_hello(self, msg: pb.AgentMessage, session: Session) -> None:
         session.put(_error(ErrorCode.DUPLICATE_HELLO,
                            f"agent {session.agent_id!r} already said hello on this stream"))
 
-    def _empty(self, msg: pb.AgentMessage, session: _Session) -> None:
+    def _empty(self, msg: pb.AgentMessage, session: Session) -> None:
         session.put(_error(ErrorCode.EMPTY_MESSAGE, "AgentMessage without a body"))
 
     _by_kind = {"batch": _batch, "heartbeat": _heartbeat, "plan_status": _plan_status,
                 "trial_result": _trial_result, "hello": _duplicate_hello}
 
-    # ------------------------------------------------------------------ Query
+    # ------------------------------------------------------------------ Query (migration pool)
     def query(self, raw: bytes, context: grpc.ServicerContext) -> pb.QueryReply:
         principal = self._operator_gate(raw, context, "Query")
         try:
@@ -503,10 +463,17 @@ class HeadroomService:
                           f"bytes exceeds max_operator_request_bytes="
                           f"{self.settings.max_operator_request_bytes}")
         if not self.state.operator_call():
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.settings.max_operator_calls}"
-                          f" Query/Admin calls are running (max_workers - max_agent_streams); "
-                          "retry shortly")
+            n = self.settings.max_operator_calls
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{n} Query/Admin calls are "
+                          f"running, the most max_operator_calls={n} allows; retry shortly")
         return principal
+
+    def _authenticate(self, context: grpc.ServicerContext) -> Principal:
+        """For sync handlers (their context aborts by raising)."""
+        try:
+            return self.state.auth.authenticate(context)
+        except AuthError as e:
+            context.abort(e.code, e.message)
 
     def _query(self, raw: bytes, context: grpc.ServicerContext) -> pb.QueryReply:
         try:
@@ -531,156 +498,7 @@ class HeadroomService:
         return reply
 
 
-    # ------------------------------------------------------------------ Admin
-    def admin(self, raw: bytes, context: grpc.ServicerContext) -> pb.AdminReply:
-        principal = self._operator_gate(raw, context, "Admin")
-        try:
-            return self.state.control.rpc(raw, context, principal)
-        finally:
-            self.state.operator_call_done()
-
-
-def _once(fn: Callable[[], None]) -> Callable[[], None]:
-    """fn, callable many times from any thread, run the first time only."""
-    lock, done = threading.Lock(), [False]
-
-    def call() -> None:
-        with lock:
-            if done[0]:
-                return
-            done[0] = True
-        fn()
-    return call
-
-
 _STATUS_BY_KIND = {QueryErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
                    QueryErrorKind.FAILED: grpc.StatusCode.INVALID_ARGUMENT,
                    QueryErrorKind.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
                    QueryErrorKind.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED}
-
-
-# ---------------------------------------------------------------------- lifecycle
-@dataclass
-class RunningServer:
-    server: grpc.Server
-    store: Store
-    state: ServerState
-    host: str
-    port: int
-    operator_port: int = -1     # TLS: the token port for operators; -1 = none
-    health: Optional[StoreHealth] = None   # grpc.health.v1 status and its plaintext port
-    retention: Optional[RetentionWorker] = None   # expires raw telemetry (controlplane/retention.py)
-
-    @property
-    def address(self) -> str:
-        """Where a client on this machine reaches the server."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "[::]") else self.host
-        return f"[{host}]:{self.port}" if ":" in host and not host.startswith("[") else \
-            f"{host}:{self.port}"
-
-    def stop(self, grace_s: Optional[float] = 1.0) -> None:
-        """Ends agent streams, stops serving, marks agents disconnected, closes the DuckDB file."""
-        if self.health is not None:
-            self.health.close()   # NOT_SERVING first: probes stop routing here
-        unobserve_server(self.state)
-        self.state.end_all()
-        self.server.stop(grace_s).wait()
-        self.state.join_readers(timeout_s=5.0)
-        self.state.writer.close()
-        if self.state.control is not None:
-            self.state.control.close()
-        if self.state.bindings is not None:
-            self.state.bindings.close()
-        if self.retention is not None:   # a running pass needs the store until it ends
-            self.retention.stop()
-        self.store.close()
-
-
-def _bind_host(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
-def start_server(settings: ServerSettings, control: Optional["ControlSettings"] = None,
-                 health: Optional[HealthSettings] = None) -> RunningServer:
-    """Opens the store and serves on settings.host:settings.port (0 = a free port).
-
-    control: the closed loop's settings (policies, planner, rollout); None resolves them.
-    health: grpc.health.v1 probing and its plaintext port; None resolves them."""
-    from headroom_sidecar.controlplane.admin import ControlPlane   # admin -> trials -> server: import late
-    auth = ServerAuth(settings)   # refuses unsafe settings before anything is opened
-    retention = RetentionSettings.resolve()   # refuses bad HEADROOM_CP_RETENTION_* likewise
-    health = health or HealthSettings.resolve()   # likewise: bad env fails here
-    store = Store(settings.db_path, duckdb_threads=settings.duckdb_threads,
-                  dedupe_batches=settings.dedupe_batches, checkpoint_mb=settings.checkpoint_mb)
-    writer = IngestWriter(store, max_pending=settings.ingest_queue_batches,
-                          group_max_rows=settings.ingest_group_max_rows)
-    state = ServerState(store, settings, writer)
-    state.control = ControlPlane(store, state, control)
-    state.auth = auth
-    if auth.mode is AuthMode.TLS:
-        state.bindings = AgentBindings(*store.control_cursor())
-    options = [("grpc.max_receive_message_length", settings.max_message_bytes),
-               ("grpc.max_send_message_length", settings.max_message_bytes),
-               ("grpc.so_reuseport", 0)]   # a second server on the same port must fail, not share
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers,
-                                                    thread_name_prefix="headroom-grpc"),
-                         options=options)
-    server.add_generic_rpc_handlers((HeadroomService(state).handler(),))
-    monitor = add_health(server, store, SERVICE_NAME, health)
-    try:
-        port = _listen(server, auth, settings.port, settings.host, require_client_cert=True)
-        operator_port = -1
-        if auth.mode is AuthMode.TLS and settings.operator_port >= 0:
-            operator_port = _listen(server, auth, settings.operator_port, settings.host,
-                                    require_client_cert=False)
-        monitor.listen(settings.host)
-    except (OSError, ValueError):
-        monitor.close()
-        writer.close()
-        state.control.close()
-        if state.bindings is not None:
-            state.bindings.close()
-        store.close()
-        raise
-    server.start()
-    expiry = RetentionWorker(store, retention).start()   # stopped before the store closes
-    observe_server(state, port)   # OTel metrics on the global provider: no-op unless configured
-    log.info("control plane on %s:%d (%s)", settings.host, port, auth.mode.value)
-    return RunningServer(server=server, store=store, state=state, host=settings.host, port=port,
-                         operator_port=operator_port, health=monitor, retention=expiry)
-
-
-def _listen(server: grpc.Server, auth: ServerAuth, port: int, host: str,
-            require_client_cert: bool) -> int:
-    """Adds one listening port (TLS in TLS mode); the bound port number, OSError if none."""
-    target = f"{_bind_host(host)}:{port}"
-    try:
-        if auth.mode is AuthMode.TLS:
-            bound = server.add_secure_port(target, auth.credentials(require_client_cert))
-        else:
-            bound = server.add_insecure_port(target)
-    except RuntimeError as e:
-        bound, reason = 0, str(e)
-    else:
-        reason = "address in use or not available"
-    if not bound:
-        raise OSError(f"control plane cannot listen on {target}: {reason}")
-    return bound
-
-
-def serve_forever(settings: ServerSettings,
-                  on_listening: Optional[Callable[[RunningServer], None]] = None) -> None:
-    """Serves until SIGTERM or SIGINT, then stops cleanly with the DuckDB file closed."""
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set())
-                for sig in (signal.SIGTERM, signal.SIGINT)}
-    running = start_server(settings)
-    try:
-        if on_listening is not None:
-            on_listening(running)
-        while not stop.wait(0.5):
-            pass
-    finally:
-        running.stop(grace_s=1.0)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

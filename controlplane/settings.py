@@ -1,11 +1,11 @@
 """The control plane server's one settings object: argument > HEADROOM_CP_* env > default, validated."""
 from __future__ import annotations
 
-import dataclasses
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from headroom_sidecar.proto.settings import resolve_settings
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,12 @@ class ServerSettings:
     query_max_rows: int = field(default=1_000_000, metadata={"env": "HEADROOM_CP_QUERY_MAX_ROWS"})
     # A query running longer is interrupted and answered DEADLINE_EXCEEDED.
     query_timeout_s: float = field(default=30.0, metadata={"env": "HEADROOM_CP_QUERY_TIMEOUT_S"})
-    # gRPC worker threads; each connected agent holds one for its stream's lifetime.
-    max_workers: int = field(default=64, metadata={"env": "HEADROOM_CP_MAX_WORKERS"})
+    # Threads that run Query and Admin calls (the grpc.aio server's migration pool). Agent
+    # streams hold none: they are read and written on the server's event loop.
+    max_workers: int = field(default=16, metadata={"env": "HEADROOM_CP_MAX_WORKERS"})
+    # Threads that handle agent messages off the event loop (decode, registration, handing
+    # batches to the ingest writer); a message holds one only while it is handled.
+    stream_workers: int = field(default=4, metadata={"env": "HEADROOM_CP_STREAM_WORKERS"})
     # Messages waiting to go to one agent (acks, plans, trials); a full queue slows its reader.
     outbound_queue_max: int = field(default=1024, metadata={"env": "HEADROOM_CP_OUTBOUND_QUEUE_MAX"})
     # A batch whose (agent_id, pid, seq) was already stored is acked with rows_stored=0.
@@ -51,9 +55,12 @@ class ServerSettings:
     # Without TLS (loopback only): the secret every call must carry ("" = none needed). The
     # embedded control plane gets a fresh one per process.
     local_token: str = field(default="", metadata={"env": "HEADROOM_CP_LOCAL_TOKEN"})
-    # Agent streams may hold at most this many of the max_workers threads; the rest stay free
-    # for Query and Admin (which get at most max_workers - max_agent_streams at once).
-    max_agent_streams: int = field(default=48, metadata={"env": "HEADROOM_CP_MAX_AGENT_STREAMS"})
+    # Open Connect streams in all; one more is refused RESOURCE_EXHAUSTED. An idle stream
+    # holds no thread, only its buffers (tens of kB).
+    max_agent_streams: int = field(default=1024, metadata={"env": "HEADROOM_CP_MAX_AGENT_STREAMS"})
+    # Query and Admin calls running at once, apart from agent streams; one more is refused
+    # RESOURCE_EXHAUSTED at once rather than queued. At most max_workers.
+    max_operator_calls: int = field(default=16, metadata={"env": "HEADROOM_CP_MAX_OPERATOR_CALLS"})
     # Open Connect streams of one authenticated agent (its certificate) at once.
     max_streams_per_client: int = field(default=4,
                                         metadata={"env": "HEADROOM_CP_MAX_STREAMS_PER_CLIENT"})
@@ -91,21 +98,17 @@ class ServerSettings:
 
     def _limit_problems(self) -> list[str]:
         problems = [f"{n}={getattr(self, n)} must be > 0" for n in
-                    ("max_agent_streams", "max_streams_per_client", "max_operator_request_bytes")
+                    ("max_agent_streams", "max_streams_per_client", "max_operator_request_bytes",
+                     "max_operator_calls", "stream_workers")
                     if getattr(self, n) <= 0]
-        if self.max_agent_streams >= self.max_workers:
-            problems.append(f"max_agent_streams={self.max_agent_streams} must be below "
-                            f"max_workers={self.max_workers}: Query and Admin need threads too")
+        if self.max_operator_calls > self.max_workers:
+            problems.append(f"max_operator_calls={self.max_operator_calls} exceeds "
+                            f"max_workers={self.max_workers}: each running call needs a thread")
         if not self.hello_timeout_s > 0:
             problems.append(f"hello_timeout_s={self.hello_timeout_s} must be > 0")
         if not -1 <= self.operator_port <= 65535:
             problems.append(f"operator_port={self.operator_port} is not -1 (none) or in [0, 65535]")
         return problems
-
-    @property
-    def max_operator_calls(self) -> int:
-        """Query and Admin calls served at once: the threads agent streams cannot take."""
-        return self.max_workers - self.max_agent_streams
 
     @classmethod
     def resolve(cls, **overrides: Any) -> "ServerSettings":
@@ -125,38 +128,3 @@ def db_path_problem(db_path: str) -> Optional[str]:
                 "database must be a local file path (e.g. /var/lib/headroom/headroom.duckdb); "
                 "use `controlplane export --to DIR` to copy telemetry elsewhere as Parquet")
     return None
-
-
-def resolve_settings(cls, overrides: dict, what: str):
-    """Any control-plane settings dataclass whose fields carry metadata {"env": NAME}:
-    arguments (not None) win, then the environment, then defaults; __post_init__ validates."""
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise TypeError(f"unknown {what} setting(s): {', '.join(sorted(unknown))}")
-    values = {}
-    for f in dataclasses.fields(cls):
-        if overrides.get(f.name) is not None:
-            values[f.name] = overrides[f.name]
-        elif f.metadata["env"] in os.environ:
-            values[f.name] = parse_env(f, os.environ[f.metadata["env"]], what)
-    return cls(**values)
-
-
-def parse_env(f: dataclasses.Field, raw: str, what: str) -> Any:
-    """One environment variable's text as the field's type (bool, int, float, else str)."""
-    kind = f.type if isinstance(f.type, str) else f.type.__name__
-    kind = kind.removeprefix("Optional[").removesuffix("]")
-    try:
-        if kind == "bool":
-            text = raw.strip().lower()
-            if text in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                return text in ("1", "true", "yes", "on")
-            raise ValueError(raw)
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {f.metadata['env']}={raw!r}: "
-                         f"not a valid {kind} for {what} setting {f.name}") from None
-    return raw

@@ -11,17 +11,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 
-if TYPE_CHECKING:
-    from headroom_sidecar.controlplane.ingest import DecodedBatch
+from headroom_sidecar.controlplane.batches import BatchJob, DecodedBatch, StoredBatch
 from headroom_sidecar.controlplane.ingest_rules import ModelShape
-from headroom_sidecar.controlplane.schema import (COUNTER_COLUMNS, HELLO_COLUMNS, MODEL_COLUMNS, SCHEMA_VERSION,
-                                 TELEMETRY_COLUMNS, ddl_statements)
+from headroom_sidecar.controlplane.schema import (COUNTER_COLUMNS, HELLO_COLUMNS, MODEL_COLUMNS,
+                                                  SCHEMA_VERSION, TELEMETRY_COLUMNS, SchemaError,
+                                                  migrate)
+
+__all__ = ["BatchJob", "Counters", "DecodedBatch", "Registration", "Store", "StoreError",
+           "StoredBatch", "utc_now"]
 
 
 class StoreError(RuntimeError):
@@ -50,12 +53,6 @@ class Registration:
     agent_version: str = ""
     gpu_status: str = ""
     settings_json: str = ""
-
-
-@dataclass(frozen=True)
-class StoredBatch:
-    rows_stored: int
-    duplicate: bool   # the same (agent_id, pid, seq) was stored before: nothing written
 
 
 def utc_now() -> datetime:
@@ -105,20 +102,22 @@ class Store:
         self._writer = self._con.cursor()
         self._closed = False
         self._shapes: dict[str, ModelShape] = {}   # agent_id -> its latest hello's structure
-        self._migrate()
+        self.migrated_to = self._migrate()   # versions this open applied ([] if current)
         self.mark_all_disconnected()   # nobody is connected to a server that just started
 
     # ------------------------------------------------------------------ lifecycle
-    def _migrate(self) -> None:
-        with self.transaction() as cur:
-            for ddl in ddl_statements():
-                cur.execute(ddl)
-            versions = [v for (v,) in cur.execute("SELECT version FROM schema_version").fetchall()]
-            if not versions:
-                cur.execute("INSERT INTO schema_version VALUES (?, ?)", [SCHEMA_VERSION, utc_now()])
-            elif max(versions) != SCHEMA_VERSION:
-                raise StoreError(f"{self.db_path}: schema version {max(versions)}, this control "
-                                 f"plane expects {SCHEMA_VERSION}")
+    def _migrate(self) -> list[int]:
+        """Every table (schema.py owns them), the file brought to SCHEMA_VERSION in one
+        transaction: a failed migration leaves the file as it was, and closed."""
+        try:
+            with self.transaction() as cur:
+                return migrate(cur, self.db_path, utc_now())
+        except (SchemaError, duckdb.Error) as e:
+            self._closed = True
+            self._writer.close()
+            self._con.close()
+            raise StoreError(f"cannot migrate DuckDB file {self.db_path} to schema version "
+                             f"{SCHEMA_VERSION}: {e}") from None
 
     def checkpoint(self) -> None:
         """Writes the WAL into the file, so freed blocks show and can be reused."""
@@ -220,7 +219,7 @@ class Store:
         cur.execute(_COUNTERS_SQL, [now, *values, agent_id])
 
     # ------------------------------------------------------------------ telemetry
-    def store_batch(self, agent_id: str, pid: int, batch: "DecodedBatch",
+    def store_batch(self, agent_id: str, pid: int, batch: DecodedBatch,
                     counters: Optional[Counters] = None) -> StoredBatch:
         """All of the batch's tables in one transaction: every row is stored, or none."""
         return self.store_batches([BatchJob(agent_id, pid, batch, counters)])[0]
@@ -235,8 +234,7 @@ class Store:
                 for name, table in tables.items():
                     self._insert(cur, name, table, now)
                 self._record_batches(cur, [j for j, new in zip(jobs, fresh) if new], now)
-                for agent_id, counters in _latest_counters(jobs).items():
-                    self._write_counters(cur, agent_id, counters, now)
+                self._write_latest_counters(cur, _latest_counters(jobs), now)
         except duckdb.Error as e:
             seqs = ", ".join(f"{j.agent_id}/{j.batch.seq}" for j in jobs if j.batch is not None)
             raise StoreError(f"storing batches {seqs} in {self.db_path}: {e}") from None
@@ -262,12 +260,35 @@ class Store:
                 stored.add(key)
         return out
 
+    @classmethod
+    def _write_latest_counters(cls, cur, latest: dict, now: datetime) -> None:
+        # One UPDATE for all agents that sent no counters: a fleet's group holds hundreds.
+        seen_only = sorted(a for a, c in latest.items() if c is None)
+        if seen_only:
+            cur.execute("UPDATE agents SET last_seen = ? WHERE agent_id IN (SELECT unnest(?))",
+                        [now, seen_only])
+        for agent_id, counters in latest.items():
+            if counters is not None:
+                cls._write_counters(cur, agent_id, counters, now)
+
     @staticmethod
     def _record_batches(cur, jobs: Sequence[BatchJob], now: datetime) -> None:
-        if jobs:
-            cur.executemany("INSERT OR IGNORE INTO batches VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            [[j.agent_id, j.pid, j.batch.seq, now, j.batch.sent_at_us,
-                              j.batch.num_rows, j.batch.num_bytes] for j in jobs])
+        # One columnar INSERT (executemany costs ~2 ms a row, the fleet's bottleneck).
+        if not jobs:
+            return
+        col = lambda f, kind: pa.array([f(j) for j in jobs], kind)
+        table = pa.table({"agent_id": col(lambda j: j.agent_id, pa.string()),
+                          "pid": col(lambda j: j.pid, pa.uint32()),
+                          "seq": col(lambda j: j.batch.seq, pa.uint64()),
+                          "sent_at_us": col(lambda j: j.batch.sent_at_us, pa.int64()),
+                          "rows_stored": col(lambda j: j.batch.num_rows, pa.uint64()),
+                          "bytes": col(lambda j: j.batch.num_bytes, pa.uint64())})
+        cur.register("_new_batches", table)
+        try:
+            cur.execute("INSERT OR IGNORE INTO batches SELECT agent_id, pid, seq, ?, sent_at_us, "
+                        "rows_stored, bytes FROM _new_batches", [now])
+        finally:
+            cur.unregister("_new_batches")
 
     @staticmethod
     def _insert(cur, name: str, table: pa.Table, now: datetime) -> None:
@@ -277,15 +298,6 @@ class Store:
             cur.execute(_INSERT_SQL[name], {"received_at": now})
         finally:
             cur.unregister("_incoming")
-
-
-@dataclass
-class BatchJob:
-    """One agent message's worth of writes: a decoded batch and/or its latest counters."""
-    agent_id: str
-    pid: int
-    batch: Optional["DecodedBatch"] = None
-    counters: Optional[Counters] = None
 
 
 def _agent_column(agent_id: str, num_rows: int) -> pa.DictionaryArray:
@@ -301,7 +313,9 @@ def _group_tables(jobs: Sequence[BatchJob]) -> dict[str, pa.Table]:
         for name, table in job.batch.tables.items():
             tagged = table.add_column(0, "agent_id", _agent_column(job.agent_id, table.num_rows))
             parts.setdefault(name, []).append(tagged)
-    return {name: pa.concat_tables(tables) for name, tables in parts.items()}
+    # One chunk, one dictionary: DuckDB scans a table of a thousand small chunks ~20x slower.
+    return {name: pa.concat_tables(tables).unify_dictionaries().combine_chunks()
+            for name, tables in parts.items()}
 
 
 def _latest_counters(jobs: Sequence[BatchJob]) -> dict[str, Optional[Counters]]:

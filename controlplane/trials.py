@@ -29,10 +29,12 @@ from concurrent.futures import Future, TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
+from headroom_sidecar.controlplane.inbound import InboundKind
 from headroom_sidecar.controlplane.planner import TrialError
-from headroom_sidecar.controlplane.plans import PlanDoc, canonical_json
+from headroom_sidecar.proto.plan import Plan, canonical_json
 from headroom_sidecar.controlplane.signing import PlanSigner
 from headroom_sidecar.proto import headroom_pb2 as pb
+from headroom_sidecar.proto.evidence import EvidenceError, parse_evidence_doc
 from headroom_sidecar.proto.plandoc import PlanPurpose
 
 log = logging.getLogger("headroom_sidecar.controlplane.trials")
@@ -96,7 +98,7 @@ StatusCallback = Callable[[StatusReport], None]
 
 def plan_message(doc: Mapping[str, Any]) -> pb.Plan:
     """A plan as it travels: its canonical JSON and that JSON's sha256 (both sides hash the same bytes)."""
-    plan = PlanDoc.from_doc(doc)
+    plan = Plan.from_doc(doc)
     return pb.Plan(plan_id=plan.plan_id, version=plan.version,
                    document_json=canonical_json(plan.to_doc()).decode(), sha256=plan.sha256)
 
@@ -105,7 +107,6 @@ class TrialClient:
     """Registers on the server's inbound callbacks; one instance per server."""
 
     def __init__(self, state, signer: Optional[PlanSigner] = None):
-        from headroom_sidecar.controlplane.server import InboundKind   # the server imports this module lazily
         self._state = state
         self.signer = signer or PlanSigner.for_server(state.settings.db_path)
         self._lock = threading.Lock()
@@ -245,9 +246,6 @@ def _evidence(result: pb.TrialResult, agent_id: str) -> dict:
     if result.error:
         raise TrialError(f"agent {agent_id}: {result.error}")
     try:
-        evidence = json.loads(result.evidence_json)
-    except ValueError as e:
-        raise TrialError(f"agent {agent_id} sent evidence that is not JSON: {e}") from None
-    if not isinstance(evidence, dict):
-        raise TrialError(f"agent {agent_id} sent evidence that is not a JSON object")
-    return evidence
+        return parse_evidence_doc(result.evidence_json)   # the contract's fields and types
+    except EvidenceError as e:
+        raise TrialError(f"agent {agent_id} sent {e}") from None

@@ -28,5 +28,6 @@ pages = [st.Page("screens/fleet.py", title="Fleet", url_path="fleet", default=Tr
          st.Page("screens/internals.py", title="Model internals", url_path="internals"),
          st.Page("screens/decisions.py", title="Decisions", url_path="decisions"),
          st.Page("screens/approvals.py", title="Approvals", url_path="approvals"),
-         st.Page("screens/audit.py", title="Audit log", url_path="audit")]
+         st.Page("screens/audit.py", title="Audit log", url_path="audit"),
+         st.Page("screens/classes.py", title="Query classes", url_path="classes")]
 st.navigation(pages).run()

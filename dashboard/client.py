@@ -1,4 +1,5 @@
-"""The dashboard's only way to the data: the control plane's Admin and Query RPCs.
+"""The dashboard's only way to the data: the control plane's Admin and Query RPCs, through
+proto/ only (the dashboard imports nothing from controlplane/).
 
 Two failure kinds the pages tell apart:
 - Unreachable: nothing answered (no server, network, deadline). The page says so and stays up.
@@ -8,17 +9,17 @@ Two failure kinds the pages tell apart:
 from __future__ import annotations
 
 import threading
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import grpc
 import pandas as pd
 
-from headroom_sidecar.controlplane.admin import AdminClient
-from headroom_sidecar.controlplane.credentials import ClientCredentials
-from headroom_sidecar.controlplane.query import decode_result
 from headroom_sidecar.dashboard.settings import DashboardSettings
 from headroom_sidecar.proto import headroom_pb2 as pb
 from headroom_sidecar.proto import headroom_pb2_grpc
+from headroom_sidecar.proto.client import AdminClient, reply_json
+from headroom_sidecar.proto.credentials import ClientCredentials
+from headroom_sidecar.proto.query_result import decode_result
 
 # Status codes that mean "no answer": the channel is rebuilt before the next call, so a control
 # plane that comes back is seen at once instead of after gRPC's reconnect backoff.
@@ -78,13 +79,14 @@ class ControlPlaneClient:
     close = reset
 
     # ------------------------------------------------------------------ calls
-    def admin(self, command: str, args: Optional[dict] = None) -> Any:
-        """One Admin command as the configured operator (read commands ignore the identity)."""
+    def admin(self, call: Callable[[AdminClient], Any]) -> Any:
+        """One typed Admin call as the configured operator (read methods ignore the identity),
+        e.g. admin(lambda a: a.show_plan(plan_id)); the reply as proto.client.reply_json."""
         admin, _ = self._clients()
         try:
-            return admin.call(command, args or {})
+            return reply_json(call(admin))
         except grpc.RpcError as e:
-            raise self._failure(e.code(), e.details() or "", command) from None
+            raise self._failure(e.code(), e.details() or "", "admin call") from None
 
     def query(self, sql: str, max_rows: int = 0, timeout_s: Optional[float] = None) -> pd.DataFrame:
         """Read-only SQL through the Query RPC, as a DataFrame (SQL NULL -> None/NaN)."""

@@ -8,12 +8,10 @@ into the UI: approvals and rollbacks are recorded in the audit log under it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from headroom_sidecar.controlplane.settings import parse_env
+from headroom_sidecar.proto.settings import resolve_settings
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -51,16 +49,7 @@ class DashboardSettings:
     def resolve(cls, argv: Optional[Sequence[str]] = None, **overrides: Any) -> "DashboardSettings":
         """Keyword overrides > --flags in argv > environment variables > defaults."""
         given = {**_parse_argv(argv or []), **{k: v for k, v in overrides.items() if v is not None}}
-        unknown = set(given) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown dashboard setting(s): {', '.join(sorted(unknown))}")
-        values = {}
-        for f in dataclasses.fields(cls):
-            if f.name in given:
-                values[f.name] = given[f.name]
-            elif f.metadata["env"] in os.environ:
-                values[f.name] = _parse_env(f, os.environ[f.metadata["env"]])
-        return cls(**values)
+        return resolve_settings(cls, given, "dashboard")
 
 
 def _parse_argv(argv: Sequence[str]) -> dict:
@@ -72,8 +61,3 @@ def _parse_argv(argv: Sequence[str]) -> dict:
     p.add_argument("--max-rows", dest="max_rows", type=int)
     known, _ = p.parse_known_args(list(argv))
     return {k: v for k, v in vars(known).items() if v is not None}
-
-
-def _parse_env(f: dataclasses.Field, raw: str) -> Any:
-    value = parse_env(f, raw, "dashboard")
-    return value.strip() if isinstance(value, str) else value

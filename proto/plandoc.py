@@ -1,7 +1,9 @@
 """The plan document's vocabulary and hash rule: part of the contract, so both sides share it.
 
 A plan travels as canonical JSON (sorted keys, no spaces, UTF-8) plus the sha256 of those
-bytes; the agent and the control plane each parse it into their own types.
+bytes. Every part reads it into the one typed model, proto/plan.py (rules: proto/plan_parse.py,
+fit to a model: proto/plan_fit.py); this module is its vocabulary. There is no int4: a
+precision exists here only once an executor can run it.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from headroom_sidecar.controlplane.server import start_server
+from headroom_sidecar.controlplane.app import start_server
 from headroom_sidecar.controlplane.settings import ServerSettings
 
 

@@ -1,10 +1,10 @@
 """The whole loop over a real gRPC server and DuckDB file, with a real agent on a tiny Llama:
-traced requests -> plan.trigger (Admin RPC) -> trials -> policy decision -> canary apply ->
+traced requests -> TriggerPlan (Admin RPC) -> trials -> policy decision -> canary apply ->
 operator rollback -> outputs bitwise identical to the unoptimised model -> audit verifies."""
 
 import pytest
 
-from headroom_sidecar.controlplane.admin import AdminClient
+from headroom_sidecar.proto.client import AdminClient, reply_json
 from tests.builders import tiny_llama
 from tests.controlplane.loopkit import (LOOSE_BUDGET, LiveAgent, connected, start,
                                         token_eval_args, traced_rows, wait_for)
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _finished(client: AdminClient, job_id: str) -> dict:
-    job = client.call("plan.status", {"job_id": job_id})
+    job = reply_json(client.get_job(job_id))
     return job if job["state"] != "running" else None
 
 
@@ -30,15 +30,15 @@ def test_closed_loop_end_to_end(tmp_path):
         assert unoptimised.equal(reference(agent_input()).logits)
 
         with AdminClient(server.address, actor="alice") as client:
-            job = client.call("plan.trigger", {"agent_id": "agent-e2e", "max_trials": 2,
-                                               "budget": LOOSE_BUDGET, "eval": token_eval_args()})
+            job = reply_json(client.trigger_plan(agent_id="agent-e2e", max_trials=2,
+                                                 budget=LOOSE_BUDGET, eval=token_eval_args()))
             assert job["state"] == "running" and job["fingerprint"] == agent.fingerprint
             job = wait_for(lambda: _finished(client, job["job_id"]), 60, "planning job")
             assert job["state"] == "done", job["message"]
             assert job["decision"] == "approve" and job["plan_status"] == "applied"
             plan_id = job["plan_id"]
 
-            shown = client.call("plan.show", {"plan_id": plan_id})
+            shown = reply_json(client.show_plan(plan_id))
             _check_decision(shown)
             assert [(a["agent_id"], a["stage"], a["state"]) for a in shown["applications"]] == \
                 [("agent-e2e", "canary", "requested"), ("agent-e2e", "canary", "applied")]
@@ -46,14 +46,13 @@ def test_closed_loop_end_to_end(tmp_path):
             assert shown["running_on"] == {"agent-e2e": "canary"}
             assert not agent.logits().equal(unoptimised)      # the plan changed the model
 
-            result = client.call("plan.rollback", {"plan_id": plan_id, "reason": "e2e check"})
+            result = reply_json(client.rollback_plan(plan_id, "e2e check"))
             assert result["status"] == "rolled_back" and result["applied"] == ["agent-e2e"]
             assert agent.logits().equal(unoptimised)           # bitwise, not approximately
 
-            verify = client.call("audit.verify")
+            verify = reply_json(client.verify_audit())
             assert verify["ok"] and verify["rows_checked"] == verify["head"]["seq"] > 0
-            rows = client.call("audit.list", {"subject": plan_id, "oldest_first": True,
-                                              "limit": 1000})
+            rows = reply_json(client.list_audit(subject=plan_id, oldest_first=True, limit=1000))
         assert [r["kind"] for r in rows] == [
             "PROPOSED", "TRIAL_REQUESTED", "TRIAL_RESULT", "POLICY_EVALUATED", "APPROVED",
             "APPLY_REQUESTED", "APPLIED", "ROLLBACK_REQUESTED", "ROLLED_BACK"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from headroom_sidecar import agent
-from headroom_sidecar.controlplane.admin import AdminClient
+from headroom_sidecar.proto.client import AdminClient, reply_json
 from workloads import report
 from workloads.prompts import PROMPTS, chat_ids
 from workloads.smollm2 import load_smollm2
@@ -55,7 +55,7 @@ def observe(handle, model, tok, args) -> None:
         print("  (warning: not every record was acknowledged; counters below say what was lost)")
     print(f"  export counters: {handle.exporter.counters()}")
     with AdminClient(handle.target, actor=OPERATOR) as admin:
-        summary = admin.call("analysis.summary", {"agent_id": handle.agent_id, "limit": 5})
+        summary = reply_json(admin.analysis_summary(agent_id=handle.agent_id, limit=5))
     report.print_learned(summary)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from headroom_sidecar.controlplane.admin import AdminClient
+from headroom_sidecar.proto.client import AdminClient, reply_json
 from headroom_sidecar.controlplane.evalsets import EvalSettings, eval_spec
 from workloads import report
 from workloads.prompts import PROMPTS, chat_ids
@@ -47,7 +47,7 @@ def wait_job(admin: AdminClient, job_id: str, handle, serve=None, timeout_s: flo
     run here, on the thread that serves requests, as they would between a server's requests."""
     deadline, seen = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
-        job = admin.call("plan.status", {"job_id": job_id})
+        job = reply_json(admin.get_job(job_id))
         progress = (job["stage"], job["trials"], job["state"])
         if progress != seen:
             print(f"  job {job_id}: stage={job['stage']} trials={job['trials']} state={job['state']}")
@@ -87,7 +87,7 @@ def run_loop(handle, model, tok, args, operator: str) -> None:
             rows += _decide_and_apply(admin, handle, model, tok, job)
             _rollback(admin, handle, model, tok, best, before)
         _print_decisions(admin)
-        verdict = admin.call("audit.verify", {})
+        verdict = reply_json(admin.verify_audit())
         print(f"\naudit chain: {'verified' if verdict['ok'] else 'BROKEN'} "
               f"({verdict['rows_checked']} rows)" + ("" if verdict["ok"] else f": {verdict['reason']}"))
     _print_table(rows)
@@ -96,11 +96,11 @@ def run_loop(handle, model, tok, args, operator: str) -> None:
 def _plan(admin: AdminClient, handle, model, tok, args) -> dict:
     print(f"\n== planning: up to {args.max_trials} trials, budget top-1 >= {args.min_top1}, "
           f"perplexity ratio <= {args.max_ppl_ratio} ==")
-    job = admin.call("plan.trigger", {
-        "agent_id": handle.agent_id, "max_trials": args.max_trials, "eval": EVAL,
-        "budget": {"min_top1": args.min_top1, "max_ppl_ratio": args.max_ppl_ratio},
-        "tenant": "demo", "route": "/chat"})
-    job = wait_job(admin, job["job_id"], handle, serve=lambda: serve_some(handle, model, tok))
+    job = admin.trigger_plan(
+        agent_id=handle.agent_id, max_trials=args.max_trials, eval=EVAL,
+        budget={"min_top1": args.min_top1, "max_ppl_ratio": args.max_ppl_ratio},
+        tenant="demo", route="/chat")
+    job = wait_job(admin, job.job_id, handle, serve=lambda: serve_some(handle, model, tok))
     print(f"  objective: {job.get('objective')} ({OBJECTIVES.get(job.get('objective'), '')}); "
           f"{job['message']}")
     return job
@@ -108,7 +108,7 @@ def _plan(admin: AdminClient, handle, model, tok, args) -> dict:
 
 def _decide_and_apply(admin: AdminClient, handle, model, tok, job: dict) -> list:
     plan_id = job["plan_id"]
-    shown = admin.call("plan.show", {"plan_id": plan_id})
+    shown = reply_json(admin.show_plan(plan_id))
     print(f"\nbest plan {plan_id}: decision {job['decision']}")
     BEST_PLAN_PATH.parent.mkdir(parents=True, exist_ok=True)
     BEST_PLAN_PATH.write_text(json.dumps(shown["doc"], indent=1, sort_keys=True) + "\n")
@@ -117,10 +117,9 @@ def _decide_and_apply(admin: AdminClient, handle, model, tok, job: dict) -> list
         print(f"  {line}")
     if job["decision"] == "needs_human":
         print(f"  needs a human: {operator_reason(shown)}; approving as {admin.actor}")
-        rollout = admin.call("plan.approve", {"plan_id": plan_id,
-                                              "reason": "demo: evidence reviewed within budget"})
-        job = wait_job(admin, rollout["job_id"], handle, serve=lambda: serve_some(handle, model, tok))
-    status = admin.call("plan.show", {"plan_id": plan_id})["plan"]["status"]
+        rollout = admin.approve_plan(plan_id, "demo: evidence reviewed within budget")
+        job = wait_job(admin, rollout.job_id, handle, serve=lambda: serve_some(handle, model, tok))
+    status = admin.show_plan(plan_id).plan.status
     print(f"  rollout: {job['message']} -> plan status {status}; agent active plan: "
           f"{handle.active_plan.plan_id if handle.active_plan else None}")
     evidence = _best_evidence(shown)
@@ -139,7 +138,7 @@ def _rollback(admin: AdminClient, handle, model, tok, plan_id: str, before: torc
         return
     applied = greedy_probe(model, tok)
     print(f"\n== rollback of {plan_id} by {admin.actor} ==")
-    result = admin.call("plan.rollback", {"plan_id": plan_id, "reason": "demo: end of the run"})
+    result = reply_json(admin.rollback_plan(plan_id, "demo: end of the run"))
     print(f"  {result.get('message', result)}")
     after = greedy_probe(model, tok)
     print(f"  greedy output with the plan {'equals' if torch.equal(applied, before) else 'differs from'}"
@@ -173,14 +172,14 @@ def _plan_side(ev) -> dict:
 
 
 def _print_decisions(admin: AdminClient) -> None:
-    plans = admin.call("plan.list", {"limit": 100})
+    plans = reply_json(admin.list_plans(limit=100))
     print("\n== every hypothesis the planner tried, and what became of it ==")
     print(report.table(["plan", "status", "notes"],
                        [[p["plan_id"], p["status"], p["notes"][:70]] for p in reversed(plans)]))
     for p in plans:
         if p["status"] in ("applied", "approved", "needs_human", "rolled_back", "rejected") \
                 and p["plan_id"] != "static-int8":
-            shown = admin.call("plan.show", {"plan_id": p["plan_id"]})
+            shown = reply_json(admin.show_plan(p["plan_id"]))
             for d in shown.get("decisions", []):
                 _print_rules(p["plan_id"], d)
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from headroom_sidecar.agent.executor.compiled import CompiledDecoder
 from headroom_sidecar.agent.executor.undo import UndoLog
-from headroom_sidecar.agent.plan import CompileMode, Execution
+from headroom_sidecar.proto.plan import CompileMode, Execution
 from headroom_sidecar.agent.executor.speculative.install import install_speculative
 
 CACHE_ROUND_TOKENS = 256

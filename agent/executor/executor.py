@@ -33,8 +33,9 @@ from headroom_sidecar.agent.executor.sparsity import SparseDownProj
 from headroom_sidecar.agent.executor.undo import UndoLog
 from headroom_sidecar.agent.executor.weights import weight_bytes
 from headroom_sidecar.agent.kernels.autotune import kernel_choices
-from headroom_sidecar.agent.plan import (ActivationSparsity, Execution, Plan, PruneHeads, SkipLayers,
-                        Transform, TransformKind, WeightPrecision, check_fit)
+from headroom_sidecar.agent.plan import check_fit
+from headroom_sidecar.proto.plan import (ActivationSparsity, Execution, Plan, PruneHeads, SkipLayers,
+                                         Transform, TransformKind, WeightPrecision)
 from headroom_sidecar.agent.adapters.base import WeightLayout
 
 

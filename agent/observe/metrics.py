@@ -5,6 +5,16 @@ API only: instruments come from the MeterProvider the user passes to attach() (o
 one, a no-op proxy until the user sets one). The agent installs no provider, reader or exporter,
 so nothing is exported unless the user asked for it. Names, units and bucket boundaries follow
 the GenAI semantic conventions (gen-ai-metrics.md); TTFT and TPOT are for successful requests.
+
+Prometheus in one call (opt-in; needs opentelemetry-sdk and opentelemetry-exporter-prometheus):
+
+    endpoint = start_prometheus(9464)            # http://127.0.0.1:9464/metrics
+    handle = attach(model, meter_provider=endpoint.meter_provider)
+    ...
+    endpoint.close()
+
+The page shows e.g. gen_ai_server_time_to_first_token_seconds (histogram: _bucket, _count,
+_sum) and headroom_exporter_records_total{headroom_outcome="acked"}.
 """
 from __future__ import annotations
 
@@ -148,3 +158,57 @@ def unobserve_exporter(meter_provider, exporter) -> None:
     counters = _COUNTERS.get(_GLOBAL if meter_provider is None else meter_provider)
     if counters is not None:
         counters.remove(exporter)
+
+
+class PrometheusEndpoint:
+    """A MeterProvider whose PrometheusMetricReader feeds a registry of its own (not
+    prometheus_client's global one), served over HTTP on host:port."""
+
+    def __init__(self, port: int, host: str):
+        try:
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+            from opentelemetry.sdk.metrics import MeterProvider
+            from prometheus_client import CollectorRegistry, start_http_server
+        except ImportError as e:
+            raise ImportError("start_prometheus needs opentelemetry-sdk and "
+                              f"opentelemetry-exporter-prometheus installed ({e})") from None
+        registry = CollectorRegistry(auto_describe=True)
+        self.meter_provider = MeterProvider(
+            metric_readers=[PrometheusMetricReader(registry=registry)])
+        try:
+            self._http, self._thread = start_http_server(port, addr=host, registry=registry)
+        except OSError as e:
+            self.meter_provider.shutdown()
+            raise OSError(f"start_prometheus cannot listen on {host}:{port}: {e}") from None
+        self.host = host
+        self.port: int = self._http.server_port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        """Stops serving and shuts the provider down (detach the handles that use it first)."""
+        self._http.shutdown()
+        self._http.server_close()
+        self._thread.join(timeout=5.0)
+        self.meter_provider.shutdown()
+
+    def __enter__(self) -> "PrometheusEndpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def start_prometheus(port: int = 9464, host: str = "127.0.0.1") -> PrometheusEndpoint:
+    """Serves the metrics of every handle attached with meter_provider=<the result's
+    meter_provider> on http://host:port/metrics (port 0: a free one, see .port). Loopback
+    unless `host` says otherwise; raises ValueError for a port outside [0, 65535] and OSError
+    when it cannot listen. Nothing global is touched: other providers are unaffected."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"start_prometheus: port={port} is not in [0, 65535]")
+    if not host:
+        raise ValueError("start_prometheus: host is empty")
+    return PrometheusEndpoint(port, host)

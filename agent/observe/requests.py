@@ -43,6 +43,8 @@ import torch
 from torch import nn
 
 from headroom_sidecar.agent.adapters.base import ModelStructure
+from headroom_sidecar.agent.executor.speculative import perrequest
+from headroom_sidecar.agent.executor.speculative.generate import SpecStats
 from headroom_sidecar.agent.fingerprint import execution_device
 from headroom_sidecar.agent.observe.gate import Holder, ModelGate
 from headroom_sidecar.agent.observe.handoff import Work, WorkQueue, WorkSite, check_seconds
@@ -99,6 +101,7 @@ class _Request:
     first_input: Optional[torch.Tensor] = None
     last_input: Optional[torch.Tensor] = None
     error: Optional[BaseException] = None    # what the request's model call raised, if it did
+    spec: Optional[SpecStats] = None     # speculation figures (None: it did not speculate)
 
     def token_ids(self):
         """generate()'s output, else the longer of the first and last forward inputs."""
@@ -367,10 +370,17 @@ class RequestTracker:
         finally:
             self._close(req, st)
 
+    def current_query_class(self) -> str:
+        """The query class of this thread's open request ("" outside one, or unlabelled): what
+        per-class plans route on."""
+        req = self._local.active
+        return req.labels.query_class if req is not None else ""
+
     def _open(self, owner: Owner, labels: Labels, st: _ThreadState) -> Optional[_Request]:
         """Opens this thread's request: first runs model work posted for a serving thread, then
         waits for the gate (shared if untraced, exclusive if traced). None if that failed."""
         st.served = True
+        perrequest.take()          # figures of generate calls outside any request are not its
         if self._work.pending:
             self._serve_posted(st)
         try:
@@ -404,6 +414,7 @@ class RequestTracker:
             return
         if st.active is req:
             st.active = None
+        req.spec = perrequest.take()     # on the request's own thread: its own figures
         self._finish(req, emit)
 
     def _finish(self, req: _Request, emit: bool) -> None:
@@ -495,6 +506,9 @@ class RequestTracker:
 
     def _emit(self, req: _Request, end_ns: int, trace) -> None:
         n = req.forwards
+        if req.spec is not None and req.spec.emitted:
+            # Speculation: a forward is a verify (or a self draft's step), not one token.
+            n = req.spec.emitted
         prompt_tokens, sequences = req.real_counts()
         tpot_ms = (req.last_end_ns - req.first_end_ns) / (n - 1) / 1e6 if n >= 2 else math.nan
         rec = RequestRecord(
@@ -502,7 +516,7 @@ class RequestTracker:
             tenant=req.labels.tenant, route=req.labels.route, query_class=req.labels.query_class,
             batch_size=sequences, prompt_tokens=prompt_tokens, output_tokens=n * sequences,
             ttft_ms=(req.first_end_ns - req.start_ns) / 1e6, tpot_ms=tpot_ms,
-            latency_ms=(end_ns - req.start_ns) / 1e6, trace=trace)
+            latency_ms=(end_ns - req.start_ns) / 1e6, trace=trace, **_spec_fields(req.spec))
         with self._stats_lock:
             self.requests_seen += 1
             self.longest_tokens = max(self.longest_tokens, req.padded_tokens + n)
@@ -528,3 +542,11 @@ class RequestTracker:
             self._metrics.record(rec, req.error)
         except Exception as exc:  # noqa: BLE001
             self._errors(exc)
+
+
+def _spec_fields(spec: Optional[SpecStats]) -> dict:
+    """RequestRecord's speculation columns (all 0: the request did not speculate)."""
+    if spec is None:
+        return {}
+    return {"spec_drafted": spec.proposed, "spec_accepted": spec.accepted,
+            "spec_verify_forwards": spec.verify_forwards}

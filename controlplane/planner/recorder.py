@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-from headroom_sidecar.controlplane.audit import AuditKind, AuditLog
-from headroom_sidecar.controlplane.plans import PlanStatus, PlanStore
+from headroom_sidecar.controlplane.audit import AuditLog
+from headroom_sidecar.controlplane.plans import PlanStore
+from headroom_sidecar.proto.contract import AuditKind, PlanStatus
 from headroom_sidecar.controlplane.planner.search import TrialRecord
 
 

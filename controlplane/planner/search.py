@@ -28,9 +28,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
-from headroom_sidecar.controlplane.plans import (HEAD_KEY, ActivationSparsity, CompileMode, Execution, PlanDoc,
-                                PlanMode, Precision, PruneHeads, SkipLayers, WeightPrecision,
-                                layer_ranges)
+from headroom_sidecar.controlplane.plan_diff import layer_ranges
+from headroom_sidecar.proto.plan import (HEAD_KEY, ActivationSparsity, CompileMode, Execution, Plan,
+                                         PlanMode, Precision, PruneHeads, SkipLayers, WeightPrecision)
 from headroom_sidecar.controlplane.planner.candidates import Candidates
 from headroom_sidecar.controlplane.planner.settings import PlannerSettings
 from headroom_sidecar.controlplane.policy.schema import Objective
@@ -59,6 +59,7 @@ class Phase(str, enum.Enum):
     PRUNE_HEADS = "prune_heads"
     SKIP_LAYERS = "skip_layers"
     EXECUTION = "execution"
+    SPECULATION = "speculation"     # per query class: draft and k (planner/speculation.py)
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ class _Parts:
         if self.skipped:
             out.append(SkipLayers(tuple(sorted(self.skipped))))
         head = lambda t: isinstance(t, WeightPrecision) and t.head is not None
-        kept = tuple(t for t in out if t.layers() or head(t))
+        kept = tuple(t for t in out if t.touched_layers() or head(t))
         return kept + ((Execution(True, CompileMode.TORCH_COMPILE),) if self.compiled else ())
 
 
@@ -321,7 +322,7 @@ class Planner:
             raise _OutOfTrials()
         index = len(self._trail) + 1
         t = self._target
-        doc = PlanDoc(f"{t.plan_id_prefix}-t{index:03d}", 1, t.model_fingerprint,
+        doc = Plan(f"{t.plan_id_prefix}-t{index:03d}", 1, t.model_fingerprint,
                       parts.transforms(), t.query_classes, t.mode,
                       notes=f"planner hypothesis {index}: {change}").to_doc()
         self._propose(doc)

@@ -7,7 +7,6 @@ make policy changes reviewable (CLI: controlplane policy lint|test|replay).
 from headroom_sidecar.controlplane.policy.engine import evaluate
 from headroom_sidecar.controlplane.policy.lint import lint
 from headroom_sidecar.controlplane.policy.loader import load_policy_set, read_policy_set
-from headroom_sidecar.controlplane.policy.plan import PlanError, plan_sha256
 from headroom_sidecar.controlplane.policy.replay import Change, Record, read_records_jsonl, replay
 from headroom_sidecar.controlplane.policy.risk import RiskLevel
 from headroom_sidecar.controlplane.policy.schema import PolicyError, PolicySet, Problem, Rule, RuleKind
@@ -15,8 +14,9 @@ from headroom_sidecar.controlplane.policy.settings import PolicySettings
 from headroom_sidecar.controlplane.policy.store import PolicyStore, ReloadResult
 from headroom_sidecar.controlplane.policy.testing import run_tests
 from headroom_sidecar.controlplane.policy.types import (
-    Context, Decision, DeterminismProbe, Evidence, ModelFacts, Outcome, Revision, RuleOutcome,
-    RuleResult)
+    Context, Decision, DeterminismProbe, Evidence, Outcome, Revision, RuleOutcome, RuleResult)
+from headroom_sidecar.proto.plan import PlanError, plan_hash as plan_sha256
+from headroom_sidecar.proto.plan_fit import ModelFacts
 
 __all__ = [
     "Change", "Context", "Decision", "DeterminismProbe", "Evidence", "ModelFacts", "Outcome",

@@ -5,13 +5,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Union
 
-from headroom_sidecar.controlplane.policy.plan import PER_LAYER, PlanMode, PlanView, parse_plan
+from headroom_sidecar.controlplane.policy.plan import PER_LAYER, PlanMode, PlanView, plan_view
 from headroom_sidecar.controlplane.policy.risk import RiskLevel, risk_level, risk_score
 from headroom_sidecar.controlplane.policy.schema import (
     Determinism, Latency, MetricBound, OnFail, PolicySet, Protect, RateLimit, RemovalCap,
     RemovalUnit, RiskApproval, Rule, RuleKind, TransformAccess)
 from headroom_sidecar.controlplane.policy.types import (
-    Context, Decision, Evidence, ModelFacts, Outcome, RuleOutcome, RuleResult)
+    Context, Decision, Evidence, Outcome, RuleOutcome, RuleResult)
+from headroom_sidecar.proto.plan_fit import ModelFacts
 
 Clock = Callable[[], float]
 
@@ -76,7 +77,7 @@ def make_inputs(plan, evidence, model, context, clock: Clock = time.time) -> Inp
     model = model if isinstance(model, ModelFacts) else ModelFacts.from_dict(model)
     evidence = evidence if isinstance(evidence, Evidence) else Evidence.from_dict(evidence)
     context = context if isinstance(context, Context) else Context.from_dict(context)
-    view = parse_plan(plan, model)
+    view = plan_view(plan, model)
     score = risk_score(view)
     now_s = context.now_s if context.now_s is not None else clock()
     return Inputs(plan=view, evidence=evidence, context=context, risk=risk_level(score),
@@ -93,6 +94,10 @@ def combine(results: tuple[RuleResult, ...]) -> Outcome:
 def evaluate_rule(rule: Rule, ins: Inputs) -> RuleResult:
     if not rule.scope.matches(ins.context):
         check = Check(None, None, None, "scope does not match this tenant/route/query class")
+    elif not rule.covers_plan(ins.plan.query_classes):
+        scoped = list(ins.plan.query_classes) or "none: the default plan"
+        check = Check(None, None, None, f"the rule speaks to plans for query classes "
+                      f"{list(rule.query_classes)}; this plan's classes: {scoped}")
     else:
         check = _CHECKS[type(rule.params)](rule.params, ins)
     if check.passed is None:

@@ -88,6 +88,7 @@ def _read_rule(node: yaml.Node, file: str, where: str, problems: list[Problem]) 
     default_on_fail = OnFail.NEEDS_HUMAN if kind is RuleKind.RISK_APPROVAL else OnFail.REJECT
     on_fail = r.choice("on_fail", OnFail, default=default_on_fail)
     scope = _read_scope(r)
+    plan_classes = r.str_list("query_classes") or ()
     if kind is None:
         return None  # its other fields cannot be judged without a kind: do not call them unknown
     params = _KIND_READERS[kind](r)
@@ -96,7 +97,7 @@ def _read_rule(node: yaml.Node, file: str, where: str, problems: list[Problem]) 
         return None
     return Rule(id=rule_id, kind=kind, file=file, line=line_of(node), on_fail=on_fail,
                 scope=scope, description=description, params=params,
-                allow_unsafe=(allow_unsafe or "").strip())
+                allow_unsafe=(allow_unsafe or "").strip(), query_classes=tuple(plan_classes))
 
 
 def _read_scope(r: Reader) -> Scope:

@@ -1,18 +1,23 @@
-"""Reads a plan document (headroom.plan/v1) into what the rules need: kinds, touched parts, fractions."""
+"""What the policy rules read of a plan: kinds, touched parts, removed fractions.
+
+The document is parsed and fitted to the model by the contract (proto/plan.py,
+proto/plan_fit.py), so the engine accepts and refuses exactly what the agent and the control
+plane do; this only derives the rules' view of a valid plan.
+"""
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from headroom_sidecar.proto.plandoc import (HEAD_KEY, PLAN_SCHEMA, PlanMode, TransformKind,  # noqa: F401
-                           plan_hash as plan_sha256)
-from headroom_sidecar.controlplane.policy.types import ModelFacts
-
+from headroom_sidecar.proto.plan import (HEAD_KEY, Plan, PlanMode, TransformKind,
+                                         WeightPrecision, parse_plan)
+from headroom_sidecar.proto.plan_fit import ModelFacts, check_fits
 
 
 class Component(str, enum.Enum):
-    """A part of the model a transform can change; attention and mlp exist once per layer."""
+    """A part of the model a rule can protect; attention and mlp exist once per layer.
+    (No plan can change the embeddings; a rule may still name them.)"""
     ATTENTION = "attention"
     MLP = "mlp"
     EMBEDDINGS = "embeddings"
@@ -20,12 +25,12 @@ class Component(str, enum.Enum):
 
 
 PER_LAYER = (Component.ATTENTION, Component.MLP)
-PRECISIONS = ("int8", "int4")
-COMPILE_MODES = ("none", "torch_compile", "cuda_graph")
-
-
-class PlanError(ValueError):
-    """A plan document that is malformed or does not fit the model; says which field."""
+# Which per-layer parts each kind changes (execution settings change none).
+_PARTS = {TransformKind.PRUNE_HEADS: (Component.ATTENTION,),
+          TransformKind.SKIP_LAYERS: PER_LAYER,
+          TransformKind.ACTIVATION_SPARSITY: (Component.MLP,),
+          TransformKind.WEIGHT_PRECISION: PER_LAYER,
+          TransformKind.EXECUTION: ()}
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class Touch:
 @dataclass(frozen=True)
 class PlanView:
     plan_id: str
-    sha256: str
+    sha256: str                 # of the document as received (Plan.hash)
     mode: PlanMode
     query_classes: tuple[str, ...]
     kinds: tuple[TransformKind, ...]
@@ -63,123 +68,27 @@ class PlanView:
         return len(self.skipped_layers) / self.model.num_layers
 
 
-def parse_plan(doc: Mapping[str, Any], model: ModelFacts) -> PlanView:
-    if not isinstance(doc, Mapping):
-        raise PlanError(f"plan: expected a mapping, got {type(doc).__name__}")
-    if doc.get("schema") != PLAN_SCHEMA:
-        raise PlanError(f"plan.schema: expected {PLAN_SCHEMA!r}, got {doc.get('schema')!r}")
-    mode = _enum(PlanMode, doc.get("mode"), "plan.mode")
-    classes = doc.get("query_classes") or []
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        raise PlanError("plan.query_classes: expected a list of strings")
-    transforms = doc.get("transforms") or []
-    if not isinstance(transforms, list):
-        raise PlanError("plan.transforms: expected a list")
-    parts = _Parts(model)
-    for i, t in enumerate(transforms):
-        parts.add(t, f"plan.transforms[{i}]")
-    return PlanView(plan_id=str(doc.get("plan_id", "")), sha256=plan_sha256(doc), mode=mode,
-                    query_classes=tuple(classes), kinds=tuple(parts.kinds),
-                    pruned_heads={k: frozenset(v) for k, v in parts.heads.items()},
-                    skipped_layers=frozenset(parts.skipped), sparsity_layers=frozenset(parts.sparse),
-                    precision_layers=frozenset(parts.precision), touches=tuple(parts.touches),
-                    model=model)
+def plan_view(doc: Any, model: ModelFacts) -> PlanView:
+    """PlanError (paths start with "plan.") unless `doc` is a valid plan that fits `model`."""
+    plan = parse_plan(doc, where="plan")
+    check_fits(plan, model, where="plan")
+    layers = {k: frozenset(t.touched_layers()) for k in TransformKind
+              if (t := plan.get(k)) is not None}
+    prune = plan.get(TransformKind.PRUNE_HEADS)
+    return PlanView(plan_id=plan.plan_id, sha256=plan.hash, mode=plan.mode,
+                    query_classes=plan.query_classes,
+                    kinds=tuple(t.kind for t in plan.transforms),
+                    pruned_heads={l: frozenset(h) for l, h in (prune.heads if prune else {}).items()},
+                    skipped_layers=layers.get(TransformKind.SKIP_LAYERS, frozenset()),
+                    sparsity_layers=layers.get(TransformKind.ACTIVATION_SPARSITY, frozenset()),
+                    precision_layers=layers.get(TransformKind.WEIGHT_PRECISION, frozenset()),
+                    touches=_touches(plan), model=model)
 
 
-class _Parts:
-    """Accumulates what the transforms touch, checking each index against the model."""
-
-    def __init__(self, model: ModelFacts):
-        self.model = model
-        self.kinds: list[TransformKind] = []
-        self.heads: dict[int, set[int]] = {}
-        self.skipped: set[int] = set()
-        self.sparse: set[int] = set()
-        self.precision: set[int] = set()
-        self.touches: list[Touch] = []
-
-    def add(self, t: Any, where: str) -> None:
-        if not isinstance(t, Mapping):
-            raise PlanError(f"{where}: expected a mapping")
-        kind = _enum(TransformKind, t.get("kind"), f"{where}.kind")
-        if kind not in self.kinds:
-            self.kinds.append(kind)
-        getattr(self, f"_{kind.value}")(t, where)
-
-    def _prune_heads(self, t: Mapping, where: str) -> None:
-        for layer, heads in _layer_map(t, "heads", where).items():
-            if not isinstance(heads, list) or not heads:
-                raise PlanError(f"{where}.heads.{layer}: expected a non-empty list of head indices")
-            for h in heads:
-                _index(h, self.model.num_heads, f"{where}.heads.{layer}")
-            self.heads.setdefault(self._layer(layer, f"{where}.heads"), set()).update(heads)
-            self.touches.append(Touch(TransformKind.PRUNE_HEADS, Component.ATTENTION, int(layer)))
-
-    def _skip_layers(self, t: Mapping, where: str) -> None:
-        layers = t.get("layers")
-        if not isinstance(layers, list):
-            raise PlanError(f"{where}.layers: expected a list of layer indices")
-        for layer in layers:
-            self.skipped.add(_index(layer, self.model.num_layers, f"{where}.layers"))
-            self._touch_layer(TransformKind.SKIP_LAYERS, layer)
-
-    def _activation_sparsity(self, t: Mapping, where: str) -> None:
-        for layer, thr in _layer_map(t, "thresholds", where).items():
-            if isinstance(thr, bool) or not isinstance(thr, (int, float)) or thr < 0:
-                raise PlanError(f"{where}.thresholds.{layer}: expected a number >= 0, got {thr!r}")
-            self.sparse.add(self._layer(layer, f"{where}.thresholds"))
-            self.touches.append(Touch(TransformKind.ACTIVATION_SPARSITY, Component.MLP, int(layer)))
-
-    def _weight_precision(self, t: Mapping, where: str) -> None:
-        for key, dtype in _layer_map(t, "layers", where).items():
-            if dtype not in PRECISIONS:
-                raise PlanError(f"{where}.layers.{key}: expected one of {PRECISIONS}, got {dtype!r}")
-            if key in (Component.EMBEDDINGS.value, Component.LM_HEAD.value):
-                self.touches.append(Touch(TransformKind.WEIGHT_PRECISION, Component(key), None))
-                continue
-            self.precision.add(self._layer(key, f"{where}.layers"))
-            self._touch_layer(TransformKind.WEIGHT_PRECISION, int(key))
-
-    def _execution(self, t: Mapping, where: str) -> None:
-        _check_fields(t, {"kind", "static_kv_cache", "compile"}, where)
-        if not isinstance(t.get("static_kv_cache", False), bool):
-            raise PlanError(f"{where}.static_kv_cache: expected a bool")
-        if t.get("compile", "none") not in COMPILE_MODES:
-            raise PlanError(f"{where}.compile: expected one of {COMPILE_MODES}, got {t.get('compile')!r}")
-
-    def _touch_layer(self, kind: TransformKind, layer: int) -> None:
-        self.touches.extend(Touch(kind, c, layer) for c in PER_LAYER)
-
-    def _layer(self, key: Any, where: str) -> int:
-        try:
-            layer = int(key)
-        except (TypeError, ValueError):
-            raise PlanError(f"{where}: layer key {key!r} is not an integer") from None
-        return _index(layer, self.model.num_layers, where)
-
-
-def _layer_map(t: Mapping, name: str, where: str) -> Mapping[str, Any]:
-    _check_fields(t, {"kind", name}, where)
-    m = t.get(name)
-    if not isinstance(m, Mapping) or not m:
-        raise PlanError(f"{where}.{name}: expected a non-empty mapping of layer -> value")
-    return m
-
-
-def _check_fields(t: Mapping, known: set[str], where: str) -> None:
-    unknown = sorted(set(t) - known)
-    if unknown:
-        raise PlanError(f"{where}: unknown field(s) {', '.join(unknown)}")
-
-
-def _index(v: Any, size: int, where: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < size:
-        raise PlanError(f"{where}: index {v!r} is not in [0, {size})")
-    return v
-
-
-def _enum(cls: type[enum.Enum], v: Any, where: str):
-    try:
-        return cls(v)
-    except ValueError:
-        raise PlanError(f"{where}: expected one of {[e.value for e in cls]}, got {v!r}") from None
+def _touches(plan: Plan) -> tuple[Touch, ...]:
+    out = [Touch(t.kind, c, layer) for t in plan.transforms
+           for layer in sorted(t.touched_layers()) for c in _PARTS[t.kind]]
+    precision = plan.get(TransformKind.WEIGHT_PRECISION)
+    if isinstance(precision, WeightPrecision) and precision.head is not None:
+        out.append(Touch(TransformKind.WEIGHT_PRECISION, Component.LM_HEAD, None))
+    return tuple(out)

@@ -174,6 +174,14 @@ class Rule:
     # Why this rule may sit outside lint's safe bounds (controlplane/policy/bounds.py); lint
     # then warns instead of failing. "" : it may not.
     allow_unsafe: str = ""
+    # Globs over the PLAN's query_classes (not the request context's, which `scope` matches):
+    # the rule speaks only to plans scoped to a matching class; a default plan (no classes) is
+    # outside it (not_applicable). Empty: every plan.
+    query_classes: tuple[str, ...] = ()
+
+    def covers_plan(self, plan_classes: tuple[str, ...]) -> bool:
+        return not self.query_classes or any(_any_glob(self.query_classes, c, False)
+                                             for c in plan_classes)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from headroom_sidecar.controlplane.policy.engine import evaluate
 from headroom_sidecar.controlplane.policy.loader import read_policy_set
-from headroom_sidecar.controlplane.policy.plan import PlanError
+from headroom_sidecar.proto.plan import PlanError
 from headroom_sidecar.controlplane.policy.schema import PolicySet, Problem
 from headroom_sidecar.controlplane.policy.types import Outcome
 from headroom_sidecar.controlplane.policy.yamlread import Reader, compose_file, line_of, to_python

@@ -90,23 +90,6 @@ METRICS: tuple[str, ...] = tuple(
 
 
 @dataclass(frozen=True)
-class ModelFacts:
-    num_layers: int
-    num_heads: int
-
-    def __post_init__(self):
-        for name in ("num_layers", "num_heads"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"model.{name}: expected an int > 0, got {v!r}")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelFacts":
-        _check_keys(d, {"num_layers", "num_heads"}, "model")
-        return cls(num_layers=d.get("num_layers"), num_heads=d.get("num_heads"))
-
-
-@dataclass(frozen=True)
 class Context:
     """Who the plan would serve, and what was applied recently to the same model fingerprint."""
     tenant: str = ""

@@ -10,6 +10,8 @@ import streamlit as st
 from headroom_sidecar.dashboard import ui
 from headroom_sidecar.dashboard.ui import Context
 from headroom_sidecar.dashboard.views.plan import diff_lines, evidence_rows, rule_frame
+from headroom_sidecar.proto.client import AdminClient
+from headroom_sidecar.proto.contract import PlanStatus
 
 
 class Verdict(str, enum.Enum):
@@ -31,8 +33,8 @@ def render(ctx: Context) -> None:
         st.warning("This dashboard has no operator identity, so it cannot approve or reject. "
                    "Restart it with `HEADROOM_OPERATOR=<you>` (or `-- --operator <you>`).",
                    icon=":material/lock:")
-    pending = ctx.client.admin("plan.list", {"status": "needs_human",
-                                             "limit": ctx.settings.max_rows})
+    pending = ctx.client.admin(lambda a: a.list_plans(status=PlanStatus.NEEDS_HUMAN.value,
+                                                      limit=ctx.settings.max_rows))
     if not pending:
         st.info("Nothing waits for a human. A plan lands here when a policy rule answers "
                 "`needs_human` (e.g. `on_fail: needs_human` in `policies/*.yaml`); past "
@@ -45,7 +47,7 @@ def render(ctx: Context) -> None:
 
 def _card(ctx: Context, plan: dict) -> None:
     plan_id = plan["plan_id"]
-    shown = ctx.client.admin("plan.show", {"plan_id": plan_id})
+    shown = ctx.client.admin(lambda a: a.show_plan(plan_id))
     with st.container(border=True):
         st.subheader(plan_id)
         st.code("\n".join(diff_lines(shown["diff"])), language="diff")
@@ -76,8 +78,8 @@ def _form(ctx: Context, plan_id: str) -> None:
     if not reason.strip():
         st.error("Give a reason: it is recorded with your decision.")
         return
-    result = ctx.client.admin(f"plan.{verdict.value}", {"plan_id": plan_id,
-                                                        "reason": reason.strip()})
+    decide = {Verdict.APPROVE: AdminClient.approve_plan, Verdict.REJECT: AdminClient.reject_plan}
+    result = ctx.client.admin(lambda a: decide[verdict](a, plan_id, reason.strip()))
     follow = (f"rollout job {result['job_id']} started" if verdict is Verdict.APPROVE
               else f"status {result['status']}")
     ui.flash("success", f"{verdict.done} {plan_id} as "

@@ -6,7 +6,7 @@ import json
 import pandas as pd
 import streamlit as st
 
-from headroom_sidecar.controlplane.audit import AuditKind
+from headroom_sidecar.proto.contract import AuditKind
 from headroom_sidecar.dashboard import ui
 from headroom_sidecar.dashboard.ui import Context
 
@@ -16,7 +16,7 @@ _DETAILS_CHARS = 160
 
 
 def verification(ctx: Context) -> None:
-    result = ctx.client.admin("audit.verify")
+    result = ctx.client.admin(lambda a: a.verify_audit())
     head = result["head"]
     if result["ok"]:
         st.success(f"**Chain verified**: {result['rows_checked']} rows hash-link from the "
@@ -37,7 +37,7 @@ def search_args(ctx: Context) -> dict:
     limit = row[4].number_input("rows", 1, 10_000, min(200, ctx.settings.max_rows),
                                 key="audit-limit")
     args = {"limit": int(limit)}
-    for name, value in (("text", text), ("subject", subject), ("actor", actor)):
+    for name, value in (("text", text), ("subject", subject), ("actor_filter", actor)):
         if value.strip():
             args[name] = value.strip()
     if kind != ALL:
@@ -59,7 +59,7 @@ def render(ctx: Context) -> None:
     st.title("Audit log")
     verification(ctx)
     args = search_args(ctx)
-    rows = ctx.client.admin("audit.list", args)
+    rows = ctx.client.admin(lambda a: a.list_audit(**args))
     if not rows:
         filtered = len(args) > 1
         st.info("No audit rows match this search; clear a filter." if filtered else

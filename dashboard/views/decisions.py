@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from headroom_sidecar.controlplane.plans import PlanStatus
+from headroom_sidecar.proto.contract import PlanStatus
 from headroom_sidecar.dashboard import ui
 from headroom_sidecar.dashboard.ui import Context
 from headroom_sidecar.dashboard.views import plan as plan_view
@@ -29,7 +29,7 @@ def render(ctx: Context) -> None:
     ui.show_flash()
     status = st.selectbox("status", [ALL] + STATUSES, key="decisions-status")
     args = {"limit": ctx.settings.max_rows, **({} if status == ALL else {"status": status})}
-    plans = ctx.client.admin("plan.list", args)
+    plans = ctx.client.admin(lambda a: a.list_plans(**args))
     if not plans:
         st.info("No plans yet" + ("" if status == ALL else f" with status {status}") + ". The "
                 "planner proposes plans from traced requests; start a planning run:",

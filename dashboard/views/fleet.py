@@ -65,7 +65,7 @@ def running_plan(row: pd.Series) -> str:
 
 
 def fleet_frame(ctx: Context) -> pd.DataFrame:
-    live = {a["agent_id"]: a["connected"] for a in ctx.client.admin("agents.list")}
+    live = {a["agent_id"]: a["connected"] for a in ctx.client.admin(lambda c: c.list_agents())}
     agents = ctx.client.query(_AGENTS_SQL)
     if agents.empty:
         return agents

@@ -9,8 +9,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from headroom_sidecar.controlplane.audit import AuditKind
-from headroom_sidecar.controlplane.plans import PlanStatus
+from headroom_sidecar.proto.contract import AuditKind, PlanStatus
 from headroom_sidecar.dashboard import charts, ui
 from headroom_sidecar.dashboard.ui import Context
 
@@ -19,7 +18,7 @@ _ROLLBACK_KINDS = (AuditKind.ROLLBACK_REQUESTED.value, AuditKind.ROLLED_BACK.val
 
 
 def render(ctx: Context, plan_id: str) -> None:
-    shown = ctx.client.admin("plan.show", {"plan_id": plan_id})
+    shown = ctx.client.admin(lambda a: a.show_plan(plan_id))
     record = shown["plan"]
     st.header(plan_id)
     running = ", ".join(f"{a} ({s})" for a, s in shown["running_on"].items()) or "no agent"
@@ -33,8 +32,8 @@ def render(ctx: Context, plan_id: str) -> None:
     _evidence(shown["trials"])
     _policy(shown["decisions"])
     _rollout(shown["history"], shown["applications"])
-    _rollbacks(ctx.client.admin("audit.list", {"subject": plan_id, "oldest_first": True,
-                                               "limit": 1000}))
+    _rollbacks(ctx.client.admin(lambda a: a.list_audit(subject=plan_id, oldest_first=True,
+                                                       limit=1000)))
     if record["status"] in (PlanStatus.APPLIED.value, PlanStatus.APPLYING.value):
         _rollback_form(ctx, plan_id)
 
@@ -194,6 +193,6 @@ def _rollback_form(ctx: Context, plan_id: str) -> None:
         if not reason.strip():
             st.error("Give a reason: it is recorded with the rollback.")
             return
-        result = ctx.client.admin("plan.rollback", {"plan_id": plan_id, "reason": reason.strip()})
+        result = ctx.client.admin(lambda a: a.rollback_plan(plan_id, reason.strip()))
         ui.flash("success", f"Rolled back {plan_id}: {result.get('message', result.get('status'))}")
         st.rerun()

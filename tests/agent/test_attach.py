@@ -15,13 +15,14 @@ from headroom_sidecar.agent import attach, wire
 from headroom_sidecar.agent.adapters import resolve_structure
 from headroom_sidecar.agent.control import ControlHandler, EvalSpec, build_evalset
 from headroom_sidecar.agent.executor import Executor
-from headroom_sidecar.agent.plan import PlanError
+from headroom_sidecar.proto.plan import PlanError
 from headroom_sidecar.agent.exporter import NoopExporter
 from headroom_sidecar.agent.fingerprint import OffloadError, execution_device, fingerprint
 from headroom_sidecar.agent.handle import AgentHandle
 from headroom_sidecar.agent.settings import AgentSettings
 from headroom_sidecar.agent.trial import Evidence, stdlib_doc_texts
-from headroom_sidecar.controlplane.server import InboundKind, start_server
+from headroom_sidecar.controlplane.server import InboundKind
+from headroom_sidecar.controlplane.app import start_server
 from headroom_sidecar.controlplane.settings import ServerSettings
 from headroom_sidecar.proto import headroom_pb2 as pb
 from headroom_sidecar.proto.plandoc import PlanPurpose

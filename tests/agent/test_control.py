@@ -11,7 +11,8 @@ import torch
 from headroom_sidecar.agent import attach
 from headroom_sidecar.agent.control import EvalSpec, EvalSpecError, build_evalset, evalset_hash
 from headroom_sidecar.agent.trial import Evidence
-from headroom_sidecar.controlplane.server import InboundKind, start_server
+from headroom_sidecar.controlplane.server import InboundKind
+from headroom_sidecar.controlplane.app import start_server
 from headroom_sidecar.controlplane.settings import ServerSettings
 from headroom_sidecar.proto import headroom_pb2 as pb
 from headroom_sidecar.proto.plandoc import PlanPurpose

@@ -17,7 +17,7 @@ from headroom_sidecar.agent.fingerprint import ModelInfo
 from headroom_sidecar.agent.records import GpuSample, RequestRecord, TraceArrays
 from headroom_sidecar.agent.settings import AgentSettings
 from headroom_sidecar.controlplane.query import QueryClient
-from headroom_sidecar.controlplane.server import start_server
+from headroom_sidecar.controlplane.app import start_server
 from headroom_sidecar.controlplane.settings import ServerSettings
 
 LAYERS, HEADS = 2, 3

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from headroom_sidecar.agent import wire
-from headroom_sidecar.agent.exporter import BatchExporter, _Inflight
+from headroom_sidecar.agent.batching import Inflight
+from headroom_sidecar.agent.exporter import BatchExporter
 from headroom_sidecar.agent.settings import AgentSettings
 from headroom_sidecar.controlplane.server import InboundKind
 from tests.agent.test_exporter import (LAYERS, MODEL, check_accounting, record, request_ids,
@@ -125,12 +126,14 @@ def test_resend_count_bound_drops_the_oldest_past_it(server, max_batches, lost_b
 
 def _kept_after_trim(ex: BatchExporter, sizes_bytes: list[int]) -> list[int]:
     """Puts unacked batches of these sizes (seq 1..n, oldest first) and applies the bound."""
-    with ex._lock:
+    buffer = ex._buffer
+    with buffer.lock:
         for seq, size in enumerate(sizes_bytes, start=1):
-            ex._inflight[seq] = _Inflight(records=1, sent_at=time.monotonic(), size_bytes=size)
-        ex._trim_unacked()
-        kept = list(ex._inflight)
-        ex._inflight.clear()
+            buffer.inflight[seq] = Inflight(records=1, sent_at=time.monotonic(), size_bytes=size)
+    buffer.trim_unacked()
+    with buffer.lock:
+        kept = list(buffer.inflight)
+        buffer.inflight.clear()
     return kept
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from headroom_sidecar.agent.executor import Executor
 from headroom_sidecar.agent.executor.executor import DEFAULT_APPLIERS
 from headroom_sidecar.agent.latency import Spread, interleaved
-from headroom_sidecar.agent.plan import TransformKind
+from headroom_sidecar.proto.plan import TransformKind
 from tests.agent.executor import plan, rig
 from tests.builders import tiny_llama, token_ids
 

@@ -1,4 +1,5 @@
-"""Plan documents: canonical hash, schema errors that name the place, fit-to-model checks."""
+"""The agent's side of plans: the hash of the document as received, and fit to the loaded model
+(fingerprint, supported kinds, the output head). The document rules themselves: tests/proto/."""
 from __future__ import annotations
 
 import json
@@ -7,8 +8,9 @@ import pytest
 import torch
 
 from headroom_sidecar.agent.executor.int8 import head_int8_support
-from headroom_sidecar.agent.plan import (HEAD_KEY, SCHEMA, Plan, PlanError, Precision, TransformKind,
-                        canonical_json, check_fit, plan_hash)
+from headroom_sidecar.agent.plan import check_fit
+from headroom_sidecar.proto.plan import (HEAD_KEY, PLAN_SCHEMA as SCHEMA, Plan, PlanError, Precision,
+                                         TransformKind, canonical_json, plan_hash)
 from tests.agent.executor import plan_doc, rig
 from tests.builders import tiny_llama, tiny_plain
 
@@ -43,35 +45,35 @@ def test_parsed_form():
 
 
 @pytest.mark.parametrize("mutate,needle", [
-    (lambda d: d.update(schema="x/v0"), "schema: expected"),
-    (lambda d: d.pop("plan_id"), "missing field 'plan_id'"),
-    (lambda d: d.update(extra=1), "unknown field 'extra'"),
+    (lambda d: d.update(schema="x/v0"), "plan.schema: must be"),
+    (lambda d: d.pop("plan_id"), "plan.plan_id: is required (missing field)"),
+    (lambda d: d.update(extra=1), "plan.extra: unknown field"),
     (lambda d: d.update(version=0), "version"),
     (lambda d: d.update(model_fingerprint="XYZ"), "model_fingerprint"),
-    (lambda d: d.update(mode="fast"), "mode: 'fast'"),
-    (lambda d: d["transforms"].append({"kind": "quantum"}), "transforms[2]: unknown kind 'quantum'"),
-    (lambda d: d["transforms"][1].update(head=1), "transforms[1] (prune_heads): unknown field 'head'"),
+    (lambda d: d.update(mode="fast"), "plan.mode: must be one of 'structural', 'dynamic', got 'fast'"),
+    (lambda d: d["transforms"].append({"kind": "quantum"}), "plan.transforms[2].kind: must be one of"),
+    (lambda d: d["transforms"][1].update(head=1), "plan.transforms[1].head: unknown field"),
     (lambda d: d["transforms"].append({"kind": "skip_layers", "layers": [2]}), "duplicate kind"),
-    (lambda d: d["transforms"][0].update(layers=[1, 1]), "duplicate layers [1]"),
+    (lambda d: d["transforms"][0].update(layers=[1, 1]), "plan.transforms[0].layers: duplicate layer indices [1]"),
     (lambda d: d["transforms"].append({"kind": "activation_sparsity", "thresholds": {"0": -1}}),
-     "thresholds[0]: must be a finite number >= 0"),
+     "plan.transforms[2].thresholds.0: must be a finite number >= 0"),
     (lambda d: d["transforms"].append({"kind": "weight_precision", "layers": {"x": "int8"}}),
-     "layer key 'x'"),
+     "layer key must be a decimal string like \"3\" or 'lm_head', got 'x'"),
     (lambda d: d["transforms"].append({"kind": "weight_precision", "layers": {"0": "int3"}}),
-     "layers[0]: 'int3'"),
+     "plan.transforms[2].layers.0: must be one of 'int8', got 'int3'"),
     (lambda d: d["transforms"].append({"kind": "weight_precision", "layers": {"lm_head": "int4"}}),
-     "transforms[2] (weight_precision).layers[lm_head]: 'int4' is not one of ['int8']"),
+     "plan.transforms[2].layers.lm_head: must be one of 'int8', got 'int4'"),
     (lambda d: d["transforms"].append({"kind": "weight_precision", "layers": {"lm_head": None}}),
-     "transforms[2] (weight_precision).layers[lm_head]: precision missing"),
+     "plan.transforms[2].layers.lm_head: must be one of 'int8', got None"),
     (lambda d: d["transforms"].append({"kind": "weight_precision", "layers": {"LM_HEAD": "int8"}}),
-     "layers: layer key 'LM_HEAD' is not a non-negative integer or 'lm_head'"),
+     "plan.transforms[2].layers: layer key must be a decimal string like \"3\" or 'lm_head', got 'LM_HEAD'"),
     (lambda d: d["transforms"].append({"kind": "weight_precision", "layers": {"embeddings": "int8"}}),
-     "layer key 'embeddings'"),
+     "got 'embeddings'"),
     (lambda d: d["transforms"].append({"kind": "activation_sparsity", "thresholds": {"lm_head": 1}}),
-     "thresholds: layer key 'lm_head' is not a non-negative integer"),
+     "plan.transforms[2].thresholds: layer key must be a decimal string like \"3\", got 'lm_head'"),
     (lambda d: d["transforms"].append({"kind": "execution", "static_kv_cache": False,
                                        "compile": "cuda_graph"}), "needs static_kv_cache"),
-    (lambda d: d["transforms"][1].update(heads={"0": [1, 1]}), "duplicate head indices [1]"),
+    (lambda d: d["transforms"][1].update(heads={"0": [1, 1]}), "plan.transforms[1].heads.0: duplicate head indices [1]"),
 ])
 def test_schema_errors_name_the_place(mutate, needle):
     d = _doc()
@@ -100,7 +102,7 @@ def test_fit_notes_skip_and_prune_same_layer():
                                {"kind": "prune_heads", "heads": {"1": [0], "0": [0, 1, 2, 3]}}))
     notes = check_fit(p, r.structure, r.fingerprint)
     assert any("[1] are skipped" in n for n in notes)
-    assert any("layer 0: all 4 heads pruned" in n for n in notes)
+    assert any("heads.0: all 4 heads pruned" in n for n in notes)
 
 
 def _head_plan(fp: str = FP, layers: dict | None = None):
@@ -144,7 +146,8 @@ def test_fit_refuses_head_it_cannot_quantise(case):
     with pytest.raises(PlanError) as err:
         check_fit(p, r.structure, r.fingerprint, **head)
     (problem,) = err.value.problems
-    assert problem.startswith("transforms[1] (weight_precision).layers[lm_head]: cannot set the "
+    # index 0 in the normal form (weight_precision sorts before skip_layers)
+    assert problem.startswith("plan.transforms[0].layers.lm_head: cannot set the "
                               "output head to int8: ") and why in problem, problem
     # blocks-only precision on the same model still fits
     blocks_only = _head_plan(r.fingerprint, {"2": "int8"})

@@ -18,7 +18,7 @@ from headroom_sidecar.controlplane.loop import LoopSettings
 from headroom_sidecar.controlplane.planner import PlannerSettings
 from headroom_sidecar.controlplane.policy import PolicySettings
 from headroom_sidecar.controlplane.rollout import RolloutSettings
-from headroom_sidecar.controlplane.server import start_server
+from headroom_sidecar.controlplane.app import start_server
 from headroom_sidecar.controlplane.settings import ServerSettings
 from tests.builders import tiny_llama, token_ids
 

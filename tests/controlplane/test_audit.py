@@ -4,7 +4,8 @@ import threading
 import duckdb
 import pytest
 
-from headroom_sidecar.controlplane.audit import GENESIS_HASH, AuditHead, AuditKind, AuditLog, row_hash
+from headroom_sidecar.controlplane.audit import GENESIS_HASH, AuditHead, AuditLog, row_hash
+from headroom_sidecar.proto.contract import AuditKind
 
 
 @pytest.fixture

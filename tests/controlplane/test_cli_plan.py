@@ -4,7 +4,8 @@ import json
 import pytest
 
 from headroom_sidecar.controlplane.cli import main
-from headroom_sidecar.controlplane.plans import PlanDoc, PlanStatus, SkipLayers
+from headroom_sidecar.proto.plan import Plan, SkipLayers
+from headroom_sidecar.proto.contract import PlanStatus
 from tests.controlplane import helpers
 from tests.controlplane.loopkit import LiveAgent, connected, start, traced_rows, wait_for
 
@@ -14,7 +15,7 @@ def server(tmp_path_factory):
     running = start(tmp_path_factory.mktemp("cli"))
     plans = running.state.control.plans
     for plan_id in ("cli-1", "cli-2"):
-        plans.add(PlanDoc(plan_id, 1, helpers.MODEL.fingerprint, (SkipLayers((1,)),)).to_doc(), "t")
+        plans.add(Plan(plan_id, 1, helpers.MODEL.fingerprint, (SkipLayers((1,)),)).to_doc(), "t")
         plans.transition(plan_id, PlanStatus.TRIALLED, "t", "trial")
         plans.transition(plan_id, PlanStatus.NEEDS_HUMAN, "policy-engine", "review")
     yield running
@@ -56,7 +57,7 @@ def test_actor_flag_wins_and_audit_commands(server, capsys, monkeypatch):
 
 def test_errors_are_one_line_and_exit_2(server, capsys):
     code, _, err = _run(capsys, "plan", "show", "missing", "--address", server.address)
-    assert code == 2 and err.strip() == "controlplane plan: error: NOT_FOUND: plan.show: no plan 'missing'"
+    assert code == 2 and err.strip() == "controlplane plan: error: NOT_FOUND: ShowPlan: no plan 'missing'"
     code, _, err = _run(capsys, "plan", "approve", "cli-1", "--reason", "x", "--as", "g",
                         "--address", server.address)
     assert code == 2 and "FAILED_PRECONDITION" in err and "cli-1 is rejected" in err

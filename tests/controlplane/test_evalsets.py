@@ -4,6 +4,8 @@ EvalSet.from_texts; token ids cut by the control plane's token_eval), and with n
 when it does not."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from headroom_sidecar.agent.trial import EvalSet
@@ -122,3 +124,38 @@ def test_token_eval_seq_len_boundary_with_bos(seq_len, ok):
     else:
         with pytest.raises(ValueError, match="no room for text after the BOS"):
             token_eval(s, 128, bos_token_id=BOS)
+
+
+# ---------------------------------------------------------------------- the contract (proto)
+def test_the_agent_parses_eval_json_with_the_contracts_parser():
+    from headroom_sidecar.agent import control
+    from headroom_sidecar.proto import evalset
+    assert control.EvalSpec is evalset.EvalSpec and control.EvalSpecError is evalset.EvalSpecError
+    doc = eval_spec(EvalSettings(), {"token_sequences": [[1, 2, 3]], "prompts": ["a b"]})
+    assert evalset.EvalSpec.from_doc(doc).to_doc() == doc
+    assert evalset.EvalSpec.from_json(json.dumps(doc)).token_sequences == ((1, 2, 3),)
+
+
+def test_eval_spec_refuses_what_the_agent_would_naming_the_field():
+    from headroom_sidecar.proto.evalset import EvalSpecError
+    with pytest.raises(EvalSpecError, match=r"token_sequences\[1\]: must be a non-empty list"):
+        eval_spec(EvalSettings(), {"token_sequences": [[1], []]})
+    with pytest.raises(EvalSpecError, match=r"token_prompts\[0\]: must be a non-empty list"):
+        eval_spec(EvalSettings(), {"token_sequences": [[1, 2]], "token_prompts": [[-1]]})
+
+
+@pytest.mark.parametrize("doc, problem", [
+    ({"seq_len": 2}, None), ({"seq_len": 1}, "seq_len: must be an integer >= 2, got 1"),
+    ({"prompts": 0}, None), ({"prompts": -1}, "prompts: must be an integer >= 0, got -1"),
+    ({"new_tokens": 1}, None), ({"new_tokens": 0}, "new_tokens: must be an integer >= 1"),
+    ({"seq_len": True}, "seq_len: must be an integer"),
+    ({"colour": 1}, "unknown field 'colour' (known: token_sequences"),
+])
+def test_eval_json_fields_at_their_bounds(doc, problem):
+    from headroom_sidecar.proto.evalset import EvalSpec, EvalSpecError
+    if problem is None:
+        assert getattr(EvalSpec.from_doc(doc), next(iter(doc))) == next(iter(doc.values()))
+    else:
+        with pytest.raises(EvalSpecError) as e:
+            EvalSpec.from_doc(doc)
+        assert any(p.startswith(problem) for p in e.value.problems), e.value.problems

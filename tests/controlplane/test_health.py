@@ -8,7 +8,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from headroom_sidecar.controlplane.cli import main
 from headroom_sidecar.controlplane.health import HealthSettings
-from headroom_sidecar.controlplane.server import SERVICE_NAME, start_server
+from headroom_sidecar.controlplane.server import SERVICE_NAME
+from headroom_sidecar.controlplane.app import start_server
 from headroom_sidecar.controlplane.settings import ServerSettings
 
 FAST = HealthSettings(probe_interval_s=0.05)

@@ -114,7 +114,7 @@ def test_policy_folder_that_does_not_load_keeps_telemetry_and_reports(tmp_path):
 
 
 def start_with_folder(tmp_path, folder: str):
-    from headroom_sidecar.controlplane.server import start_server
+    from headroom_sidecar.controlplane.app import start_server
     from headroom_sidecar.controlplane.settings import ServerSettings
     from tests.controlplane.loopkit import control_settings
     return start_server(ServerSettings(db_path=str(tmp_path / "cp2.duckdb"), port=0),

@@ -99,7 +99,7 @@ def test_truncated_at_max_rows(loaded):
 
 
 def test_server_caps_max_rows(tmp_path):
-    from headroom_sidecar.controlplane.server import start_server
+    from headroom_sidecar.controlplane.app import start_server
     from headroom_sidecar.controlplane.settings import ServerSettings
     running = start_server(ServerSettings(db_path=str(tmp_path / "c.duckdb"), port=0,
                                           query_default_rows=3, query_max_rows=4))

@@ -18,13 +18,14 @@ import pytest
 from headroom_sidecar.agent import wire
 from headroom_sidecar.agent.exporter import BatchExporter
 from headroom_sidecar.agent.settings import AgentSettings
-from headroom_sidecar.controlplane.admin import AdminClient
+from headroom_sidecar.proto.client import AdminClient, reply_json
 from headroom_sidecar.controlplane.jobs import Job, JobState, Stage
 from headroom_sidecar.controlplane.loop import LoopSettings
-from headroom_sidecar.controlplane.plans import (ApplicationState, PlanDoc, PlanStatus, Precision, RolloutStage,
-                                WeightPrecision)
+from headroom_sidecar.controlplane.plans import ApplicationState, RolloutStage
+from headroom_sidecar.proto.plan import Plan, Precision, WeightPrecision
+from headroom_sidecar.proto.contract import PlanStatus
 from headroom_sidecar.controlplane.recovery import RESTART_REASON
-from headroom_sidecar.controlplane.server import start_server
+from headroom_sidecar.controlplane.app import start_server
 from headroom_sidecar.controlplane.settings import ServerSettings
 from tests.controlplane.cpprocess import ControlPlaneProcess
 from tests.controlplane.loopkit import LiveAgent, control_settings, wait_for, write_policies
@@ -44,7 +45,7 @@ def _start(tmp_path: Path, reconcile_timeout_s: float = 60.0):
 
 
 def _add(control, plan_id: str, layer: int, to: tuple[PlanStatus, ...]) -> str:
-    doc = PlanDoc(plan_id, 1, FP, (WeightPrecision({layer: Precision.INT8}),)).to_doc()
+    doc = Plan(plan_id, 1, FP, (WeightPrecision({layer: Precision.INT8}),)).to_doc()
     control.plans.add(doc, "test")
     for status in (PlanStatus.TRIALLED, *to):
         control.plans.transition(plan_id, status, "test", "seeded")
@@ -101,8 +102,8 @@ def test_running_job_is_interrupted_at_restart_and_plan_status_answers_its_old_i
     server = _start(tmp_path)
     try:
         with AdminClient(server.address, actor="test") as admin:
-            job = admin.call("plan.status", {"job_id": "job-seeded"})
-            listed = admin.call("plan.status")
+            job = reply_json(admin.get_job("job-seeded"))
+            listed = reply_json(admin.list_jobs())
         control = server.state.control
         plan_note = control.audit.rows(kind="NOTE", subject=PLAN)[0].details
         job_note = control.audit.rows(kind="NOTE", subject="job-seeded")[0].details
@@ -144,7 +145,7 @@ def test_a_job_that_ended_keeps_its_end_across_a_restart(tmp_path):
     server = _start(tmp_path)
     try:
         with AdminClient(server.address, actor="test") as admin:
-            again = admin.call("plan.status", {"job_id": job_id})
+            again = reply_json(admin.get_job(job_id))
     finally:
         server.stop(grace_s=0.5)
     assert ended["state"] == "failed" and "no connected agent runs model" in ended["last_error"]
@@ -238,7 +239,7 @@ def _status_of(tmp_path: Path) -> PlanStatus:
 def _seed_needs_human(tmp_path: Path, fingerprint: str, plan_ids: list[str]) -> None:
     server = _start(tmp_path)
     for layer, plan_id in enumerate(plan_ids):
-        doc = PlanDoc(plan_id, 1, fingerprint, (WeightPrecision({layer: Precision.INT8}),))
+        doc = Plan(plan_id, 1, fingerprint, (WeightPrecision({layer: Precision.INT8}),))
         server.state.control.plans.add(doc.to_doc(), "test")
         for status in (PlanStatus.TRIALLED, PlanStatus.NEEDS_HUMAN):
             server.state.control.plans.transition(plan_id, status, "test", "seeded")
@@ -247,11 +248,11 @@ def _seed_needs_human(tmp_path: Path, fingerprint: str, plan_ids: list[str]) -> 
 
 def _approve_and_kill_in_the_canary_watch(cp: ControlPlaneProcess, plan_id: str) -> str:
     with AdminClient(cp.address, actor="carol") as admin:
-        job_id = admin.call("plan.approve", {"plan_id": plan_id, "reason": "go"})["job_id"]
-        wait_for(lambda: [(a["stage"], a["state"]) for a in admin.call(
-            "plan.show", {"plan_id": plan_id})["applications"]][-1:] == [("canary", "applied")],
+        job_id = admin.approve_plan(plan_id, "go").job_id
+        wait_for(lambda: [(a.stage, a.state) for a in admin.show_plan(plan_id).applications][-1:]
+                 == [("canary", "applied")],
             timeout_s=60, what="the canary to apply")
-        assert admin.call("plan.show", {"plan_id": plan_id})["plan"]["status"] == "applying"
+        assert admin.show_plan(plan_id).plan.status == "applying"
     cp.kill9()
     return job_id
 
@@ -260,11 +261,10 @@ def _after_restart(cp: ControlPlaneProcess, plan_id: str, job_id: str) -> tuple[
     time.sleep(0.5)
     assert cp.proc.poll() is None, f"exit {cp.proc.returncode}: {cp.log_tail()}"
     with AdminClient(cp.address, actor="carol") as admin:
-        wait_for(lambda: admin.call("plan.show", {"plan_id": plan_id})["plan"]["status"]
-                 != "applying", timeout_s=60, what="the plan to be settled")
-        return (admin.call("plan.show", {"plan_id": plan_id}),
-                admin.call("plan.status", {"job_id": job_id}),
-                admin.call("audit.list", {"subject": plan_id, "kind": "NOTE"}))
+        wait_for(lambda: admin.show_plan(plan_id).plan.status != "applying", timeout_s=60,
+                 what="the plan to be settled")
+        return (reply_json(admin.show_plan(plan_id)), reply_json(admin.get_job(job_id)),
+                reply_json(admin.list_audit(subject=plan_id, kind="NOTE")))
 
 
 def test_sigkill_mid_rollout_then_restart_settles_the_plan_from_the_agent(tmp_path):
@@ -298,7 +298,7 @@ def test_sigkill_mid_rollout_then_restart_settles_the_plan_from_the_agent(tmp_pa
         assert shown["history"][-1]["reason"].startswith(RESTART_REASON)
         assert (job["state"], job["plan_status"]) == ("interrupted", "rolled_back")
         with AdminClient(cp.address) as admin:
-            assert admin.call("audit.verify")["ok"]
+            assert admin.verify_audit().ok
     finally:
         agent.close()
         cp.stop()

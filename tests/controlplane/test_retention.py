@@ -172,7 +172,7 @@ def test_retention_thread_runs_at_start_and_stops_when_told(tmp_path):
 
 
 def test_the_server_stops_retention_before_it_closes_the_store(tmp_path):
-    from headroom_sidecar.controlplane.server import start_server
+    from headroom_sidecar.controlplane.app import start_server
     from headroom_sidecar.controlplane.settings import ServerSettings
     running = start_server(ServerSettings(db_path=str(tmp_path / "srv.duckdb"), port=0))
     worker = running.retention

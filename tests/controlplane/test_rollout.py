@@ -5,8 +5,9 @@ import time
 
 import pytest
 
-from headroom_sidecar.controlplane.plans import (ApplicationState, PlanDoc, PlanStatus, Precision, SkipLayers,
-                                WeightPrecision)
+from headroom_sidecar.controlplane.plans import ApplicationState
+from headroom_sidecar.proto.plan import Plan, Precision, SkipLayers, WeightPrecision
+from headroom_sidecar.proto.contract import PlanStatus
 from headroom_sidecar.controlplane.rollout import RolloutSettings
 from tests.controlplane.loopkit import LiveAgent, audit_kinds, connected, start, wait_for
 
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.timeout(90)
 
 
 def _approved(control, fp: str, plan_id: str, transform) -> str:
-    control.plans.add(PlanDoc(plan_id, 1, fp, (transform,)).to_doc(), "test")
+    control.plans.add(Plan(plan_id, 1, fp, (transform,)).to_doc(), "test")
     control.plans.transition(plan_id, PlanStatus.TRIALLED, "test", "trial ran")
     control.plans.transition(plan_id, PlanStatus.APPROVED, "test", "policy approved")
     return plan_id

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from headroom_sidecar.controlplane.ingest import ErrorCode
-from headroom_sidecar.controlplane.server import InboundKind, start_server
+from headroom_sidecar.controlplane.server import InboundKind
+from headroom_sidecar.controlplane.app import start_server
 from headroom_sidecar.controlplane.settings import ServerSettings
 from headroom_sidecar.proto import headroom_pb2 as pb
 from tests.controlplane import helpers as h

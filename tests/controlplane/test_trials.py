@@ -6,7 +6,7 @@ import pytest
 
 from headroom_sidecar.controlplane.evalsets import EvalSettings, byte_token_ids, eval_spec, token_eval
 from headroom_sidecar.controlplane.planner import TrialError
-from headroom_sidecar.controlplane.plans import PlanDoc, SkipLayers, WeightPrecision, Precision
+from headroom_sidecar.proto.plan import Plan, Precision, SkipLayers, WeightPrecision
 from headroom_sidecar.proto import headroom_pb2 as pb
 from headroom_sidecar.controlplane.trials import AgentGone, StatusState, plan_message
 from tests.controlplane import helpers
@@ -24,7 +24,7 @@ def loop_env(tmp_path_factory):
 
 
 def _doc(fp: str, plan_id: str, layers=(1,)) -> dict:
-    return PlanDoc(plan_id, 1, fp, (SkipLayers(tuple(layers)),)).to_doc()
+    return Plan(plan_id, 1, fp, (SkipLayers(tuple(layers)),)).to_doc()
 
 
 def _spec() -> str:
@@ -70,7 +70,7 @@ def test_silent_agent_times_out_and_a_gone_one_fails_fast(loop_env):
 def test_apply_and_rollback_round_trip(loop_env):
     server, agent = loop_env
     client = server.state.control.client
-    doc = PlanDoc("tt-int8", 1, agent.fingerprint,
+    doc = Plan("tt-int8", 1, agent.fingerprint,
                   (WeightPrecision({0: Precision.INT8}),)).to_doc()
     before = agent.logits()
     applied = client.apply("agent-t", doc, timeout_s=30)

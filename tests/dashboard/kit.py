@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from headroom_sidecar.controlplane.admin import AdminClient
+from headroom_sidecar.proto.client import AdminClient, reply_json
 from tests.builders import token_ids
 from tests.controlplane.loopkit import (LOOSE_BUDGET, LiveAgent, connected, start, token_eval_args,
                                         traced_rows, wait_for)
@@ -51,7 +51,7 @@ def serve_traffic(agent: LiveAgent) -> None:
 def _job_done(admin: AdminClient, job_id: str):
     # ControlLoop._run_job marks a job done before it fills in plan_status (in its finally):
     # a poller between the two reads plan_status None, so wait for both.
-    job = admin.call("plan.status", {"job_id": job_id})
+    job = reply_json(admin.get_job(job_id))
     settled = job["state"] != "running" and (job["plan_id"] is None or job["plan_status"])
     return job if settled else None
 
@@ -59,9 +59,9 @@ def _job_done(admin: AdminClient, job_id: str):
 def pending_plan(address: str, agent_id: str = AGENT) -> str:
     """A fresh plan the policies sent to a human (status needs_human)."""
     with AdminClient(address, actor="planner-test") as admin:
-        job = admin.call("plan.trigger", {"agent_id": agent_id, "max_trials": 1,
-                                          "budget": LOOSE_BUDGET, "eval": token_eval_args()})
-        job = wait_for(lambda: _job_done(admin, job["job_id"]), 60, "planning job")
+        job = admin.trigger_plan(agent_id=agent_id, max_trials=1, budget=LOOSE_BUDGET,
+                                 eval=token_eval_args())
+        job = wait_for(lambda: _job_done(admin, job.job_id), 60, "planning job")
     assert job["state"] == "done" and job["plan_status"] == "needs_human", job
     return job["plan_id"]
 
@@ -76,10 +76,10 @@ def history_plan(address: str) -> str:
     """needs_human -> approved -> applied -> rolled back, by a configured operator."""
     plan_id = pending_plan(address)
     with AdminClient(address, actor=HISTORY_OPERATOR) as admin:
-        rollout = admin.call("plan.approve", {"plan_id": plan_id, "reason": "continuations read"})
-        assert wait_rollout(admin, rollout["job_id"])["plan_status"] == "applied"
-        result = admin.call("plan.rollback", {"plan_id": plan_id, "reason": ROLLBACK_REASON})
-    assert result["status"] == "rolled_back", result
+        rollout = admin.approve_plan(plan_id, "continuations read")
+        assert wait_rollout(admin, rollout.job_id)["plan_status"] == "applied"
+        result = admin.rollback_plan(plan_id, ROLLBACK_REASON)
+    assert result.status == "rolled_back", result
     return plan_id
 
 

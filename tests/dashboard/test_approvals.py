@@ -2,7 +2,7 @@
 operator, through the control plane (which records it in the audit log)."""
 import pytest
 
-from headroom_sidecar.controlplane.admin import AdminClient
+from headroom_sidecar.proto.client import AdminClient, reply_json
 from tests.dashboard.helpers import no_exception, tables, texts
 from tests.controlplane.loopkit import wait_for
 from tests.dashboard.kit import pending_plan
@@ -14,15 +14,15 @@ def pending(world):
     yield plan_id
     with AdminClient(world.address, actor="cleanup") as admin:
         def settled():
-            status = admin.call("plan.show", {"plan_id": plan_id})["plan"]["status"]
+            status = admin.show_plan(plan_id).plan.status
             return status if status not in ("approved", "applying") else None
         if wait_for(settled, 30, "rollout") == "applied":
-            admin.call("plan.rollback", {"plan_id": plan_id, "reason": "test cleanup"})
+            admin.rollback_plan(plan_id, "test cleanup")
 
 
 def _audit(world, plan_id: str, kind: str) -> list[dict]:
     with AdminClient(world.address) as admin:
-        return admin.call("audit.list", {"subject": plan_id, "kind": kind})
+        return reply_json(admin.list_audit(subject=plan_id, kind=kind))
 
 
 def test_pending_plan_shows_why_a_human_is_asked(world, pending, open_app):

@@ -1,7 +1,7 @@
 """Audit log page: verification status of the hash chain, search, row details."""
 import duckdb
 
-from headroom_sidecar.controlplane.server import start_server
+from headroom_sidecar.controlplane.app import start_server
 from headroom_sidecar.controlplane.settings import ServerSettings
 from tests.dashboard.helpers import no_exception, tables, texts
 from tests.dashboard.kit import HISTORY_OPERATOR

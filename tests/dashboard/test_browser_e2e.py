@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import pytest
 from playwright.sync_api import sync_playwright
 
-from headroom_sidecar.controlplane.admin import AdminClient
+from headroom_sidecar.proto.client import AdminClient, reply_json
 from tests.controlplane.loopkit import wait_for
 from tests.dashboard.kit import AGENT, APP, free_port, pending_plan
 
@@ -155,13 +155,12 @@ def test_every_page_then_approve_in_the_browser(world, dashboard, browser_page):
     elapsed_s = time.monotonic() - t0
 
     with AdminClient(world.address) as admin:
-        (row,) = admin.call("audit.list", {"subject": plan_id, "kind": "APPROVED"})
+        (row,) = reply_json(admin.list_audit(subject=plan_id, kind="APPROVED"))
         assert (row["actor"], row["details"]["reason"]) == (f"operator:{OPERATOR}",
                                                            "approved in the browser test")
-        wait_for(lambda: admin.call("plan.show", {"plan_id": plan_id})["plan"]["status"]
+        wait_for(lambda: admin.show_plan(plan_id).plan.status
                  not in ("approved", "applying"), 30, "rollout")
-        if admin.call("plan.show", {"plan_id": plan_id})["plan"]["status"] == "applied":
-            admin.call("plan.rollback", {"plan_id": plan_id, "reason": "browser test cleanup"},
-                       actor="cleanup")
+        if admin.show_plan(plan_id).plan.status == "applied":
+            admin.rollback_plan(plan_id, "browser test cleanup", actor="cleanup")
     assert not offsite, f"requests left localhost: {offsite}"
     assert elapsed_s < 90, f"the browser walk took {elapsed_s:.0f} s"

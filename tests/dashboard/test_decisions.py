@@ -1,6 +1,6 @@
 """Decisions page: the plan list, and one plan's diff, evidence, policy evaluation rule by rule,
 rollout history and rollback cause, as the control plane recorded them."""
-from headroom_sidecar.controlplane.admin import AdminClient
+from headroom_sidecar.proto.client import AdminClient, reply_json
 from tests.dashboard.helpers import chart_titled, no_exception, tables, texts
 from tests.dashboard.kit import HISTORY_OPERATOR, ROLLBACK_REASON
 
@@ -18,7 +18,7 @@ def test_plan_list_and_plan_story(world, open_app):
     assert plans.loc[world.history_plan, "status"] == "rolled_back"
     assert at.selectbox(key="decisions-plan").value == world.history_plan
     with AdminClient(world.address) as admin:
-        shown = admin.call("plan.show", {"plan_id": world.history_plan})
+        shown = reply_json(admin.show_plan(world.history_plan))
     diff = next(c.value for c in at.code if c.language == "diff")
     assert diff.splitlines()[0] == f"@@ {shown['diff'][0]} @@"
     assert [line[2:] for line in diff.splitlines()[1:]] == shown["diff"][1:]
@@ -27,7 +27,7 @@ def test_plan_list_and_plan_story(world, open_app):
 def test_evidence_before_and_after(world, open_app):
     at = open_app(world.address, "decisions", plan=world.history_plan)
     with AdminClient(world.address) as admin:
-        (trial,) = admin.call("plan.show", {"plan_id": world.history_plan})["trials"]
+        (trial,) = reply_json(admin.show_plan(world.history_plan))["trials"]
     evidence = _table_with(at, "metric").set_index("metric")
     ev = trial["evidence"]
     assert evidence.loc["latency (ms / token)", "before"] == ev["latency_ms_per_token_base"]
@@ -52,7 +52,7 @@ def test_policy_rules_rollout_and_rollback_cause(world, open_app):
                                 "review.exact-match"}
     shown = texts(at)
     with AdminClient(world.address) as admin:
-        policy_decision = admin.call("plan.show", {"plan_id": world.history_plan})["decisions"][0]
+        policy_decision = reply_json(admin.show_plan(world.history_plan))["decisions"][0]
     assert f"policy revision `{policy_decision['policy_revision']}`" in shown
     assert f"by `operator:{HISTORY_OPERATOR}`" in shown       # the operator's approval
     moves = _table_with(at, "change")

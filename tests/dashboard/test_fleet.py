@@ -30,15 +30,15 @@ def test_fleet_empty_state_says_how_to_attach(empty_server, open_app):
 
 
 def test_fleet_running_plan_shows_while_applied(world, open_app):
-    from headroom_sidecar.controlplane.admin import AdminClient
+    from headroom_sidecar.proto.client import AdminClient
     from tests.dashboard.kit import pending_plan, wait_rollout
     plan_id = pending_plan(world.address)
     with AdminClient(world.address, actor="carol") as admin:
-        job = admin.call("plan.approve", {"plan_id": plan_id, "reason": "fleet test"})
-        wait_rollout(admin, job["job_id"])
+        job = admin.approve_plan(plan_id, "fleet test")
+        wait_rollout(admin, job.job_id)
         try:
             at = open_app(world.address, "fleet")
             (agents,) = tables(at)
             assert agents.set_index("agent").loc[AGENT, "plan"] == f"{plan_id} (canary)"
         finally:
-            admin.call("plan.rollback", {"plan_id": plan_id, "reason": "fleet test cleanup"})
+            admin.rollback_plan(plan_id, "fleet test cleanup")

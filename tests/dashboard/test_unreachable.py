@@ -2,7 +2,7 @@
 stack trace; and the same session recovers when the control plane comes back."""
 import pytest
 
-from headroom_sidecar.controlplane.server import start_server
+from headroom_sidecar.controlplane.app import start_server
 from headroom_sidecar.controlplane.settings import ServerSettings
 from tests.dashboard.helpers import no_exception, texts
 from tests.dashboard.kit import free_port

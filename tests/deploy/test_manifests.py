@@ -145,7 +145,7 @@ def test_images_run_as_non_root_with_a_healthcheck(name):
 def test_controlplane_healthcheck_calls_the_health_port():
     steps = dict(_instructions(DEPLOY / "Dockerfile"))
     assert f"HEADROOM_CP_HEALTH_PORT={HEALTH_PORT}" in steps["ENV"]
-    assert '"controlplane", "health", "--address", "127.0.0.1:%d"' % HEALTH_PORT in \
+    assert '"headroom-controlplane", "health", "--address", "127.0.0.1:%d"' % HEALTH_PORT in \
         steps["HEALTHCHECK"]
 
 

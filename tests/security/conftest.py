@@ -4,7 +4,7 @@ real certificates made here with `cryptography` (controlplane/certs.py), a real 
 
     def test_x(secure):                       # a running TLS server, see SecureWorld
         with secure.admin("alice") as client:  # operator certificate, role approver
-            client.call("plan.list")
+            client.list_plans()
         with secure.agent("agent-1") as a:     # mutual-TLS Connect stream, CN=agent-1
             a.send(helpers.hello("agent-1"))
 """
@@ -16,11 +16,11 @@ from typing import Optional
 import pytest
 
 from headroom_sidecar.controlplane import certs
-from headroom_sidecar.controlplane.admin import AdminClient
 from headroom_sidecar.controlplane.auth import Role, issue_token, load_token_key
-from headroom_sidecar.controlplane.credentials import ClientCredentials
+from headroom_sidecar.proto.client import AdminClient
+from headroom_sidecar.proto.credentials import ClientCredentials
 from headroom_sidecar.controlplane.query import QueryClient
-from headroom_sidecar.controlplane.server import RunningServer, start_server
+from headroom_sidecar.controlplane.app import RunningServer, start_server
 from headroom_sidecar.controlplane.settings import ServerSettings
 from tests.controlplane.helpers import AgentStream
 

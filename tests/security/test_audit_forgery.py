@@ -12,9 +12,10 @@ import duckdb
 import pytest
 
 from headroom_sidecar.controlplane import cli
-from headroom_sidecar.controlplane.audit import GENESIS_HASH, AuditHead, AuditKind, AuditLog, row_hash
+from headroom_sidecar.controlplane.audit import GENESIS_HASH, AuditHead, AuditLog, row_hash
+from headroom_sidecar.proto.contract import AuditKind
 from headroom_sidecar.controlplane.audit_key import ANCHOR_SUFFIX, KEY_SUFFIX, AuditSettings
-from headroom_sidecar.controlplane.server import start_server
+from headroom_sidecar.controlplane.app import start_server
 from headroom_sidecar.controlplane.settings import ServerSettings
 
 _OLD_SCHEMA = """

@@ -1,5 +1,5 @@
 """Identities and roles: agents are their certificate (no takeover, no speaking for another id),
-operators are their certificate or token with a role checked per Admin command, and the audit
+operators are their certificate or token with a role checked per Admin RPC, and the audit
 log records the credential's name, never what the client typed."""
 from pathlib import Path
 
@@ -7,10 +7,14 @@ import grpc
 import pytest
 
 from headroom_sidecar.controlplane import certs
-from headroom_sidecar.controlplane.auth import COMMAND_ROLES, Role
-from headroom_sidecar.controlplane.credentials import ClientCredentials
-from headroom_sidecar.controlplane.plans import PlanDoc, PlanStatus, SkipLayers
-from headroom_sidecar.controlplane.server import start_server
+from headroom_sidecar.controlplane.admin import METHODS
+from headroom_sidecar.controlplane.auth import METHOD_ROLES, Role
+from headroom_sidecar.proto.credentials import ClientCredentials
+from headroom_sidecar.proto.plan import Plan, SkipLayers
+from headroom_sidecar.proto.contract import PlanStatus
+from headroom_sidecar.controlplane.app import start_server
+from headroom_sidecar.proto import headroom_pb2 as pb
+from headroom_sidecar.proto import headroom_pb2_grpc
 from tests.controlplane import helpers
 from tests.security.conftest import OPERATORS, SecureWorld
 
@@ -45,7 +49,7 @@ def _ready(stream, seq: int = 1) -> None:
 
 def _needs_human_plan(world: SecureWorld, plan_id: str) -> None:
     control = world.server.state.control
-    control.plans.add(PlanDoc(plan_id, 1, helpers.MODEL.fingerprint, (SkipLayers((1,)),)).to_doc(),
+    control.plans.add(Plan(plan_id, 1, helpers.MODEL.fingerprint, (SkipLayers((1,)),)).to_doc(),
                       "test")
     control.plans.transition(plan_id, PlanStatus.NEEDS_HUMAN, "policy", "test")
 
@@ -106,10 +110,10 @@ def test_binding_outlives_a_restart_and_admin_can_release_it(pki, secure_setting
             rogue.send(_hello("agent-1"))
             assert rogue.recv().error.code == "AGENT_ID_MISMATCH"
         with world.admin("alice") as approver:
-            code, _ = _code(lambda: approver.call("agents.unbind", {"agent_id": "agent-1"}))
+            code, _ = _code(lambda: approver.unbind_agent("agent-1"))
             assert code == grpc.StatusCode.PERMISSION_DENIED
         with world.admin("adam") as admin:
-            assert admin.call("agents.unbind", {"agent_id": "agent-1"})["released"] is True
+            assert admin.unbind_agent("agent-1").released is True
         with world.agent("agent-1", credentials=impostor) as renewed:  # re-issued certificate
             renewed.send(_hello("agent-1"))
             _ready(renewed)
@@ -159,55 +163,78 @@ def test_only_verified_agents_can_be_canaries(secure):
 _ROLE_OF = {name: Role.parse(role) for name, role in OPERATORS.items()}
 
 
-@pytest.mark.parametrize("command", sorted(COMMAND_ROLES))
+# Read-only for viewers, planning for operators, verdicts for approvers, the rest for admins.
+_EXPECTED_ROLES = {
+    Role.VIEWER: {"ListAgents", "ListPlans", "ShowPlan", "GetJob", "ListJobs", "ListAudit",
+                  "VerifyAudit", "ShowPolicy", "AnalysisSummary"},
+    Role.OPERATOR: {"TriggerPlan"},
+    Role.APPROVER: {"ApprovePlan", "RejectPlan", "RollbackPlan"},
+    Role.ADMIN: {"ReloadPolicy", "UnbindAgent"},
+}
+
+
+def test_the_role_table_says_who_may_change_what():
+    assert {role: {m for m, r in METHOD_ROLES.items() if r is role} for role in Role} == \
+        _EXPECTED_ROLES
+
+
+def test_the_role_table_covers_exactly_the_admin_rpcs():
+    service = pb.DESCRIPTOR.services_by_name["Headroom"]
+    assert set(METHOD_ROLES) == {m.name for m in service.methods} - {"Connect", "Query"}
+    assert set(METHOD_ROLES) == set(METHODS)
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_ROLES))
 @pytest.mark.parametrize("name", sorted(OPERATORS))
-def test_every_command_needs_its_role(secure, name, command):
-    """Refused with PERMISSION_DENIED exactly when the role is below the command's; allowed
-    callers get past the check (empty arguments may then be refused as INVALID_ARGUMENT)."""
-    with secure.admin(name) as client:
-        try:
-            client.call(command, {})
-            code = grpc.StatusCode.OK
-        except grpc.RpcError as e:
-            code = e.code()
-    denied = _ROLE_OF[name] < COMMAND_ROLES[command]
-    assert (code == grpc.StatusCode.PERMISSION_DENIED) == denied, (name, command, code)
+def test_every_method_needs_its_role(secure, name, method):
+    """Refused with PERMISSION_DENIED exactly when the role is below the method's (a role equal
+    to it passes); allowed callers get past the check (an empty request may then be refused
+    as INVALID_ARGUMENT)."""
+    channel = secure.operator_credentials(name).channel(secure.address)
+    try:
+        getattr(headroom_pb2_grpc.HeadroomStub(channel), method)(METHODS[method][0](), timeout=20)
+        code = grpc.StatusCode.OK
+    except grpc.RpcError as e:
+        code = e.code()
+    finally:
+        channel.close()
+    denied = _ROLE_OF[name] < METHOD_ROLES[method]
+    assert (code == grpc.StatusCode.PERMISSION_DENIED) == denied, (name, method, code)
 
 
 def test_viewer_cannot_approve_and_operator_cannot_reload(secure):
     _needs_human_plan(secure, "p-roles")
     with secure.admin("vera") as viewer:
-        code, details = _code(lambda: viewer.call("plan.approve", {"plan_id": "p-roles",
-                                                                   "reason": "x"}))
+        code, details = _code(lambda: viewer.approve_plan("p-roles", "x"))
         assert code == grpc.StatusCode.PERMISSION_DENIED and "needs role approver" in details
     with secure.admin_with_token("olga", "operator") as operator:
-        code, details = _code(lambda: operator.call("policy.reload"))
+        code, details = _code(lambda: operator.reload_policy())
         assert code == grpc.StatusCode.PERMISSION_DENIED and "needs role admin" in details
     with secure.agent("agent-1") as agent_stream:       # agents cannot run Admin or Query
         agent_stream.send(_hello("agent-1"))
         _ready(agent_stream)
     agent_creds = secure.agent_credentials("agent-1")
-    from headroom_sidecar.controlplane.admin import AdminClient
+    from headroom_sidecar.proto.client import AdminClient
     with AdminClient(secure.address, credentials=agent_creds, timeout_s=10) as as_agent:
-        code, _ = _code(lambda: as_agent.call("agents.list"))
+        code, _ = _code(lambda: as_agent.list_agents())
         assert code == grpc.StatusCode.PERMISSION_DENIED
 
 
 def _audit_actors(world: SecureWorld, subject: str) -> list[str]:
     with world.admin("vera") as viewer:
-        return [r["actor"] for r in viewer.call("audit.list", {"subject": subject})]
+        return [r.actor for r in viewer.list_audit(subject=subject).rows]
 
 
 def test_audit_records_the_credential_not_the_typed_name(secure):
     _needs_human_plan(secure, "p-typed")
     with secure.admin("alice", actor="agent:real-agent-0") as approver:
-        approver.call("plan.reject", {"plan_id": "p-typed", "reason": "not today"})
+        approver.reject_plan("p-typed", "not today")
     assert _audit_actors(secure, "p-typed")[0] == "operator:alice"
     with secure.admin_with_token("tom", "admin", actor="mallory") as admin:
-        admin.call("policy.reload", {}, actor="operator:someone-else")
+        admin.reload_policy(actor="operator:someone-else")
     with secure.admin("vera") as viewer:
-        rows = viewer.call("audit.list", {"kind": "POLICY_RELOADED"})
-    assert rows[0]["actor"] == "operator:tom"
+        rows = viewer.list_audit(kind="POLICY_RELOADED").rows
+    assert rows[0].actor == "operator:tom"
 
 
 def test_agent_exporter_streams_over_mutual_tls(secure):

@@ -16,7 +16,8 @@ from headroom_sidecar.controlplane import analysis
 from headroom_sidecar.controlplane.ingest_rules import COLUMN_RULES, MAX_LABEL_CHARS
 from headroom_sidecar.controlplane.planner.candidates import CandidateScope, load_candidates
 from headroom_sidecar.controlplane.schema import TELEMETRY_COLUMNS
-from headroom_sidecar.controlplane.server import SERVICE_NAME, start_server
+from headroom_sidecar.controlplane.server import SERVICE_NAME
+from headroom_sidecar.controlplane.app import start_server
 from headroom_sidecar.controlplane.settings import ServerSettings
 from headroom_sidecar.proto import headroom_pb2 as pb
 from tests.controlplane import helpers as h

@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from headroom_sidecar.controlplane.query import QueryError
-from headroom_sidecar.controlplane.server import start_server
+from headroom_sidecar.controlplane.app import start_server
 from headroom_sidecar.controlplane.settings import ServerSettings
 from headroom_sidecar.proto import headroom_pb2 as pb
 from tests.controlplane import helpers
@@ -18,8 +18,9 @@ MAX_AGENT_STREAMS = 4
 
 @pytest.fixture
 def tight(pki, tmp_path):
-    """8 threads: 4 for agent streams, 4 for Query/Admin; hello within 1.5 s."""
+    """4 agent streams, 4 Query/Admin calls at once; hello within 1.5 s."""
     settings = tls_settings(pki, str(tmp_path / "tight.duckdb"), max_workers=8,
+                            max_operator_calls=8 - MAX_AGENT_STREAMS,
                             max_agent_streams=MAX_AGENT_STREAMS, max_streams_per_client=100,
                             hello_timeout_s=1.5, max_operator_request_bytes=4096)
     running = start_server(settings)
@@ -47,7 +48,7 @@ def test_idle_streams_beyond_the_limit_are_refused_and_query_still_answers(tight
         with tight.query_client() as q:     # operators keep their threads meanwhile
             assert q.query("SELECT 7 AS x").table.to_pylist() == [{"x": 7}]
         with tight.admin("vera") as admin:
-            assert admin.call("agents.list") == []
+            assert len(admin.list_agents().agents) == 0
         held = [s for s in streams if s.status is None]
         assert {s.wait_end(timeout_s=15) for s in held} == {grpc.StatusCode.DEADLINE_EXCEEDED}
         assert "no hello within hello_timeout_s=1.5" in held[0].details
@@ -128,12 +129,13 @@ def test_operator_request_size_limit_boundary(tight):
             q.query(_query_of_size(4097))
 
 
-@pytest.mark.parametrize("streams, ok", [(63, True), (64, False)])
-def test_agent_streams_must_leave_threads_for_operators(tmp_path, streams, ok):
+@pytest.mark.parametrize("calls, ok", [(64, True), (65, False)])
+def test_operator_calls_need_a_thread_each(tmp_path, calls, ok):
+    # Agent streams hold no thread (grpc.aio): their limit is independent of max_workers.
     make = lambda: ServerSettings(db_path=str(tmp_path / "x.duckdb"), max_workers=64,
-                                  max_agent_streams=streams)
+                                  max_operator_calls=calls, max_agent_streams=10_000)
     if ok:
-        assert make().max_operator_calls == 64 - streams
+        assert make().max_operator_calls == calls
     else:
-        with pytest.raises(ValueError, match="max_agent_streams=64 must be below max_workers=64"):
+        with pytest.raises(ValueError, match="max_operator_calls=65 exceeds max_workers=64"):
             make()

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from headroom_sidecar.agent.verify import parse_trusted_keys
-from headroom_sidecar.controlplane.plans import PlanDoc, PlanStatus, SkipLayers
+from headroom_sidecar.proto.plan import Plan, SkipLayers
+from headroom_sidecar.proto.contract import PlanStatus
 from headroom_sidecar.controlplane.server import InboundKind
 from headroom_sidecar.controlplane.signing import KEY_FILE_NAME, PlanSigner, SigningKeyError
 from headroom_sidecar.controlplane.trials import DropReason, StatusState, plan_message
@@ -41,7 +42,7 @@ def world(tmp_path_factory):
 
 
 def _doc(fp: str, plan_id: str) -> dict:
-    return PlanDoc(plan_id, 1, fp, (SkipLayers((1,)),)).to_doc()
+    return Plan(plan_id, 1, fp, (SkipLayers((1,)),)).to_doc()
 
 
 def _statuses(server, agent_id: str) -> list:

@@ -7,11 +7,11 @@ import grpc
 import pytest
 
 from headroom_sidecar.controlplane import certs
-from headroom_sidecar.controlplane.admin import AdminClient
 from headroom_sidecar.controlplane.auth import AuthError, Role, issue_token, verify_token
-from headroom_sidecar.controlplane.credentials import ClientCredentials
+from headroom_sidecar.proto.client import AdminClient
+from headroom_sidecar.proto.credentials import ClientCredentials
 from headroom_sidecar.controlplane.query import QueryClient, QueryError
-from headroom_sidecar.controlplane.server import start_server
+from headroom_sidecar.controlplane.app import start_server
 from headroom_sidecar.controlplane.settings import ServerSettings
 from tests.controlplane import helpers
 from tests.security.conftest import tls_settings
@@ -25,24 +25,24 @@ def _code(fn):
 
 def test_operator_certificate_and_token_both_work(secure):
     with secure.admin("vera") as client:
-        assert client.call("agents.list") == []
+        assert len(client.list_agents().agents) == 0
     with secure.admin_with_token("tom", "viewer") as client:
-        assert client.call("plan.list") == []
+        assert len(client.list_plans().plans) == 0
     with secure.query_client("vera") as q:
         assert q.query("SELECT 41 + 1 AS x").table.to_pylist() == [{"x": 42}]
 
 
 def test_plaintext_and_certless_callers_are_refused(secure):
     plain = AdminClient(secure.address, credentials=ClientCredentials(), timeout_s=5)
-    code, _ = _code(lambda: plain.call("agents.list"))      # no TLS: no handshake at all
+    code, _ = _code(lambda: plain.list_agents())      # no TLS: no handshake at all
     assert code == grpc.StatusCode.UNAVAILABLE
     certless = AdminClient(secure.address, timeout_s=5,
                            credentials=ClientCredentials(ca_file=secure.pki.ca_file))
-    code, _ = _code(lambda: certless.call("agents.list"))   # main port requires a client cert
+    code, _ = _code(lambda: certless.list_agents())   # main port requires a client cert
     assert code == grpc.StatusCode.UNAVAILABLE
     anonymous = AdminClient(secure.operator_address, timeout_s=5,
                             credentials=ClientCredentials(ca_file=secure.pki.ca_file))
-    code, details = _code(lambda: anonymous.call("agents.list"))
+    code, details = _code(lambda: anonymous.list_agents())
     assert code == grpc.StatusCode.UNAUTHENTICATED and "no credential" in details
     for c in (plain, certless, anonymous):
         c.close()
@@ -54,7 +54,7 @@ def test_foreign_ca_client_certificate_is_refused(secure, tmp_path):
     creds = ClientCredentials(ca_file=secure.pki.ca_file, cert_file=other.operators["adam"].cert_file,
                               key_file=other.operators["adam"].key_file)
     with AdminClient(secure.address, credentials=creds, timeout_s=5) as client:
-        code, _ = _code(lambda: client.call("policy.reload"))
+        code, _ = _code(lambda: client.reload_policy())
     assert code == grpc.StatusCode.UNAVAILABLE
 
 
@@ -64,7 +64,7 @@ def test_forged_tokens_are_refused(secure):
                   issue_token(forged_key, "eve", Role.ADMIN, 600)[:-2] + "AA"):
         creds = ClientCredentials(ca_file=secure.pki.ca_file, token=token)
         with AdminClient(secure.operator_address, credentials=creds, timeout_s=5) as client:
-            code, _ = _code(lambda: client.call("agents.list"))
+            code, _ = _code(lambda: client.list_agents())
         assert code == grpc.StatusCode.UNAUTHENTICATED
 
 
@@ -202,9 +202,9 @@ def test_dashboard_client_carries_the_operator_credential(secure):
     from headroom_sidecar.dashboard.settings import DashboardSettings
     settings = DashboardSettings(address=secure.address, timeout_s=5.0)
     with_cert = ControlPlaneClient(settings, credentials=secure.operator_credentials("vera"))
-    assert with_cert.ping() is None and with_cert.admin("agents.list") == []
+    assert with_cert.ping() is None and with_cert.admin(lambda a: a.list_agents()) == []
     with pytest.raises(CommandFailed, match="needs role admin"):
-        with_cert.admin("policy.reload")
+        with_cert.admin(lambda a: a.reload_policy())
     with_cert.close()
     without = ControlPlaneClient(settings, credentials=ClientCredentials())
     assert without.ping() is not None          # refused at the TLS handshake

@@ -6,6 +6,9 @@
                  (accept with min(1, p/q), else resample from norm(max(0, p - q)))
     generate.py  speculative_generate(): the loop, one KV cache per side, rejected positions cropped
     install.py   execution.speculative: the generate wrapper the executor installs
+    classes.py   per-query-class plans: speculation only, routed by the request's class label
+    classcontrol.py  their apply / rollback / status reports, for agent/control.py
+    perrequest.py    each request's speculation figures, for its telemetry record
 """
 from headroom_sidecar.agent.executor.speculative.draft import (Drafter, PromptLookupDrafter, Proposal,  # noqa: F401
                                      SelfDrafter)

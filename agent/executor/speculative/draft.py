@@ -113,6 +113,13 @@ class DraftModules:
             for parent, name, old, _ in reversed(self._swaps):
                 setattr(parent, name, old)
 
+    def fresh(self, model: nn.Module) -> bool:
+        """Whether every module the draft replaces is still the model's (a re-applied plan
+        builds new ones: then the draft must be rebuilt on them)."""
+        live = {id(m) for m in model.modules()}
+        return all(id(parent) in live and getattr(parent, name, None) is old
+                   for parent, name, old, _ in self._swaps)
+
     def _extra_bytes(self, model: nn.Module) -> int:
         """Bytes of tensors only the draft holds (e.g. its int8 copies): the cost of a draft."""
         with self.active():

@@ -27,6 +27,7 @@ from headroom_sidecar.agent.executor.undo import UndoLog
 from headroom_sidecar.agent.executor.speculative.draft import (DraftModules, Drafter, PromptLookupDrafter, RecordingLog,
                                      SelfDrafter)
 from headroom_sidecar.agent.executor.speculative.generate import SpecStats, speculative_generate
+from headroom_sidecar.agent.executor.speculative import perrequest
 from headroom_sidecar.agent.executor.speculative.model_io import SpeculationUnsupported
 from headroom_sidecar.agent.executor.speculative.verify import Sampler
 from headroom_sidecar.proto.plandoc import SpeculativeDraft
@@ -88,19 +89,26 @@ def build_draft(ex: Any, transforms: tuple) -> DraftModules:
     return DraftModules(ex.model, log)
 
 
+def make_drafter(model: nn.Module, spec: Any, draft_builder: Callable[[tuple], DraftModules],
+                 settings: Optional[SpeculativeSettings] = None
+                 ) -> tuple[Drafter, Optional[threading.Lock], str]:
+    """spec: agent.plan.Speculative -> (drafter, the lock its requests need or None, a note).
+    A self draft is built now (its modules swapped out again when this returns)."""
+    settings = settings or SpeculativeSettings.resolve()
+    if spec.draft == SpeculativeDraft.PROMPT_LOOKUP:
+        return (PromptLookupDrafter(settings.ngram_max, settings.ngram_min), None,
+                f"n-grams {settings.ngram_min}-{settings.ngram_max} of the sequence")
+    modules = draft_builder(spec.draft_transforms)
+    return (SelfDrafter(model, modules), threading.Lock(),
+            f"the model under a {len(spec.draft_transforms)}-transform draft plan "
+            f"({modules.extra_bytes / 2**20:.1f} MiB of draft-only weights)")
+
+
 def install_speculative(model: nn.Module, spec: Any, log: UndoLog,
                         draft_builder: Callable[[tuple], DraftModules],
                         settings: Optional[SpeculativeSettings] = None) -> list[str]:
     """spec: agent.plan.Speculative. Returns the apply notes."""
-    settings = settings or SpeculativeSettings.resolve()
-    if spec.draft == SpeculativeDraft.PROMPT_LOOKUP:
-        drafter: Drafter = PromptLookupDrafter(settings.ngram_max, settings.ngram_min)
-        note, lock = f"n-grams {settings.ngram_min}-{settings.ngram_max} of the sequence", None
-    else:
-        modules = draft_builder(spec.draft_transforms)
-        drafter, lock = SelfDrafter(model, modules), threading.Lock()
-        note = (f"the model under a {len(spec.draft_transforms)}-transform draft plan "
-                f"({modules.extra_bytes / 2**20:.1f} MiB of draft-only weights)")
+    drafter, lock, note = make_drafter(model, spec, draft_builder, settings)
     wrapper = SpeculativeGenerate(model.generate, drafter, spec.k, lock)
     log.set_attr(InstanceAttrs(model), "generate", wrapper)
     return [f"execution: speculative decoding, k={spec.k}, drafts by {note}; greedy output "
@@ -157,6 +165,7 @@ class SpeculativeGenerate:
                                                  sampler=sampler, stop=stop)
         self.last = stats
         self.totals.add(stats)
+        perrequest.note(stats)
         return torch.cat([input_ids, tokens.view(1, -1)], dim=1)       # [1, T + N]
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from headroom_sidecar.agent.adapters import ModelStructure, resolve_structure
 from headroom_sidecar.agent.executor import Executor
 from headroom_sidecar.agent.fingerprint import fingerprint
-from headroom_sidecar.agent.plan import Plan
+from headroom_sidecar.proto.plan import Plan
 from tests.builders import token_ids
 
 

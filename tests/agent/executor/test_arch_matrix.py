@@ -25,7 +25,7 @@ from torch import nn
 from headroom_sidecar.agent.adapters import UnsupportedModelError, WeightLayout, resolve_structure
 from headroom_sidecar.agent.executor.int8 import Int8Embedding, Int8Linear
 from headroom_sidecar.agent.executor.prune import PrunedAttention
-from headroom_sidecar.agent.plan import PlanError, TransformKind
+from headroom_sidecar.proto.plan import PlanError, TransformKind
 from tests.agent.executor import (HeadZeroHooks, assert_bitwise_equal, greedy, logits, plan,
                                   rig, state_snapshot)
 from tests.agent.executor.test_skip import IdentityHooks

@@ -7,7 +7,7 @@ import torch
 from headroom_sidecar.agent.executor import Executor, TransformError, weight_bytes
 from headroom_sidecar.agent.executor.executor import DEFAULT_APPLIERS
 from headroom_sidecar.agent.executor.int8 import Int8Embedding, Int8Linear
-from headroom_sidecar.agent.plan import PlanError, TransformKind
+from headroom_sidecar.proto.plan import PlanError, TransformKind
 from tests.agent.executor import (assert_bitwise_equal, greedy, logits, plan, rig,
                                   state_snapshot)
 from tests.builders import tiny_gpt2, tiny_llama, tiny_plain, tiny_qwen2
@@ -261,7 +261,7 @@ def test_head_int8_refused_when_head_is_not_linear(case):
     with pytest.raises(PlanError) as err:
         r.executor.apply(plan(r.fingerprint, HEAD_AND_BLOCKS))
     assert [p for p in err.value.problems
-            if p.startswith("transforms[0] (weight_precision).layers[lm_head]: cannot set")]
+            if p.startswith("plan.transforms[0].layers.lm_head: cannot set")]
     assert r.executor.active_plan is None
     assert_bitwise_equal(r.model, snap)
     assert torch.equal(logits(r.model), base)

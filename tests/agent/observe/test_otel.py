@@ -13,7 +13,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from headroom_sidecar.agent import attach
 from headroom_sidecar.controlplane.metrics import observe_server, unobserve_server
-from headroom_sidecar.controlplane.server import start_server
+from headroom_sidecar.controlplane.app import start_server
 from headroom_sidecar.controlplane.settings import ServerSettings
 from tests.agent.test_exporter import wait_until
 from tests.builders import tiny_llama, token_ids

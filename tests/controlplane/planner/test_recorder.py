@@ -4,8 +4,11 @@ import threading
 
 import pytest
 
-from headroom_sidecar.controlplane.audit import AuditKind, AuditLog
-from headroom_sidecar.controlplane.plans import PlanDoc, PlanStatus, PlanStore, TransformKind, check_against
+from headroom_sidecar.controlplane.audit import AuditLog
+from headroom_sidecar.controlplane.plans import PlanStore
+from headroom_sidecar.proto.contract import AuditKind, PlanStatus
+from headroom_sidecar.proto.plan import Plan, TransformKind
+from headroom_sidecar.proto.plan_fit import check_fits
 from headroom_sidecar.controlplane.planner.candidates import CandidateScope, load_candidates
 from headroom_sidecar.controlplane.planner.recorder import StoreRecorder, json_safe
 from headroom_sidecar.controlplane.planner.search import Planner, PlanTarget, QualityBudget
@@ -17,11 +20,11 @@ FP = "1e" * 32
 
 def evaluate(doc: dict) -> dict:
     """Loss grows with each change's size; a NaN ppl on layer skipping (a broken trial)."""
-    plan = PlanDoc.from_doc(doc)
+    plan = Plan.from_doc(doc)
     loss = 0.0
     for t in plan.transforms:
         if t.kind == TransformKind.WEIGHT_PRECISION:
-            loss += 0.001 * len(t.precisions)
+            loss += 0.001 * len(t.layers)
         elif t.kind == TransformKind.ACTIVATION_SPARSITY:
             loss += sum(0.05 * th for th in t.thresholds.values())
         elif t.kind == TransformKind.PRUNE_HEADS:
@@ -64,8 +67,8 @@ def test_search_trail_lands_in_store_and_audit(db):
     h = plans.history(best_id)
     assert [t.to_status for t in h.transitions] == [PlanStatus.PROPOSED, PlanStatus.TRIALLED]
     assert h.trials[0].evidence == result.best_trial.evidence and h.trials[0].agent_id == "a1"
-    assert h.plan.sha256 == PlanDoc.from_doc(result.best).sha256
-    check_against(PlanDoc.from_doc(result.best), {"num_layers": 4, "num_heads": 3})
+    assert h.plan.sha256 == Plan.from_doc(result.best).sha256
+    check_fits(Plan.from_doc(result.best), {"num_layers": 4, "num_heads": 3})
     # the NaN evidence of a skip trial is stored as strict JSON
     skip = next(r for r in result.trail if r.phase.value == "skip_layers")
     assert plans.trials(skip.plan["plan_id"])[0].evidence["ppl_ratio"] is None
@@ -78,7 +81,7 @@ def test_json_safe():
 
 def test_agent_parses_every_hypothesis_and_hashes_the_same(db):
     # tests may import agent/: the two sides must agree on the document and its hash
-    from headroom_sidecar.agent.plan import Plan, plan_hash as agent_hash
+    from headroom_sidecar.proto.plandoc import plan_hash as agent_hash
     lock = threading.Lock()
     plans = PlanStore(db, lock)
     settings = PlannerSettings(max_trials=30)

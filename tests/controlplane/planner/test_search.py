@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from headroom_sidecar.controlplane.plans import PlanDoc, PlanMode, TransformKind
+from headroom_sidecar.proto.plan import Plan, PlanMode, TransformKind
 from headroom_sidecar.controlplane.planner.candidates import (Candidates, HeadCandidate, LadderStep, LayerCandidate,
                                              SparseLayerCandidate)
 from headroom_sidecar.controlplane.planner.search import (Phase, Planner, PlanTarget, QualityBudget, TrialError,
@@ -52,33 +52,33 @@ def candidates(**over) -> Candidates:
 
 
 def quality_loss(doc: dict, int8_cost: float = INT8_COST, head_cost: float = HEAD_INT8_COST) -> float:
-    plan = PlanDoc.from_doc(doc)     # every hypothesis must be a valid plan document
+    plan = Plan.from_doc(doc)     # every hypothesis must be a valid plan document
     loss = 0.0
     for t in plan.transforms:
         if t.kind == TransformKind.WEIGHT_PRECISION:
-            loss += int8_cost * len(t.precisions) + (head_cost if t.head is not None else 0.0)
+            loss += int8_cost * len(t.layers) + (head_cost if t.head is not None else 0.0)
         elif t.kind == TransformKind.ACTIVATION_SPARSITY:
             loss += sum(SPARSITY_COST[l] * th for l, th in t.thresholds.items())
         elif t.kind == TransformKind.PRUNE_HEADS:
             loss += sum(HEAD_COST * SHARES[(l, h)] for l, hs in t.heads.items() for h in hs)
         elif t.kind == TransformKind.SKIP_LAYERS:
-            loss += sum(SKIP_COST[l] for l in t.skipped)
+            loss += sum(SKIP_COST[l] for l in t.layers)
     return loss
 
 
 def changed_units(doc: dict) -> int:
     """How many things a plan changes (int8 layers, thresholds, heads, skipped layers)."""
-    plan = PlanDoc.from_doc(doc)
+    plan = Plan.from_doc(doc)
     units = 0
     for t in plan.transforms:
         if t.kind == TransformKind.WEIGHT_PRECISION:
-            units += len(t.precisions) + (t.head is not None)
+            units += len(t.layers) + (t.head is not None)
         elif t.kind == TransformKind.ACTIVATION_SPARSITY:
             units += len(t.thresholds)
         elif t.kind == TransformKind.PRUNE_HEADS:
             units += sum(len(h) for h in t.heads.values())
         elif t.kind == TransformKind.SKIP_LAYERS:
-            units += 10 * len(t.skipped)   # a whole block: more than anything inside it
+            units += 10 * len(t.layers)   # a whole block: more than anything inside it
     return units
 
 

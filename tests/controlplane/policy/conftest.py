@@ -14,7 +14,7 @@ NOW_S = 1_700_000_000.0
 MODEL = {"num_layers": 8, "num_heads": 4}
 
 BASE_PLAN = {
-    "schema": "headroom.plan/v1", "plan_id": "p1", "version": 1, "model_fingerprint": "fp",
+    "schema": "headroom.plan/v1", "plan_id": "p1", "version": 1, "model_fingerprint": "ab" * 32,
     "query_classes": [], "mode": "structural",
     "transforms": [{"kind": "prune_heads", "heads": {"3": [1]}}],  # 1/32 heads: risk low
     "notes": "",

@@ -7,7 +7,7 @@ import pytest
 from headroom_sidecar.controlplane.policy import (
     Context, Evidence, ModelFacts, Outcome, PlanError, RuleOutcome, evaluate, load_policy_set,
     plan_sha256)
-from headroom_sidecar.controlplane.policy.plan import TransformKind, parse_plan
+from headroom_sidecar.controlplane.policy.plan import TransformKind, plan_view
 from headroom_sidecar.controlplane.policy.risk import RiskLevel, risk_level, risk_score
 from tests.controlplane.policy.conftest import NOW_S, inputs
 
@@ -46,6 +46,8 @@ PRUNE_9 = {"transforms": [{"kind": "prune_heads", "heads": {"2": [0, 1, 2], "3":
 TWO_RECENT = {"recent_applies_s": [NOW_S - 100, NOW_S - 500]}
 OLD_RECENT = {"recent_applies_s": [NOW_S - 100, NOW_S - 700]}
 BATCH = {"route": "batch-scoring"}
+# mode "dynamic" allows only activation_sparsity (proto/plan_parse.py)
+DYNAMIC = {"mode": "dynamic", "transforms": [{"kind": "activation_sparsity", "thresholds": {"3": 0.01}}]}
 A, R, H = Outcome.APPROVE, Outcome.REJECT, Outcome.NEEDS_HUMAN
 P, F, NH, NA = RuleOutcome.PASS, RuleOutcome.FAIL, RuleOutcome.NEEDS_HUMAN, RuleOutcome.NOT_APPLICABLE
 
@@ -87,9 +89,9 @@ CASES = [
     ("rate-pass", RATE, {"context": OLD_RECENT}, A, P),
     ("rate-full", RATE, {"context": TWO_RECENT}, R, F),
     ("rate-human", RATE_HUMAN, {"context": TWO_RECENT}, H, NH),
-    ("det-other-route", DET, {"plan": {"mode": "dynamic"}}, A, NA),
+    ("det-other-route", DET, {"plan": DYNAMIC}, A, NA),
     ("det-pass", DET, {"context": BATCH}, A, P),
-    ("det-dynamic", DET, {"context": BATCH, "plan": {"mode": "dynamic"}}, R, F),
+    ("det-dynamic", DET, {"context": BATCH, "plan": DYNAMIC}, R, F),
     ("det-query-classes", DET, {"context": BATCH, "plan": {"query_classes": ["code"]}}, R, F),
     ("det-probe-differs", DET,
      {"context": BATCH, "evidence": {"determinism_probe": {"runs": 2, "bitwise_identical": False}}}, R, F),
@@ -97,7 +99,7 @@ CASES = [
      {"context": BATCH, "evidence": {"determinism_probe": {"runs": 1, "bitwise_identical": True}}}, R, F),
     ("det-requested", DET,
      {"context": {"requires_determinism": True}, "evidence": {"determinism_probe": None}}, R, F),
-    ("det-human", DET_HUMAN, {"context": {"tenant": "bank"}, "plan": {"mode": "dynamic"}}, H, NH),
+    ("det-human", DET_HUMAN, {"context": {"tenant": "bank"}, "plan": DYNAMIC}, H, NH),
     ("latency-faster", LATENCY, {}, A, P),
     ("latency-equal-is-inclusive", LATENCY, {"evidence": {"latency_ratio": 1.0}}, A, P),
     ("latency-slower", LATENCY, {"evidence": {"latency_ratio": 1.01}}, R, F),
@@ -186,11 +188,12 @@ def test_plan_hash_is_sha256_of_canonical_json():
     ([{"kind": "weight_precision", "layers": {str(i): "int8" for i in range(30)}}], "structural",
      RiskLevel.MEDIUM),  # 0.1
     ([{"kind": "prune_heads", "heads": {"5": [0]}}], "structural", RiskLevel.LOW),      # 0.0019
-    ([{"kind": "prune_heads", "heads": {"5": [0]}}], "dynamic", RiskLevel.MEDIUM),      # 0.0519
+    ([{"kind": "activation_sparsity", "thresholds": {"5": 0.1}}], "structural", RiskLevel.LOW),  # 0.0083
+    ([{"kind": "activation_sparsity", "thresholds": {"5": 0.1}}], "dynamic", RiskLevel.MEDIUM),  # 0.0583
 ])
 def test_risk_formula_examples_from_readme(transforms, mode, level):
     plan = inputs(plan={"transforms": transforms, "mode": mode})["plan"]
-    assert risk_level(risk_score(parse_plan(plan, ModelFacts(30, 9)))) is level
+    assert risk_level(risk_score(plan_view(plan, ModelFacts(30, 9)))) is level
 
 
 @pytest.mark.parametrize("plan,where", [
@@ -233,13 +236,13 @@ def test_typed_inputs_are_accepted(policy_dir):
 
 
 def test_head_precision_written_by_the_control_plane_is_read_by_the_shipped_policies():
-    from headroom_sidecar.controlplane.plans import PlanDoc, Precision, WeightPrecision
+    from headroom_sidecar.proto.plan import Plan, Precision, WeightPrecision
     from headroom_sidecar.controlplane.policy.plan import Component, Touch
     from tests.controlplane.policy.conftest import SHIPPED_POLICIES
-    doc = PlanDoc("p-head", 1, "ab" * 32,
+    doc = Plan("p-head", 1, "ab" * 32,
                   (WeightPrecision({3: Precision.INT8}, Precision.INT8),)).to_doc()
     assert doc["transforms"][0]["layers"] == {"3": "int8", "lm_head": "int8"}
-    view = parse_plan(doc, ModelFacts(8, 4))
+    view = plan_view(doc, ModelFacts(8, 4))
     assert view.precision_layers == {3}           # the head is not a layer
     assert Touch(TransformKind.WEIGHT_PRECISION, Component.LM_HEAD, None) in view.touches
     assert risk_score(view) == pytest.approx(0.10 * 1 / 8 + 0.05)

@@ -6,7 +6,7 @@ import torch
 
 from headroom_sidecar.agent.executor.speculative import PromptLookupDrafter, Sampler, SelfDrafter, speculative_generate
 from headroom_sidecar.agent.executor.speculative.install import build_draft
-from headroom_sidecar.agent.plan import Plan
+from headroom_sidecar.proto.plan import Plan
 from tests.agent.executor import plan_doc, rig
 from tests.agent.executor.speculative import INT8_ALL, SKIP_1, ScriptedDrafter
 from tests.builders import ARCH_BUILDERS, token_ids

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from headroom_sidecar.agent.plan import Plan, SpeculativeDraft
+from headroom_sidecar.proto.plan import Plan, SpeculativeDraft
 from headroom_sidecar.agent.executor.speculative.install import SpeculativeSettings, installed
 from tests.agent.executor import assert_bitwise_equal, plan, rig, state_snapshot
 from tests.agent.executor.speculative import INT8_ALL, SKIP_1, execution, self_spec

@@ -1,5 +1,5 @@
-"""The client side of controlplane.auth: what an operator's CLI, AdminClient, QueryClient and the
-dashboard present, and the gRPC channel that carries it.
+"""What an operator's CLI, AdminClient, QueryClient and the dashboard present to the control
+plane (whose controlplane/auth.py checks it), and the gRPC channel that carries it.
 
     argument > environment > nothing
     HEADROOM_TLS_CA       CA of the server's certificate (TLS on; without it: plaintext loopback)
