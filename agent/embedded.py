@@ -1,7 +1,7 @@
 """An embedded control plane for `attach(model)` without an address: a child process.
 
 A child, not a thread: DuckDB writes and the gRPC server then never compete with the model for
-the GIL. The agent only knows the command line (`python -m controlplane serve ...`), never the
+the GIL. The agent only knows the command line (`headroom-controlplane serve ...`), never the
 package, so agent/ still does not import controlplane/.
 
 Zero configuration and still not open to every local user: the child listens on 127.0.0.1 only
@@ -139,7 +139,7 @@ def _wait_for_port(process: subprocess.Popen, port_file: Path, log_path: Path,
 
 
 def start_embedded(db_path: str, timeout_s: float = 30.0) -> EmbeddedControlPlane:
-    """Starts `python -m controlplane serve` on a free localhost port and waits until it listens."""
+    """Starts `headroom-controlplane serve` on a free localhost port and waits until it listens."""
     Path(db_path).parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix="headroom-embedded-"))
     port_file, log_path = tmp_dir / "port", tmp_dir / "controlplane.log"

@@ -3,8 +3,9 @@
 For each N it starts `python -m headroom_sidecar.controlplane serve` on 127.0.0.1 with a fresh
 DuckDB file (limits raised for N streams), and from THIS one process, on one asyncio loop with
 grpc.aio clients: N agents, each on its own connection with a real Connect stream (hello, then
-one small telemetry batch every 1-2 s - 2 traced requests of a 4-layer x 4-head model, 50 rows -
-and a heartbeat every 5 s), plus Query callers and an Admin (ListAgents) caller measuring
+one small telemetry batch every 1-2 s - 3 requests of a 4-layer x 4-head model, one of them
+traced in every 7th batch (~5% of requests, the agent's sampling), so 3 or 27 rows - and a
+heartbeat every 5 s), plus Query callers and an Admin (ListAgents) caller measuring
 latency. After a steady window the agents wait for their last acks and hang up, and the stored
 rows are counted with SQL.
 
@@ -39,7 +40,9 @@ from headroom_sidecar.proto import headroom_pb2 as pb  # noqa: E402
 from headroom_sidecar.proto.query_result import decode_result  # noqa: E402
 
 GOAL_AGENTS, GOAL_QUERY_P99_MS = 1000, 200.0
-LAYERS, HEADS, REQUESTS_PER_BATCH = 4, 4, 2
+LAYERS, HEADS, REQUESTS_PER_BATCH = 4, 4, 3
+TRACED_EVERY = 7             # one batch in 7 carries a traced request
+SETTLE_S = 5.0               # after the fleet connected, before the measured window
 HEARTBEAT_EVERY_S = 5.0
 QUERY_CALLERS, QUERY_EVERY_S, ADMIN_EVERY_S = 2, 0.25, 0.5
 MAX_AGENTS = 2000            # bounded: this is a localhost benchmark, not a load generator
@@ -119,14 +122,16 @@ def _trace(rng) -> TraceArrays:
                        layer_mlp_ms=per_layer(), mlp_frac_below=sorted3(), mlp_quantiles=sorted3())
 
 
-def batch_tables() -> tuple[list[pb.Table], int]:
+def batch_tables(traced: bool) -> tuple[list[pb.Table], int]:
     """One small batch's tables, built as the agent builds them (agent/records.to_tables), reused
-    with a new seq (telemetry tables have no key), and its row count."""
+    with a new seq (telemetry tables have no key), and its row count. traced: the first request
+    carries a trace."""
     rng = np.random.default_rng(0)
     records = [RequestRecord(request_id=i, start_unix_us=1_700_000_000_000_000 + i, tenant="t0",
                              route="/chat", query_class="short", prompt_tokens=64,
                              output_tokens=32, ttft_ms=20.0, tpot_ms=5.0, latency_ms=180.0,
-                             trace=_trace(rng)) for i in range(1, REQUESTS_PER_BATCH + 1)]
+                             trace=_trace(rng) if traced and i == 1 else None)
+               for i in range(1, REQUESTS_PER_BATCH + 1)]
     tables = [columnar.encode_table(name, cols)
               for name, cols in to_tables(records, []).columns.items()]
     return tables, sum(t.num_rows for t in tables)
@@ -144,12 +149,13 @@ async def _requests(out: asyncio.Queue):
 
 
 class Agent:
-    def __init__(self, i: int, address: str, fig: Figures, tables, rows: int):
-        self.agent_id, self.fig, self.tables, self.rows = f"fleet-{i:04d}", fig, tables, rows
+    def __init__(self, i: int, address: str, fig: Figures, kinds: list):
+        # kinds: [(tables, rows) plain, (tables, rows) traced]
+        self.agent_id, self.fig, self.kinds = f"fleet-{i:04d}", fig, kinds
         self.channel = grpc.aio.insecure_channel(address)
         self.out: asyncio.Queue = asyncio.Queue()
         self.sent_s: dict[int, float] = {}     # seq -> monotonic send time, until acked
-        self.measuring = False
+        self.measure_from_s = float("inf")     # acks of batches sent from then on are timed
 
     async def run(self, stop: asyncio.Event) -> None:
         connect = self.channel.stream_stream(_METHOD + "Connect",
@@ -169,9 +175,10 @@ class Agent:
         seq, next_beat_s = 0, time.monotonic() + HEARTBEAT_EVERY_S
         while not stop.is_set():
             seq += 1
+            tables, rows = self.kinds[seq % TRACED_EVERY == 0]
             self.sent_s[seq] = time.monotonic()
-            self.out.put_nowait(pb.AgentMessage(batch=pb.TelemetryBatch(seq=seq, tables=self.tables)))
-            self.fig.rows_sent += self.rows
+            self.out.put_nowait(pb.AgentMessage(batch=pb.TelemetryBatch(seq=seq, tables=tables)))
+            self.fig.rows_sent += rows
             if time.monotonic() >= next_beat_s:
                 self.out.put_nowait(pb.AgentMessage(heartbeat=pb.Heartbeat()))
                 next_beat_s += HEARTBEAT_EVERY_S
@@ -192,7 +199,7 @@ class Agent:
                 if reply.HasField("ack"):
                     sent = self.sent_s.pop(reply.ack.seq, None)
                     self.fig.rows_acked += reply.ack.rows_stored
-                    if sent is not None and self.measuring:
+                    if sent is not None and sent >= self.measure_from_s:
                         self.fig.ack_ms.append((time.monotonic() - sent) * 1e3)
                 elif reply.HasField("error"):
                     self.fig.errors += 1
@@ -248,8 +255,8 @@ CONNECTED_SQL = "SELECT count(*) FROM agents WHERE connected"
 # ---------------------------------------------------------------------- one run
 async def connect_fleet(n: int, address: str, fig: Figures, ops: grpc.aio.Channel,
                         stop: asyncio.Event) -> tuple[list, list]:
-    tables, rows = batch_tables()
-    agents = [Agent(i, address, fig, tables, rows) for i in range(n)]
+    kinds = [batch_tables(False), batch_tables(True)]
+    agents = [Agent(i, address, fig, kinds) for i in range(n)]
     start = time.monotonic()
     runs = []
     for i, agent in enumerate(agents):
@@ -270,8 +277,9 @@ async def run_fleet(n: int, address: str, pid: int, duration_s: float) -> Figure
     ops = grpc.aio.insecure_channel(address)
     sampler = asyncio.ensure_future(sample_server(pid, fig, sampling))
     agents, runs = await connect_fleet(n, address, fig, ops, stop)
+    await asyncio.sleep(SETTLE_S)   # the hellos' backlog drains: the window is steady state
     for agent in agents:
-        agent.measuring = True
+        agent.measure_from_s = time.monotonic()
     operators = operator_calls(ops, fig, stop)
     await asyncio.sleep(duration_s)
     stop.set()
@@ -339,7 +347,8 @@ def main() -> int:
         print(f"{n} agents done: query p99 {pct(figs[-1].query_ms, 99)} ms, "
               f"lost {figs[-1].lost}", file=sys.stderr, flush=True)
     print(f"{os.cpu_count()} CPUs, {args.duration_s:g} s steady window per size, each agent one "
-          f"batch of {batch_tables()[1]} rows every 1-2 s")
+          f"batch of {batch_tables(False)[1]} rows (every {TRACED_EVERY}th: "
+          f"{batch_tables(True)[1]}) every 1-2 s")
     print("\n".join(report(figs)))
     goal = [f for f in figs if f.agents >= GOAL_AGENTS]
     for f in goal:

@@ -1,6 +1,6 @@
 """End-to-end ingest throughput: agent stream -> gRPC -> validation -> DuckDB, in rows/s.
 
-Starts `python -m controlplane serve` on localhost with a fresh DuckDB file in a temp dir, streams
+Starts `headroom-controlplane serve` on localhost with a fresh DuckDB file in a temp dir, streams
 pre-encoded TelemetryBatch messages (every request fully traced: head_stats, layer_stats,
 mlp_stats, requests) over Connect, waits for every ack, checks the stored row counts with SQL,
 and prints the figures.

@@ -1,4 +1,4 @@
-"""`python -m controlplane serve|query ...`"""
+"""`headroom-controlplane serve|query ...`"""
 import sys
 
 from headroom_sidecar.controlplane.cli import main

@@ -128,7 +128,7 @@ def _unb64(text: str) -> bytes:
 
 
 def load_token_key(path: str) -> bytes:
-    """The HMAC key of a token key file (hex, as `controlplane certs init` writes it)."""
+    """The HMAC key of a token key file (hex, as `headroom-controlplane certs init` writes it)."""
     try:
         text = Path(path).read_text().strip()
     except OSError as e:
@@ -185,7 +185,7 @@ def verify_token(key: bytes, token: str, now_s: Optional[float] = None) -> Princ
     if not now_s < float(claims.get("exp", 0)):
         raise AuthError(grpc.StatusCode.UNAUTHENTICATED,
                         f"token of {claims.get('sub')!r} expired; issue a new one "
-                        "(controlplane token issue)")
+                        "(headroom-controlplane token issue)")
     try:
         role = Role.parse(str(claims.get("role", "")))
     except ValueError as e:
@@ -241,7 +241,7 @@ def auth_mode(settings) -> AuthMode:
             f"refusing to listen on {settings.host} without TLS and authentication: anyone who "
             "reaches it could push plans to agents. Either bind 127.0.0.1 (HEADROOM_CP_HOST), "
             "or set HEADROOM_CP_TLS_CERT, HEADROOM_CP_TLS_KEY and HEADROOM_CP_TLS_CLIENT_CA "
-            "(and HEADROOM_CP_TOKEN_KEY_FILE for operator tokens); `controlplane certs init DIR` "
+            "(and HEADROOM_CP_TOKEN_KEY_FILE for operator tokens); `headroom-controlplane certs init DIR` "
             "makes them all")
     return AuthMode.LOCAL_TOKEN if settings.local_token else AuthMode.OPEN_LOOPBACK
 

@@ -1,4 +1,4 @@
-"""A small certificate authority for `controlplane certs init DIR` and the tests.
+"""A small certificate authority for `headroom-controlplane certs init DIR` and the tests.
 
 Identity lives in the certificate subject: CN is the agent id or the operator's name, OU says
 what the holder is (controlplane.auth.CertKind): "agent", or an operator role ("viewer",
@@ -145,7 +145,7 @@ def init_dir(folder: str, agents: Sequence[str] = ("agent-1",),
     each (operator name, role), and a token signing key; refuses a folder that already has a CA."""
     root = Path(folder)
     if (root / "ca.key").exists():
-        raise FileExistsError(f"{root / 'ca.key'} exists; use `controlplane certs issue` to add "
+        raise FileExistsError(f"{root / 'ca.key'} exists; use `headroom-controlplane certs issue` to add "
                               "certificates, or choose an empty folder")
     ca_key, ca_cert = make_ca()
     ca = write_pair(root, "ca", ca_key, ca_cert)

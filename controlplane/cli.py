@@ -1,4 +1,4 @@
-"""`controlplane serve` and `controlplane query`. Errors: one line on stderr, exit code 2."""
+"""`headroom-controlplane serve` and `headroom-controlplane query`. Errors: one line on stderr, exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -28,9 +28,9 @@ class CliError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="controlplane", description="headroom control plane")
+    p = argparse.ArgumentParser(prog="headroom-controlplane", description="headroom control plane")
     p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
-    p.add_argument("--version", action="version", version=f"controlplane {package_version()}")
+    p.add_argument("--version", action="version", version=f"headroom-controlplane {package_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gRPC server over one DuckDB file")
     serve.add_argument("--db", help="DuckDB file (env HEADROOM_CP_DB)")
@@ -69,14 +69,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def package_version(dist: str = "headroom") -> str:
-    """The installed package's version; from pyproject.toml when run from a checkout."""
+def package_version(dist: str = "headroom-sidecar") -> str:
+    """The installed distribution's version; from pyproject.toml in a checkout never installed."""
     from importlib.metadata import PackageNotFoundError, version
     try:
         return version(dist)
     except PackageNotFoundError:
         import tomllib
         pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        if not pyproject.is_file():
+            return "unknown"
         with open(pyproject, "rb") as f:
             return tomllib.load(f)["project"]["version"]
 
@@ -113,7 +115,7 @@ def _health(args: argparse.Namespace) -> int:
         status = check(args.address, args.service, args.timeout_s)
     except grpc.RpcError as e:
         doc["error"] = f"{e.code().name}: {e.details()}"
-        print(f"controlplane health: {args.address}: {doc['error']}", file=sys.stderr)
+        print(f"headroom-controlplane health: {args.address}: {doc['error']}", file=sys.stderr)
         if args.json:
             _write_json(doc)
         return EXIT_UNHEALTHY
@@ -400,7 +402,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _serve(args) if args.command == "serve" else _query(args)
     except (CliError, QueryError, StoreError, ValueError, OSError) as e:
         message = " ".join(str(e).split())   # one line, whatever DuckDB or gRPC said
-        print(f"controlplane {args.command}: error: {message}", file=sys.stderr)
+        print(f"headroom-controlplane {args.command}: error: {message}", file=sys.stderr)
         if getattr(args, "json", False):   # a script reading stdout gets a document too
             _write_json({"command": args.command, "error": message})
         return EXIT_ERROR

@@ -1,4 +1,4 @@
-"""`controlplane export --since ISO --to DIR`: raw telemetry and hourly roll-ups as Parquet.
+"""`headroom-controlplane export --since ISO --to DIR`: raw telemetry and hourly roll-ups as Parquet.
 
 Rows stream from DuckDB as Arrow record batches into pyarrow's Parquet writer, so DuckDB never
 needs external file access (the store's connections have it disabled) and memory stays at one

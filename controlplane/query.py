@@ -1,6 +1,6 @@
 """Read-only SQL: the check, the execution, and Arrow <-> columnar Table in both directions.
 
-Used by the server's Query RPC, by `controlplane query`, and by any client (the dashboard)
+Used by the server's Query RPC, by `headroom-controlplane query`, and by any client (the dashboard)
 through QueryClient.
 
 What "read-only" means here (check_read_only walks DuckDB's own parse tree,
@@ -273,7 +273,7 @@ def _run_query(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int, timeout_
 
 
 def open_read_only(db_path: str) -> duckdb.DuckDBPyConnection:
-    """A local read-only connection, for `controlplane query --db` when no server holds the file."""
+    """A local read-only connection, for `headroom-controlplane query --db` when no server holds the file."""
     try:
         return duckdb.connect(db_path, read_only=True, config={"enable_external_access": False})
     except duckdb.Error as e:

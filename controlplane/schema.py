@@ -1,6 +1,6 @@
 """Every table of the control plane's DuckDB file, and its schema version: the one owner of
-the DDL. Telemetry column names and wire dtypes are agent/records.py's to_tables() contract;
-the store adds `agent_id` and `received_at` in front of them. The plan store (plans.py), the
+the DDL. Telemetry column names and wire dtypes are the contract in proto/tables.py (what the
+agent's to_tables() sends); the store adds `agent_id` and `received_at` in front of them. The plan store (plans.py), the
 audit log (audit.py) and the agent bindings (auth.py) run their part of these strings on a
 bare connection; the store creates them all, and migrates an older file, when it opens.
 
@@ -14,6 +14,7 @@ Version history:
 from __future__ import annotations
 
 from headroom_sidecar.proto import headroom_pb2 as pb
+from headroom_sidecar.proto.tables import COUNTER_COLUMNS, TELEMETRY_COLUMNS  # noqa: F401  (re-used here)
 
 SCHEMA_VERSION = 2
 
@@ -23,41 +24,6 @@ DUCKDB_TYPES = {
     pb.UINT16: "USMALLINT", pb.UINT32: "UINTEGER", pb.UINT64: "UBIGINT", pb.BOOL: "BOOLEAN",
     pb.STRING: "VARCHAR",
 }
-
-_PER_LAYER = {"request_id": pb.UINT64, "layer": pb.UINT16}
-
-# table -> column -> wire dtype, in the order to_tables() produces them.
-TELEMETRY_COLUMNS: dict[str, dict[str, int]] = {
-    "requests": {
-        "request_id": pb.UINT64, "start_us": pb.INT64, "tenant": pb.STRING, "route": pb.STRING,
-        "query_class": pb.STRING, "traced": pb.BOOL, "batch_size": pb.UINT32,
-        "prompt_tokens": pb.UINT32, "output_tokens": pb.UINT32, "ttft_ms": pb.FLOAT32,
-        "tpot_ms": pb.FLOAT32, "latency_ms": pb.FLOAT32,
-        # speculative decoding per request (0: it did not speculate); agent/records.py
-        "spec_drafted": pb.UINT32, "spec_accepted": pb.UINT32, "spec_verify_forwards": pb.UINT32,
-    },
-    "head_stats": {
-        **_PER_LAYER, "head": pb.UINT16,
-        "entropy": pb.FLOAT32, "max_weight": pb.FLOAT32, "out_share": pb.FLOAT32,
-    },
-    "layer_stats": {
-        **_PER_LAYER, "influence": pb.FLOAT32, "attn_ms": pb.FLOAT32, "mlp_ms": pb.FLOAT32,
-    },
-    "mlp_stats": {
-        **_PER_LAYER,
-        "frac_below_1e3": pb.FLOAT32, "frac_below_1e2": pb.FLOAT32, "frac_below_1e1": pb.FLOAT32,
-        "q50": pb.FLOAT32, "q90": pb.FLOAT32, "q99": pb.FLOAT32,
-    },
-    "gpu_samples": {
-        "ts_us": pb.INT64, "device_index": pb.UINT32, "available": pb.BOOL,
-        "mem_used_bytes": pb.UINT64, "mem_total_bytes": pb.UINT64, "util_pct": pb.FLOAT32,
-        "power_w": pb.FLOAT32, "sm_clock_mhz": pb.FLOAT32,
-    },
-}
-
-# ExportCounters fields, as the agents table stores the latest of them.
-COUNTER_COLUMNS = ("enqueued_records", "dropped_records", "sent_records", "sent_batches",
-                   "failed_batches", "reconnects", "queue_len")
 
 # ModelInfo field -> agents column (name/dtype/device get a model_ prefix to stay unambiguous).
 MODEL_COLUMNS = {

@@ -1,4 +1,4 @@
-"""`controlplane certs init|issue` and `controlplane token issue`: credentials for running the
+"""`headroom-controlplane certs init|issue` and `headroom-controlplane token issue`: credentials for running the
 control plane beyond localhost (see README "Beyond localhost"). Text by default; `--json`
 prints one JSON document instead (paths; the token itself for `token issue`)."""
 from __future__ import annotations
@@ -112,7 +112,7 @@ def _token_issue(args: argparse.Namespace, out) -> int:
     key_file = args.key_file or os.environ.get(TOKEN_KEY_ENV)
     if not key_file:
         raise ValueError(f"token issue: give --key-file or set {TOKEN_KEY_ENV} (the server's "
-                         "token key, e.g. DIR/token.key from `controlplane certs init DIR`)")
+                         "token key, e.g. DIR/token.key from `headroom-controlplane certs init DIR`)")
     token = issue_token(load_token_key(key_file), args.subject, Role.parse(args.role),
                         parse_ttl_s(args.ttl))
     if args.json:

@@ -21,7 +21,7 @@ import logging
 import threading
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Mapping, Optional
+from typing import AsyncIterator, Mapping, Optional
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -34,7 +34,7 @@ from headroom_sidecar.controlplane.query import QueryError, QueryErrorKind, enco
 from headroom_sidecar.controlplane.schema import COUNTER_COLUMNS, MODEL_COLUMNS
 from headroom_sidecar.controlplane.settings import ServerSettings
 from headroom_sidecar.controlplane.store import BatchJob, Counters, Registration, Store, StoreError
-from headroom_sidecar.controlplane.stream import HELLO_EXPIRED, Session
+from headroom_sidecar.controlplane.stream import Session
 from headroom_sidecar.proto import headroom_pb2 as pb
 
 log = logging.getLogger("headroom_sidecar.controlplane.server")
@@ -310,7 +310,7 @@ class HeadroomService:
 
     # ------------------------------------------------------------------ messages (stream worker)
     def _handle(self, raw: bytes, session: Session) -> bool:
-        """Handles one message; False ends the stream."""
+        """Handles one message on a stream worker; False ends the stream."""
         if not session.alive():
             return False
         try:

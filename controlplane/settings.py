@@ -28,7 +28,7 @@ class ServerSettings:
     max_workers: int = field(default=16, metadata={"env": "HEADROOM_CP_MAX_WORKERS"})
     # Threads that handle agent messages off the event loop (decode, registration, handing
     # batches to the ingest writer); a message holds one only while it is handled.
-    stream_workers: int = field(default=4, metadata={"env": "HEADROOM_CP_STREAM_WORKERS"})
+    stream_workers: int = field(default=2, metadata={"env": "HEADROOM_CP_STREAM_WORKERS"})
     # Messages waiting to go to one agent (acks, plans, trials); a full queue slows its reader.
     outbound_queue_max: int = field(default=1024, metadata={"env": "HEADROOM_CP_OUTBOUND_QUEUE_MAX"})
     # A batch whose (agent_id, pid, seq) was already stored is acked with rows_stored=0.

@@ -1,6 +1,6 @@
 """headroom's operator dashboard: a Streamlit client of the control plane's gRPC API.
 
-    HEADROOM_OPERATOR=alice streamlit run dashboard/app.py -- --address 127.0.0.1:50051
+    HEADROOM_OPERATOR=alice headroom-dashboard --address 127.0.0.1:50051
 
 It never opens DuckDB: everything goes through the Admin and Query RPCs (dashboard/client.py).
 """

@@ -1,6 +1,6 @@
 """The dashboard's one settings object: command line > HEADROOM_* env > default, validated.
 
-    streamlit run dashboard/app.py -- --address 127.0.0.1:50051 --operator alice
+    headroom-dashboard --address 127.0.0.1:50051 --operator alice
 
 The operator identity is configuration (who runs this dashboard process), never text typed
 into the UI: approvals and rollbacks are recorded in the audit log under it.

@@ -51,7 +51,7 @@ def unreachable_message(ctx: Context, why: str) -> None:
              f"data again as soon as it answers.\n\n{why}", icon=":material/cloud_off:")
     st.markdown("Start one (it owns the DuckDB file), or point the dashboard at the right "
                 "address with `--address` or `HEADROOM_ADDRESS`:")
-    st.code(f"controlplane serve --db .headroom/demo.duckdb --port "
+    st.code(f"headroom-controlplane serve --db .headroom/demo.duckdb --port "
             f"{ctx.settings.address.rpartition(':')[2]}", language="bash")
     st.button("Retry", key="retry-connection", icon=":material/refresh:")
 

@@ -5,7 +5,7 @@ plane (whose controlplane/auth.py checks it), and the gRPC channel that carries 
     HEADROOM_TLS_CA       CA of the server's certificate (TLS on; without it: plaintext loopback)
     HEADROOM_TLS_CERT     client certificate (PEM) } operators with a certificate
     HEADROOM_TLS_KEY      its private key (PEM)    }
-    HEADROOM_TOKEN        a signed operator token (`controlplane token issue`)
+    HEADROOM_TOKEN        a signed operator token (`headroom-controlplane token issue`)
     HEADROOM_LOCAL_TOKEN  the embedded control plane's per-process secret (set for you)
 """
 from __future__ import annotations

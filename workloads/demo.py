@@ -83,7 +83,7 @@ def main() -> int:
     finally:
         handle.detach()
     print(f"\ncontrol plane data kept in {db}; query it with "
-          f".venv/bin/controlplane query \"SELECT ...\" --db {db}")
+          f".venv/bin/headroom-controlplane query \"SELECT ...\" --db {db}")
     return 0
 
 

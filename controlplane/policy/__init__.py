@@ -2,7 +2,7 @@
 
 Load a folder with load_policy_set() or keep one in force with PolicyStore; evaluate() returns a
 Decision with every rule's outcome and the policy set's revision. lint, run_tests and replay
-make policy changes reviewable (CLI: controlplane policy lint|test|replay).
+make policy changes reviewable (CLI: headroom-controlplane policy lint|test|replay).
 """
 from headroom_sidecar.controlplane.policy.engine import evaluate
 from headroom_sidecar.controlplane.policy.lint import lint

@@ -1,4 +1,4 @@
-"""python -m controlplane.policy lint|test|replay: the same commands as `controlplane policy ...`."""
+"""python -m headroom_sidecar.controlplane.policy lint|test|replay: the same commands as `headroom-controlplane policy ...`."""
 import sys
 
 from headroom_sidecar.controlplane.policy.cli import main

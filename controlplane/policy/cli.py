@@ -1,4 +1,4 @@
-"""`controlplane policy lint|test|replay`: mount with add_policy_commands(subparsers) in the main CLI.
+"""`headroom-controlplane policy lint|test|replay`: mount with add_policy_commands(subparsers) in the main CLI.
 
 Text by default; `--json` prints one JSON document on `out` instead (same exit codes)."""
 from __future__ import annotations
@@ -126,7 +126,7 @@ def handle_replay(args, out: TextIO = sys.stdout) -> int:
 
 
 def main(argv: Optional[list[str]] = None, out: TextIO = sys.stdout) -> int:
-    parser = argparse.ArgumentParser(prog="controlplane")
+    parser = argparse.ArgumentParser(prog="headroom-controlplane")
     add_policy_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.handler(args, out)

@@ -11,7 +11,7 @@ from headroom_sidecar.dashboard.views import plan as plan_view
 
 ALL = "(all)"
 STATUSES = [s.value for s in PlanStatus]
-TRIGGER_HELP = ("controlplane plan trigger --agent <agent_id> --address {address} "
+TRIGGER_HELP = ("headroom-controlplane plan trigger --agent <agent_id> --address {address} "
                 "--as <your identity>")
 
 

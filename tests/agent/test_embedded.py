@@ -70,7 +70,7 @@ def test_unusable_db_path_fails_with_the_childs_error(tmp_path):
         start_embedded(str(not_a_file), timeout_s=60)
     message = str(err.value)
     assert "exited with code 2 before it listened" in message
-    assert "controlplane serve: error" in message and str(not_a_file) in message
+    assert "headroom-controlplane serve: error" in message and str(not_a_file) in message
     assert "-m headroom_sidecar.controlplane serve --db" in message   # the command, for reproducing it by hand
 
 

@@ -1,4 +1,4 @@
-"""A real control plane in a child process (`python -m controlplane serve`), for tests that kill
+"""A real control plane in a child process (`headroom-controlplane serve`), for tests that kill
 it with SIGKILL (no cleanup of any kind runs) and start it again on the same port and file."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`--json` on `controlplane query|health|export|certs|token`: one JSON document on stdout
+"""`--json` on `headroom-controlplane query|health|export|certs|token`: one JSON document on stdout
 (errors too), text unchanged without it. In process against a real server on localhost."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`controlplane plan ...` / `audit ...` / `policy ...` against a real server."""
+"""`headroom-controlplane plan ...` / `audit ...` / `policy ...` against a real server."""
 import json
 
 import pytest
@@ -57,7 +57,7 @@ def test_actor_flag_wins_and_audit_commands(server, capsys, monkeypatch):
 
 def test_errors_are_one_line_and_exit_2(server, capsys):
     code, _, err = _run(capsys, "plan", "show", "missing", "--address", server.address)
-    assert code == 2 and err.strip() == "controlplane plan: error: NOT_FOUND: ShowPlan: no plan 'missing'"
+    assert code == 2 and err.strip() == "headroom-controlplane plan: error: NOT_FOUND: ShowPlan: no plan 'missing'"
     code, _, err = _run(capsys, "plan", "approve", "cli-1", "--reason", "x", "--as", "g",
                         "--address", server.address)
     assert code == 2 and "FAILED_PRECONDITION" in err and "cli-1 is rejected" in err

@@ -112,10 +112,17 @@ def test_version_prints_the_package_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0
-    assert capsys.readouterr().out.strip() == f"controlplane {package_version()}"
-    assert package_version() == "0.1.0"   # pyproject.toml [project] version
+    assert capsys.readouterr().out.strip() == f"headroom-controlplane {package_version()}"
+    assert package_version() == _pyproject_version()
 
 
 def test_version_falls_back_to_pyproject_when_not_installed():
     from headroom_sidecar.controlplane.cli import package_version
-    assert package_version("headroom-not-installed-anywhere") == "0.1.0"
+    assert package_version("headroom-not-installed-anywhere") == _pyproject_version()
+
+
+def _pyproject_version() -> str:
+    import tomllib
+    from pathlib import Path
+    with open(Path(__file__).resolve().parents[2] / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]["version"]

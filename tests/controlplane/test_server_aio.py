@@ -93,6 +93,11 @@ def _wait(predicate, timeout_s: float = 30.0) -> bool:
     return False
 
 
+def _connected_in_store(server) -> int:
+    with server.store.reader() as cur:
+        return cur.execute("SELECT count(*) FROM agents WHERE connected").fetchone()[0]
+
+
 @pytest.fixture
 def agents_of():
     made = []
@@ -114,7 +119,8 @@ def test_idle_streams_hold_no_thread_and_query_answers(tmp_path, agents_of):
         assert _wait(lambda: len(server.state.connected_agents()) == 20)
         threads_at_20 = threading.active_count()
         agents.open(IDLE_STREAMS - 20)
-        assert _wait(lambda: len(server.state.connected_agents()) == IDLE_STREAMS)
+        # Registered in the store too (a hello is attached, then written).
+        assert _wait(lambda: _connected_in_store(server) == IDLE_STREAMS)
         assert server.state.agent_streams() == IDLE_STREAMS and not agents.ended
         # Only stream workers may start while more agents say hello: at most stream_workers.
         assert threading.active_count() <= threads_at_20 + settings.stream_workers
@@ -138,9 +144,11 @@ def test_agent_stream_limit_boundary(tmp_path, agents_of, limit):
         agents = agents_of(server)
         agents.open(limit)                     # exactly at the limit: all accepted
         assert _wait(lambda: len(server.state.connected_agents()) == limit)
-        agents.open(1)                         # one more: refused
+        # One more: refused. It sends nothing, as the aio client may report a refusal that
+        # races its own first write as INTERNAL ("Internal error from Core").
+        agents.open(1, hello=False)
         assert _wait(lambda: limit in agents.ended)
-        assert agents.ended == {limit: grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert agents.ended == {limit: grpc.StatusCode.RESOURCE_EXHAUSTED}, agents.details
         assert f"max_agent_streams={limit}" in agents.details[limit]
         assert server.state.agent_streams() == limit
     finally:

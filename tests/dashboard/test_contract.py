@@ -1,16 +1,12 @@
-"""What the dashboard depends on besides proto/: no controlplane import, and a known, pinned set
-of store tables named in its SQL (a new dependency on a private table shows up here)."""
+"""What the dashboard depends on: proto/ only: no controlplane import, and its SQL names only
+tables of the contract (proto/tables.py Table); a private table of the control plane fails here."""
 import ast
 import re
 from pathlib import Path
 
-from headroom_sidecar.controlplane.schema import TELEMETRY_COLUMNS
+from headroom_sidecar.proto.tables import Table
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "dashboard"
-# Control-plane tables the pages read that no proto/ contract names yet (agents: registration
-# and counters; applications: rollout state per agent; plans, trials: the per-class view).
-# Telemetry tables are the agent's (controlplane/schema.py TELEMETRY_COLUMNS).
-NOT_YET_IN_THE_CONTRACT = {"agents", "applications", "plans", "trials"}
 _TABLE = re.compile(r"\b(?:FROM|JOIN)\s+([a-z_][a-z0-9_]*)")   # SQL keywords are upper case here
 
 
@@ -29,10 +25,11 @@ def test_the_dashboard_imports_nothing_from_the_control_plane():
     assert offenders == []
 
 
-def test_tables_named_in_the_dashboards_sql_are_telemetry_or_pinned():
+def test_tables_named_in_the_dashboards_sql_are_in_the_contract():
     named = set()
     for path in _sources():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
                 named |= set(_TABLE.findall(node.value))   # "FROM {table} t": a parameter
-    assert named - set(TELEMETRY_COLUMNS) == NOT_YET_IN_THE_CONTRACT, named
+    assert named, "no SQL found: the scan is broken"
+    assert named - {t.value for t in Table} == set(), named

@@ -73,4 +73,4 @@ def test_status_filter_and_empty_state(world, empty_server, open_app):
     assert "No plans yet with status failed" in texts(at)
     at = open_app(empty_server.address, "decisions")
     no_exception(at)
-    assert "No plans yet." in texts(at) and "controlplane plan trigger" in texts(at)
+    assert "No plans yet." in texts(at) and "headroom-controlplane plan trigger" in texts(at)

@@ -1,4 +1,4 @@
-"""`controlplane policy lint|test|replay --json`: one JSON document, the text's facts, the
+"""`headroom-controlplane policy lint|test|replay --json`: one JSON document, the text's facts, the
 same exit codes."""
 from __future__ import annotations
 
