@@ -4,8 +4,10 @@ the output checked to be the unoptimised model's own.
 Rows (all greedy, the same prompts, `--new-tokens` forced per prompt):
 - unoptimised: plain generate();
 - HF prompt lookup: generate(prompt_lookup_num_tokens=k) on the unoptimised model;
-- HF assisted generation with a separate small draft model: none can be built offline here
-  (SmolLM2-135M is the smallest model on this machine and nothing can be downloaded): said so;
+- HF assisted generation with a separate small draft model: no smaller model of SmolLM2's
+  vocabulary can be downloaded here, so the draft is built offline from SmolLM2 itself: a
+  separate LlamaForCausalLM holding copies of its first --draft-layers blocks, final norm and
+  head (`generate(assistant_model=draft)`, HF's own schedule of draft lengths);
 - headroom prompt lookup: plan {"kind": "execution", "speculative": {"draft": "prompt_lookup"}};
 - headroom self-speculative: draft = the same model under int8 on every block + the
   --skip-layers blocks with the smallest residual update (calibration text, bench/table.py's
@@ -28,6 +30,7 @@ left alone) and the mix's tokens/s with each class on its choice.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -50,8 +53,8 @@ from workloads.prompts import GROUNDED_PROMPTS, PROMPTS, QueryClass, chat_ids  #
 from workloads.smollm2 import load_smollm2  # noqa: E402
 from headroom_sidecar.controlplane.evaltexts import Split  # noqa: E402
 
-NO_DRAFT_MODEL = ("HF assisted (separate draft model): not run: no smaller model of SmolLM2's "
-                  "vocabulary can be built offline here, and none can be downloaded")
+NO_DRAFT_MODEL = ("HF assisted: the draft is SmolLM2's first blocks as a separate model (no "
+                  "trained smaller model of its vocabulary can be downloaded here)")
 
 
 @dataclass
@@ -127,10 +130,29 @@ def headroom_rows(fp: str, s, ks: list[int], skipped: list[int]) -> list[Row]:
             "transforms": _draft(s, skipped)}})], "bench/speculative.py")) for k in ks]
 
 
-def build_rows(fp: str, s, k: int, skipped: list[int], ks: Optional[list[int]] = None) -> list[Row]:
-    return [Row("unoptimised"),
-            Row(f"HF prompt lookup k={k}", generate_kwargs={"prompt_lookup_num_tokens": k})
-            ] + headroom_rows(fp, s, ks or [k], skipped)
+def truncated_draft(model, n_layers: int):
+    """A separate, smaller model of the same vocabulary: copies of the first n_layers blocks,
+    the final norm and the head in a new instance of the model's class."""
+    cfg = copy.deepcopy(model.config)
+    cfg.num_hidden_layers = n_layers
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[:n_layers]
+    draft = type(model)(cfg).to(model.dtype).eval()
+    missing, _beyond = draft.load_state_dict(model.state_dict(), strict=False)
+    if missing:
+        raise RuntimeError(f"the draft lacks weights for {missing[:3]}")
+    return draft
+
+
+def build_rows(fp: str, s, k: int, skipped: list[int], ks: Optional[list[int]] = None,
+               draft=None) -> list[Row]:
+    rows = [Row("unoptimised"),
+            Row(f"HF prompt lookup k={k}", generate_kwargs={"prompt_lookup_num_tokens": k})]
+    if draft is not None:
+        rows.append(Row(f"HF assisted (draft: first {draft.config.num_hidden_layers} blocks)",
+                        generate_kwargs={"assistant_model": draft},
+                        draft_bytes=weight_bytes(draft)))
+    return rows + headroom_rows(fp, s, ks or [k], skipped)
 
 
 def measure(rows: list[Row], model, ex, prompts, n: int, rounds: int) -> None:
@@ -183,7 +205,7 @@ def run_classes(model, tok, ex, fp: str, s, args) -> None:
     totals = {"tokens": 0, "base_s": 0.0, "chosen_s": 0.0}
     for qc, chosen in class_prompts(args.per_class).items():
         prompts = [chat_ids(tok, q.text) for q in chosen]
-        rows = build_rows(fp, s, args.k, skipped, args.ks)
+        rows = build_rows(fp, s, args.k, skipped, args.ks, args.draft)
         measure(rows, model, ex, prompts, args.new_tokens, args.rounds)
         print(f"\nclass {qc.value}: {len(prompts)} prompt(s)")
         print_table(rows, weight_bytes(model), anchor_note=False)
@@ -213,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--per-class", type=int, default=2, help="prompts per class (--prompts classes)")
     p.add_argument("--ks", type=lambda v: [int(k) for k in v.split(",")], default=[2, 4, 6],
                    help="k values tried per class (--prompts classes), comma-separated")
+    p.add_argument("--draft-layers", type=int, default=6,
+                   help="blocks of the separate draft model for HF assisted generation (0: no row)")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.new_tokens < 1 or args.per_class < 1:
         p.error("--rounds, --new-tokens and --per-class must be >= 1")
@@ -223,13 +247,15 @@ def main(argv: list[str] | None = None) -> None:
     s = resolve_structure(model)
     fp = fingerprint(model, s)
     ex = Executor(model, s, fp)
+    args.draft = truncated_draft(model, args.draft_layers) if args.draft_layers > 0 else None
     if args.prompts == "classes":
         print(f"SmolLM2-135M, per class x {args.per_class} prompt(s) x {args.new_tokens} new "
               f"tokens, {args.rounds} interleaved round(s), {torch.get_num_threads()} threads")
         return run_classes(model, tok, ex, fp, s, args)
     chosen = GROUNDED_PROMPTS if args.prompts == "grounded" else PROMPTS[::4]
     prompts = [chat_ids(tok, q.text) for q in chosen]
-    rows = build_rows(fp, s, args.k, least_update_layers(model, s, tok, args.skip_layers))
+    rows = build_rows(fp, s, args.k, least_update_layers(model, s, tok, args.skip_layers),
+                      draft=args.draft)
     print(f"SmolLM2-135M, {len(prompts)} {args.prompts} prompts x {args.new_tokens} new tokens, "
           f"{args.rounds} interleaved round(s), {torch.get_num_threads()} threads")
     measure(rows, model, ex, prompts, args.new_tokens, args.rounds)

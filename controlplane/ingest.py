@@ -20,13 +20,21 @@ import pyarrow.compute as pc
 
 from headroom_sidecar.controlplane.batches import BatchJob, DecodedBatch, StoredBatch
 from headroom_sidecar.controlplane.ingest_rules import (MAX_BATCH_ROWS, ModelShape, RowCheck,
-                                                        check_lengths, check_numeric, summarize)
+                                                        all_clean, check_lengths, check_numeric,
+                                                        rule_for, summarize)
 from headroom_sidecar.controlplane.schema import TELEMETRY_COLUMNS
 from headroom_sidecar.controlplane.store import Store
 from headroom_sidecar.proto import columnar
 from headroom_sidecar.proto import headroom_pb2 as pb
 
 _POLL_S = 0.2   # how often a blocked submit looks at whether its stream is still alive
+_PY_STRING_ROWS = 256   # string columns up to this many rows are measured in Python
+# Little-endian numeric dtypes whose bytes are already Arrow's layout (not bool: Arrow packs bits).
+_ARROW_TYPES = {np.dtype(t): pa.from_numpy_dtype(np.dtype(t))
+                for t in ("<f4", "<f8", "<i4", "<i8", "<u2", "<u4", "<u8")}
+# table -> column -> its rule, looked up once: decode runs per column of every batch.
+_RULES = {table: {column: rule_for(table, column) for column in columns}
+          for table, columns in TELEMETRY_COLUMNS.items()}
 
 
 class ErrorCode(str, enum.Enum):
@@ -95,14 +103,23 @@ def _null_mask(table: pb.Table, col: pb.Column) -> np.ndarray:
     return np.frombuffer(col.null_mask, dtype=np.uint8) != 0
 
 
+def _char_counts(strings, values: pa.Array) -> np.ndarray:
+    """[N] characters (code points) per string. Small columns (a live agent's batch holds a
+    few dozen requests) count in Python: Arrow's compute call costs more than it saves there."""
+    if len(strings) <= _PY_STRING_ROWS:
+        return np.fromiter(map(len, strings), dtype=np.int64, count=len(strings))
+    return pc.utf8_length(values).to_numpy(zero_copy_only=False)
+
+
 def _string_column(table: pb.Table, col: pb.Column, check: RowCheck) -> pa.Array:
     if len(col.strings) != table.num_rows:
         raise IngestError(ErrorCode.BAD_COLUMN,
                           f"table {table.name!r} column {col.name!r}: {len(col.strings)} "
                           f"values, expected {table.num_rows}")
     values = pa.array(col.strings, type=pa.string())
-    check_lengths(check, col.name, pc.utf8_length(values).to_numpy(zero_copy_only=False))
-    check.refuse(col.name, _null_mask(table, col), "NULL")
+    check_lengths(check, col.name, _char_counts(col.strings, values))
+    if col.null_mask:
+        check.refuse(col.name, _null_mask(table, col), "NULL")
     return values
 
 
@@ -116,8 +133,20 @@ def _arrow_column(table: pb.Table, col: pb.Column, check: RowCheck,
         values = columnar.decode_column(table.name, table.num_rows, col)
     except columnar.ColumnError as e:
         raise IngestError(ErrorCode.BAD_COLUMN, str(e)) from None
+    if not col.null_mask and all_clean(_RULES[table.name][col.name], values, shape):
+        return _arrow_view(values)   # nothing to refuse, nothing NULL: the common case
     null = check_numeric(check, col.name, values, _null_mask(table, col), shape)
-    return pa.array(values, mask=null) if null.any() else pa.array(values)
+    return pa.array(values, mask=null) if null.any() else _arrow_view(values)
+
+
+def _arrow_view(values: np.ndarray) -> pa.Array:
+    """A numeric column without NULLs as an Arrow array over the same bytes: ~2 us where
+    pa.array(values) spends ~15 us (per column of every batch). Arrow packs booleans as bits,
+    so those are converted."""
+    arrow_type = _ARROW_TYPES.get(values.dtype)
+    if arrow_type is None:
+        return pa.array(values)
+    return pa.Array.from_buffers(arrow_type, len(values), [None, pa.py_buffer(values)])
 
 
 def decode_table(table: pb.Table, shape: Optional[ModelShape] = None) -> tuple[pa.Table, RowCheck]:

@@ -260,16 +260,18 @@ class Store:
                 stored.add(key)
         return out
 
-    @classmethod
-    def _write_latest_counters(cls, cur, latest: dict, now: datetime) -> None:
-        # One UPDATE for all agents that sent no counters: a fleet's group holds hundreds.
+    @staticmethod
+    def _write_latest_counters(cur, latest: dict, now: datetime) -> None:
+        # Two UPDATEs per group whatever its size: one for the agents that sent no counters,
+        # one joined to a columnar table of the others' (every batch of a live agent carries
+        # its counters; an UPDATE per agent cost ~1 ms each, hundreds per group in a fleet).
         seen_only = sorted(a for a, c in latest.items() if c is None)
         if seen_only:
             cur.execute("UPDATE agents SET last_seen = ? WHERE agent_id IN (SELECT unnest(?))",
                         [now, seen_only])
-        for agent_id, counters in latest.items():
-            if counters is not None:
-                cls._write_counters(cur, agent_id, counters, now)
+        with_counters = {a: c for a, c in latest.items() if c is not None}
+        if with_counters:
+            _update_counters(cur, with_counters, now)
 
     @staticmethod
     def _record_batches(cur, jobs: Sequence[BatchJob], now: datetime) -> None:
@@ -300,22 +302,49 @@ class Store:
             cur.unregister("_incoming")
 
 
-def _agent_column(agent_id: str, num_rows: int) -> pa.DictionaryArray:
-    # One dictionary entry per batch: no per-row string is built.
-    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(num_rows, dtype=np.int32)),
-                                          pa.array([agent_id], type=pa.string()))
-
-
 def _group_tables(jobs: Sequence[BatchJob]) -> dict[str, pa.Table]:
-    """table name -> all jobs' rows of it, with an agent_id column in front."""
+    """table name -> all jobs' rows of it, with an agent_id column in front.
+
+    agent_id is one dictionary column per table (index = the job's agent, repeated over its
+    rows): no per-row string and no per-job Arrow call, which cost more than the rows in a
+    fleet's group of hundreds of small batches."""
     parts: dict[str, list[pa.Table]] = {}
+    owners: dict[str, list[tuple[str, int]]] = {}   # table -> [(agent_id, rows)] per part
     for job in jobs:
         for name, table in job.batch.tables.items():
-            tagged = table.add_column(0, "agent_id", _agent_column(job.agent_id, table.num_rows))
-            parts.setdefault(name, []).append(tagged)
-    # One chunk, one dictionary: DuckDB scans a table of a thousand small chunks ~20x slower.
-    return {name: pa.concat_tables(tables).unify_dictionaries().combine_chunks()
+            parts.setdefault(name, []).append(table)
+            owners.setdefault(name, []).append((job.agent_id, table.num_rows))
+    # One chunk each: DuckDB scans a table of a thousand small chunks ~20x slower.
+    return {name: pa.concat_tables(tables).combine_chunks().add_column(
+                0, "agent_id", _agent_column(owners[name]))
             for name, tables in parts.items()}
+
+
+def _agent_column(owners: list[tuple[str, int]]) -> pa.DictionaryArray:
+    """owners: [(agent_id, rows)] in row order -> a dictionary array of the agent ids."""
+    ids = list(dict.fromkeys(agent for agent, _ in owners))
+    position = {agent: i for i, agent in enumerate(ids)}
+    indices = np.repeat(np.fromiter((position[a] for a, _ in owners), np.int32, len(owners)),
+                        np.fromiter((n for _, n in owners), np.int64, len(owners)))
+    return pa.DictionaryArray.from_arrays(pa.array(indices), pa.array(ids, type=pa.string()))
+
+
+_COUNTERS_FROM_SQL = ("UPDATE agents SET last_seen = $now, "
+                      + ", ".join(f"{c} = _counters.{c}" for c in COUNTER_COLUMNS)
+                      + " FROM _counters WHERE agents.agent_id = _counters.agent_id")
+
+
+def _update_counters(cur, counters_by_agent: dict[str, Counters], now: datetime) -> None:
+    """One UPDATE ... FROM a registered Arrow table: agent_id + COUNTER_COLUMNS, a row each."""
+    agents = list(counters_by_agent)
+    columns = {"agent_id": pa.array(agents, pa.string())}
+    for c in COUNTER_COLUMNS:
+        columns[c] = pa.array([getattr(counters_by_agent[a], c) for a in agents], pa.uint64())
+    cur.register("_counters", pa.table(columns))
+    try:
+        cur.execute(_COUNTERS_FROM_SQL, {"now": now})
+    finally:
+        cur.unregister("_counters")
 
 
 def _latest_counters(jobs: Sequence[BatchJob]) -> dict[str, Optional[Counters]]:
