@@ -307,16 +307,9 @@ class ControlLoop:
             job.message = (f"no hypothesis fit the quality and latency budget "
                            f"({result.stop_reason}; objective: {result.objective.value})")
             return
-        self._update(job, plan_id=result.best["plan_id"])
-        context = Context(tenant=request.tenant, route=request.route,
-                          query_class=request.query_class or "",
-                          requires_determinism=request.requires_determinism)
-        self._update(job, stage=Stage.DECIDING)
-        outcome = self.decide(job.plan_id, result.best_trial.evidence, context)
-        self._update(job, decision=outcome.value)
-        if outcome is Outcome.APPROVE:
-            self._update(job, stage=Stage.ROLLING_OUT)
-            job.message = self.rollout.run(job.plan_id).message
+        rolled_out = self._decide_and_roll_out(job, request, result.best, result.best_trial)
+        if rolled_out is not None:
+            job.message = rolled_out
 
     def _class_job(self, job: Job, request: PlanRequest, spec: str) -> None:
         """A query class chooses only how it speculates (weights are process-wide on the
@@ -325,16 +318,25 @@ class ControlLoop:
         job.message = result.message
         if result.best is None:
             return
-        self._update(job, plan_id=result.best["plan_id"])
+        rolled_out = self._decide_and_roll_out(job, request, result.best, result.best_trial)
+        if rolled_out is not None:
+            job.message = f"{result.message}; {rolled_out}"
+
+    def _decide_and_roll_out(self, job: Job, request: PlanRequest, best: dict,
+                             best_trial) -> Optional[str]:
+        """The policy engine decides the job's best plan; an approved one rolls out at once.
+        Returns the rollout's message, None when the plan was not approved."""
+        self._update(job, plan_id=best["plan_id"])
         context = Context(tenant=request.tenant, route=request.route,
-                          query_class=request.query_class,
+                          query_class=request.query_class or "",
                           requires_determinism=request.requires_determinism)
         self._update(job, stage=Stage.DECIDING)
-        outcome = self.decide(job.plan_id, result.best_trial.evidence, context)
+        outcome = self.decide(job.plan_id, best_trial.evidence, context)
         self._update(job, decision=outcome.value)
-        if outcome is Outcome.APPROVE:
-            self._update(job, stage=Stage.ROLLING_OUT)
-            job.message = f"{result.message}; {self.rollout.run(job.plan_id).message}"
+        if outcome is not Outcome.APPROVE:
+            return None
+        self._update(job, stage=Stage.ROLLING_OUT)
+        return self.rollout.run(job.plan_id).message
 
     def _scope(self, fingerprint: str, scope: CandidateScope) -> CandidateScope:
         with self.store.reader() as cur:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from headroom_sidecar.controlplane.settings import resolve_settings
+from headroom_sidecar.proto.prometheus import PrometheusEndpoint
 
 log = logging.getLogger("headroom_sidecar.controlplane.prometheus")
 
@@ -55,52 +56,23 @@ class MetricsEndpointSettings:
         return resolve_settings(cls, overrides, "metrics endpoint")
 
 
-class MetricsEndpoint:
-    """A MeterProvider and the HTTP server that renders it for Prometheus."""
-
-    def __init__(self, settings: MetricsEndpointSettings):
-        try:
-            from opentelemetry.exporter.prometheus import PrometheusMetricReader
-            from opentelemetry.sdk.metrics import MeterProvider
-            from prometheus_client import CollectorRegistry, start_http_server
-        except ImportError as e:
-            raise ImportError(f"{_INSTALL_HINT} ({e})") from None
-        registry = CollectorRegistry(auto_describe=True)
-        self.meter_provider = MeterProvider(
-            metric_readers=[PrometheusMetricReader(registry=registry)])
-        try:
-            self._http, self._thread = start_http_server(settings.port, addr=settings.host,
-                                                         registry=registry)
-        except OSError as e:
-            self.meter_provider.shutdown()
-            raise OSError(f"metrics endpoint cannot listen on {settings.host}:{settings.port} "
-                          f"(HEADROOM_CP_METRICS_PORT / HEADROOM_CP_METRICS_HOST): {e}") from None
-        self.host = settings.host
-        self.port: int = self._http.server_port
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
-
-    def close(self) -> None:
-        self._http.shutdown()
-        self._http.server_close()
-        self._thread.join(timeout=5.0)
-        self.meter_provider.shutdown()
+def _start(settings: MetricsEndpointSettings) -> PrometheusEndpoint:
+    return PrometheusEndpoint(settings.port, settings.host,
+                              "metrics endpoint (HEADROOM_CP_METRICS_PORT / HEADROOM_CP_METRICS_HOST)",
+                              _INSTALL_HINT)
 
 
 _LOCK = threading.Lock()
-_endpoint: Optional[MetricsEndpoint] = None
+_endpoint: Optional[PrometheusEndpoint] = None
 _users = 0
 
 
-def acquire(settings: MetricsEndpointSettings) -> MetricsEndpoint:
+def acquire(settings: MetricsEndpointSettings) -> PrometheusEndpoint:
     """The process's endpoint, started on first use (later settings are not re-read)."""
     global _endpoint, _users
     with _LOCK:
         if _endpoint is None:
-            _endpoint = MetricsEndpoint(settings)
+            _endpoint = _start(settings)
             log.info("Prometheus metrics on %s", _endpoint.url)
         _users += 1
         return _endpoint
@@ -119,7 +91,7 @@ def release() -> None:
     endpoint.close()
 
 
-def running_endpoint() -> Optional[MetricsEndpoint]:
+def running_endpoint() -> Optional[PrometheusEndpoint]:
     """The endpoint this process serves, if any (its port when settings asked for 0)."""
     with _LOCK:
         return _endpoint

@@ -29,6 +29,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from headroom_sidecar.agent.observe.spans import error_type
 from headroom_sidecar.agent.records import RequestRecord
+from headroom_sidecar.proto.prometheus import PrometheusEndpoint
 
 METER_NAME = "headroom.agent"
 TTFT_BUCKETS_S = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
@@ -160,48 +161,6 @@ def unobserve_exporter(meter_provider, exporter) -> None:
         counters.remove(exporter)
 
 
-class PrometheusEndpoint:
-    """A MeterProvider whose PrometheusMetricReader feeds a registry of its own (not
-    prometheus_client's global one), served over HTTP on host:port."""
-
-    def __init__(self, port: int, host: str):
-        try:
-            from opentelemetry.exporter.prometheus import PrometheusMetricReader
-            from opentelemetry.sdk.metrics import MeterProvider
-            from prometheus_client import CollectorRegistry, start_http_server
-        except ImportError as e:
-            raise ImportError("start_prometheus needs opentelemetry-sdk and "
-                              f"opentelemetry-exporter-prometheus installed ({e})") from None
-        registry = CollectorRegistry(auto_describe=True)
-        self.meter_provider = MeterProvider(
-            metric_readers=[PrometheusMetricReader(registry=registry)])
-        try:
-            self._http, self._thread = start_http_server(port, addr=host, registry=registry)
-        except OSError as e:
-            self.meter_provider.shutdown()
-            raise OSError(f"start_prometheus cannot listen on {host}:{port}: {e}") from None
-        self.host = host
-        self.port: int = self._http.server_port
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
-
-    def close(self) -> None:
-        """Stops serving and shuts the provider down (detach the handles that use it first)."""
-        self._http.shutdown()
-        self._http.server_close()
-        self._thread.join(timeout=5.0)
-        self.meter_provider.shutdown()
-
-    def __enter__(self) -> "PrometheusEndpoint":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 def start_prometheus(port: int = 9464, host: str = "127.0.0.1") -> PrometheusEndpoint:
     """Serves the metrics of every handle attached with meter_provider=<the result's
     meter_provider> on http://host:port/metrics (port 0: a free one, see .port). Loopback
@@ -211,4 +170,7 @@ def start_prometheus(port: int = 9464, host: str = "127.0.0.1") -> PrometheusEnd
         raise ValueError(f"start_prometheus: port={port} is not in [0, 65535]")
     if not host:
         raise ValueError("start_prometheus: host is empty")
-    return PrometheusEndpoint(port, host)
+    return PrometheusEndpoint(port, host, "start_prometheus",
+                              "start_prometheus needs opentelemetry-sdk and "
+                              "opentelemetry-exporter-prometheus: pip install "
+                              "'headroom-sidecar[prometheus]'")

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import grpc
 import pytest
 
 from headroom_sidecar.agent import wire
@@ -260,11 +261,15 @@ def _approve_and_kill_in_the_canary_watch(cp: ControlPlaneProcess, plan_id: str)
 def _after_restart(cp: ControlPlaneProcess, plan_id: str, job_id: str) -> tuple[dict, dict, list]:
     time.sleep(0.5)
     assert cp.proc.poll() is None, f"exit {cp.proc.returncode}: {cp.log_tail()}"
-    with AdminClient(cp.address, actor="carol") as admin:
-        wait_for(lambda: admin.show_plan(plan_id).plan.status != "applying", timeout_s=60,
-                 what="the plan to be settled")
-        return (reply_json(admin.show_plan(plan_id)), reply_json(admin.get_job(job_id)),
-                reply_json(admin.list_audit(subject=plan_id, kind="NOTE")))
+    try:
+        with AdminClient(cp.address, actor="carol") as admin:
+            wait_for(lambda: admin.show_plan(plan_id).plan.status != "applying", timeout_s=60,
+                     what="the plan to be settled")
+            return (reply_json(admin.show_plan(plan_id)), reply_json(admin.get_job(job_id)),
+                    reply_json(admin.list_audit(subject=plan_id, kind="NOTE")))
+    except grpc.RpcError as e:   # say what the restarted process did, not only the refusal
+        raise AssertionError(f"{e.code().name} {e.details()}; process exit "
+                             f"{cp.proc.poll()}; its log:\n{cp.log_tail()}") from e
 
 
 def test_sigkill_mid_rollout_then_restart_settles_the_plan_from_the_agent(tmp_path):
