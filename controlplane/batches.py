@@ -6,7 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import pyarrow as pa
+
+_MAX_STRING_BYTES = 1 << 30   # below int32 offsets' limit
 
 
 @dataclass
@@ -34,3 +37,25 @@ class BatchJob:
     pid: int
     batch: Optional[DecodedBatch] = None
     counters: Optional[Any] = None
+
+
+def arrow_strings(strings) -> pa.Array:
+    """strings (any sequence of str) as an Arrow string array built from its buffers.
+    pa.array(list of str) releases and retakes the GIL as it goes: with one busy Python thread
+    beside it, ~40 ms for 12 strings (this: ~10 us). Protobuf has checked they are UTF-8."""
+    encoded = [v.encode() for v in strings]
+    ends = np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)))
+    if len(ends) and ends[-1] >= _MAX_STRING_BYTES:   # int32 offsets: let Arrow chunk it
+        return pa.array(list(strings), type=pa.string())
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
+    offsets[1:] = ends
+    return pa.Array.from_buffers(pa.string(), len(encoded),
+                                 [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))])
+
+
+def arrow_numbers(values, dtype: str) -> pa.Array:
+    """Python numbers as an Arrow array through numpy and its buffer (as arrow_strings: no
+    GIL-releasing conversion). dtype: a numpy dtype name such as "uint64"."""
+    array = np.ascontiguousarray(np.asarray(values, dtype=dtype))
+    return pa.Array.from_buffers(pa.from_numpy_dtype(array.dtype), len(array),
+                                 [None, pa.py_buffer(array)])

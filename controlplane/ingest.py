@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from headroom_sidecar.controlplane.batches import BatchJob, DecodedBatch, StoredBatch
+from headroom_sidecar.controlplane.batches import BatchJob, DecodedBatch, StoredBatch, arrow_strings
 from headroom_sidecar.controlplane.ingest_rules import (MAX_BATCH_ROWS, ModelShape, RowCheck,
                                                         all_clean, check_lengths, check_numeric,
                                                         rule_for, summarize)
@@ -116,7 +116,7 @@ def _string_column(table: pb.Table, col: pb.Column, check: RowCheck) -> pa.Array
         raise IngestError(ErrorCode.BAD_COLUMN,
                           f"table {table.name!r} column {col.name!r}: {len(col.strings)} "
                           f"values, expected {table.num_rows}")
-    values = pa.array(col.strings, type=pa.string())
+    values = arrow_strings(col.strings)
     check_lengths(check, col.name, _char_counts(col.strings, values))
     if col.null_mask:
         check.refuse(col.name, _null_mask(table, col), "NULL")
@@ -231,6 +231,14 @@ class IngestWriter:
             except queue.Full:
                 continue
         return False
+
+    def try_submit(self, job: BatchJob, done: DoneCallback) -> bool:
+        """Queues a job if there is room now; never blocks (for the event loop)."""
+        try:
+            self._queue.put_nowait(_Pending(job, done))
+            return True
+        except queue.Full:
+            return False
 
     def pending_batches(self) -> int:
         """Batches queued for the writer thread (approximate: another thread may change it)."""

@@ -17,7 +17,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from headroom_sidecar.controlplane.batches import BatchJob, DecodedBatch, StoredBatch
+from headroom_sidecar.controlplane.batches import (BatchJob, DecodedBatch, StoredBatch,
+                                                   arrow_numbers, arrow_strings)
 from headroom_sidecar.controlplane.ingest_rules import ModelShape
 from headroom_sidecar.controlplane.schema import (COUNTER_COLUMNS, HELLO_COLUMNS, MODEL_COLUMNS,
                                                   SCHEMA_VERSION, TELEMETRY_COLUMNS, SchemaError,
@@ -278,13 +279,13 @@ class Store:
         # One columnar INSERT (executemany costs ~2 ms a row, the fleet's bottleneck).
         if not jobs:
             return
-        col = lambda f, kind: pa.array([f(j) for j in jobs], kind)
-        table = pa.table({"agent_id": col(lambda j: j.agent_id, pa.string()),
-                          "pid": col(lambda j: j.pid, pa.uint32()),
-                          "seq": col(lambda j: j.batch.seq, pa.uint64()),
-                          "sent_at_us": col(lambda j: j.batch.sent_at_us, pa.int64()),
-                          "rows_stored": col(lambda j: j.batch.num_rows, pa.uint64()),
-                          "bytes": col(lambda j: j.batch.num_bytes, pa.uint64())})
+        col = lambda f, kind: arrow_numbers([f(j) for j in jobs], kind)
+        table = pa.table({"agent_id": arrow_strings([j.agent_id for j in jobs]),
+                          "pid": col(lambda j: j.pid, "uint32"),
+                          "seq": col(lambda j: j.batch.seq, "uint64"),
+                          "sent_at_us": col(lambda j: j.batch.sent_at_us, "int64"),
+                          "rows_stored": col(lambda j: j.batch.num_rows, "uint64"),
+                          "bytes": col(lambda j: j.batch.num_bytes, "uint64")})
         cur.register("_new_batches", table)
         try:
             cur.execute("INSERT OR IGNORE INTO batches SELECT agent_id, pid, seq, ?, sent_at_us, "
@@ -326,7 +327,7 @@ def _agent_column(owners: list[tuple[str, int]]) -> pa.DictionaryArray:
     position = {agent: i for i, agent in enumerate(ids)}
     indices = np.repeat(np.fromiter((position[a] for a, _ in owners), np.int32, len(owners)),
                         np.fromiter((n for _, n in owners), np.int64, len(owners)))
-    return pa.DictionaryArray.from_arrays(pa.array(indices), pa.array(ids, type=pa.string()))
+    return pa.DictionaryArray.from_arrays(arrow_numbers(indices, "int32"), arrow_strings(ids))
 
 
 _COUNTERS_FROM_SQL = ("UPDATE agents SET last_seen = $now, "
@@ -337,9 +338,9 @@ _COUNTERS_FROM_SQL = ("UPDATE agents SET last_seen = $now, "
 def _update_counters(cur, counters_by_agent: dict[str, Counters], now: datetime) -> None:
     """One UPDATE ... FROM a registered Arrow table: agent_id + COUNTER_COLUMNS, a row each."""
     agents = list(counters_by_agent)
-    columns = {"agent_id": pa.array(agents, pa.string())}
+    columns = {"agent_id": arrow_strings(agents)}
     for c in COUNTER_COLUMNS:
-        columns[c] = pa.array([getattr(counters_by_agent[a], c) for a in agents], pa.uint64())
+        columns[c] = arrow_numbers([getattr(counters_by_agent[a], c) for a in agents], "uint64")
     cur.register("_counters", pa.table(columns))
     try:
         cur.execute(_COUNTERS_FROM_SQL, {"now": now})

@@ -147,3 +147,47 @@ def test_a_group_attributes_every_row_to_its_agent(tmp_path):
         assert heads == {a: n * 12 for a, n in requests.items()}   # 3 layers x 4 heads each
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("strings", [[], [""], ["t0", "", "é" * 3, "日本語", "x" * 300],
+                                     ["a"] * 1000])
+def test_arrow_strings_equal_arrows_own_conversion(strings):
+    import pyarrow as pa
+    from headroom_sidecar.controlplane.batches import arrow_strings
+    got = arrow_strings(strings)
+    got.validate(full=True)
+    assert got.equals(pa.array(strings, type=pa.string()))
+
+
+def test_arrow_numbers_keep_type_and_values():
+    from headroom_sidecar.controlplane.batches import arrow_numbers
+    got = arrow_numbers([0, 7, 2 ** 64 - 1], "uint64")
+    assert str(got.type) == "uint64" and got.to_pylist() == [0, 7, 2 ** 64 - 1]
+    assert arrow_numbers([], "int32").to_pylist() == []
+
+
+@pytest.mark.parametrize("inline_max_bytes", [0, 1 << 20])   # workers only / the loop only
+def test_batches_and_errors_answered_on_either_path(tmp_path, inline_max_bytes):
+    from headroom_sidecar.controlplane.app import start_server
+    from headroom_sidecar.controlplane.settings import ServerSettings
+    server = start_server(ServerSettings(db_path=str(tmp_path / "p.duckdb"), port=0,
+                                         inline_max_bytes=inline_max_bytes))
+    try:
+        with h.AgentStream(server.address) as agent:
+            agent.send(h.hello())
+            agent.send(h.batch(1, h.tables(h.records(3))))
+            agent.send(h.batch(2, [h.tables(h.records(1))[0]] * 2))   # duplicate table
+            agent.send(h.batch(3, h.tables(h.records(2))))
+            replies = [agent.recv() for _ in range(3)]
+        # A refusal is answered at once, acks once stored: acks in order, one error.
+        acks = [r.ack for r in replies if r.HasField("ack")]
+        assert [a.seq for a in acks] == [1, 3] and all(a.rows_stored > 0 for a in acks)
+        assert [r.error.code for r in replies if r.HasField("error")] == ["DUPLICATE_TABLE"]
+    finally:
+        server.stop(grace_s=0.5)
+
+
+def test_inline_limit_is_validated():
+    from headroom_sidecar.controlplane.settings import ServerSettings
+    with pytest.raises(ValueError, match="inline_max_bytes"):
+        ServerSettings(db_path="x.duckdb", inline_max_bytes=(1 << 20) + 1)
