@@ -14,6 +14,8 @@ from typing import Optional
 
 import grpc
 
+from headroom_sidecar.proto.credentials import BearerInterceptor
+
 LOCAL_TOKEN_ENV = "HEADROOM_LOCAL_TOKEN"
 
 
@@ -44,27 +46,5 @@ class AgentChannels:
             return grpc.secure_channel(target, self._tls, options=self._options)
         channel = grpc.insecure_channel(target)
         token = self._token or os.environ.get(LOCAL_TOKEN_ENV, "")
-        return grpc.intercept_channel(channel, _Bearer(token)) if token else channel
+        return grpc.intercept_channel(channel, BearerInterceptor(token)) if token else channel
 
-
-class _Details(grpc.ClientCallDetails):
-    def __init__(self, d, metadata):
-        self.method, self.timeout, self.credentials = d.method, d.timeout, d.credentials
-        self.wait_for_ready, self.compression = d.wait_for_ready, d.compression
-        self.metadata = metadata
-
-
-class _Bearer(grpc.StreamStreamClientInterceptor, grpc.UnaryUnaryClientInterceptor):
-    """`authorization: Bearer <token>` on every call (the agent makes Connect calls only)."""
-
-    def __init__(self, token: str):
-        self._header = ("authorization", f"Bearer {token}")
-
-    def _details(self, d):
-        return _Details(d, list(d.metadata or ()) + [self._header])
-
-    def intercept_stream_stream(self, continuation, d, requests):
-        return continuation(self._details(d), requests)
-
-    def intercept_unary_unary(self, continuation, d, request):
-        return continuation(self._details(d), request)

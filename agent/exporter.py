@@ -332,7 +332,7 @@ class BatchExporter:
                 continue
             connections += 1
             if connections > 1:
-                self._count("reconnects")
+                self._buffer.count("reconnects")
             self._pump(stream)
             self._end_stream(stream)
             if self._stream_was_healthy(stream):
@@ -391,15 +391,12 @@ class BatchExporter:
                         self._target, stream.error)
 
     def _count_connect_failure(self) -> None:
-        self._count("connect_failures")
+        self._buffer.count("connect_failures")
         # One line per outage, not one per attempt: a dead control plane must not flood the log.
         if not self._in_outage:
             self._in_outage = True
             log.warning("headroom exporter: cannot reach the control plane at %s; records queue "
                         "(bounded, oldest dropped) until it is back", self._target)
-
-    def _count(self, name: str, n: int = 1) -> None:
-        self._buffer.count(name, n)
 
     # -------------------------------------------------------------- worker: resending
     def _resend_unacked(self, stream: _Stream) -> None:
@@ -439,7 +436,7 @@ class BatchExporter:
                 continue
             if now - last_send >= interval_s:
                 stream.send(wire.heartbeat_message(self._agent_id, self.counters()))
-                self._count("heartbeats")
+                self._buffer.count("heartbeats")
                 last_send = now
             self._wake.wait(self._idle_wait_s(now, last_send, last_batch, interval_s))
 
@@ -505,7 +502,7 @@ class BatchExporter:
         except Exception as e:
             log.warning("headroom exporter: dropped a malformed %s: %s",
                         "record" if records else "GPU sample", e)
-            self._count("rejected_records" if records else "gpu_dropped")
+            self._buffer.count("rejected_records" if records else "gpu_dropped")
             return False
 
     def _build(self, records: list, gpu: list) -> pb.TelemetryBatch:

@@ -55,7 +55,10 @@ def _head_tables(first_id: int, n: int, layers: int, heads: int, rng) -> list[pb
                 "traced": np.ones(n, dtype=bool), "batch_size": np.ones(n, dtype=np.uint32),
                 "prompt_tokens": np.full(n, 64, dtype=np.uint32),
                 "output_tokens": np.full(n, 32, dtype=np.uint32),
-                **{c: rng.random(n, dtype=_F32) * 100 for c in ("ttft_ms", "tpot_ms", "latency_ms")}}
+                **{c: rng.random(n, dtype=_F32) * 100 for c in ("ttft_ms", "tpot_ms", "latency_ms")},
+                # 0: the request did not speculate (agent/records.py)
+                **{c: np.zeros(n, dtype=np.uint32)
+                   for c in ("spec_drafted", "spec_accepted", "spec_verify_forwards")}}
     return [columnar.encode_table(name, cols) for name, cols in
             (("requests", requests), ("head_stats", head), ("layer_stats", layer), ("mlp_stats", mlp))]
 

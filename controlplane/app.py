@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from headroom_sidecar.controlplane.admin import ControlPlane, ControlSettings
-from headroom_sidecar.controlplane.aiohost import AioHost
+from headroom_sidecar.controlplane.aiohost import AioHost, bind_host
 from headroom_sidecar.controlplane.auth import AgentBindings, AuthMode, ServerAuth
 from headroom_sidecar.controlplane.health import HealthSettings, StoreHealth, add_health
 from headroom_sidecar.controlplane.ingest import IngestWriter
@@ -49,8 +49,7 @@ class RunningServer:
     def address(self) -> str:
         """Where a client on this machine reaches the server."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "[::]") else self.host
-        return f"[{host}]:{self.port}" if ":" in host and not host.startswith("[") else \
-            f"{host}:{self.port}"
+        return f"{bind_host(host)}:{self.port}"
 
     def stop(self, grace_s: Optional[float] = 1.0) -> None:
         """Ends agent streams, stops serving, marks agents disconnected, closes the DuckDB file."""

@@ -19,6 +19,7 @@ from headroom_sidecar.controlplane.query import QueryClient, QueryError, QueryRe
 from headroom_sidecar.controlplane.app import RunningServer, serve_forever
 from headroom_sidecar.controlplane.settings import ServerSettings
 from headroom_sidecar.controlplane.store import StoreError
+from headroom_sidecar.controlplane.cliout import add_json_flag, write_json
 
 EXIT_ERROR = 2
 
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--db", help="open this DuckDB file read-only instead (no server)")
     query.add_argument("--format", choices=("table", "csv", "json"), default="table")
     query.add_argument("--max-rows", type=int, default=0, help="0 = the server's default")
-    _add_json_flag(query, "{columns, rows, row_count, truncated}")
+    add_json_flag(query, "{columns, rows, row_count, truncated}")
     _add_credential_args(query)
     export = sub.add_parser("export", help="telemetry and hourly roll-ups since a time, as "
                                            "Parquet files (one per table)")
@@ -59,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
                                      "(env HEADROOM_CP_DB)")
     export.add_argument("--since", required=True, help="ISO 8601 date or time (UTC if no zone)")
     export.add_argument("--to", required=True, dest="to_dir", help="directory for <table>.parquet")
-    _add_json_flag(export, "{since, to, tables: {table: {path, rows}}}")
+    add_json_flag(export, "{since, to, tables: {table: {path, rows}}}")
     _add_health_command(sub)
     _add_admin_commands(sub)
     from headroom_sidecar.controlplane.policy.cli import add_policy_commands
@@ -94,17 +95,7 @@ def _add_health_command(sub) -> None:
                         "(HEADROOM_CP_HEALTH_PORT) of a TLS one (default 127.0.0.1:50051)")
     p.add_argument("--service", default="", help="service name; \"\" = the whole server")
     p.add_argument("--timeout-s", type=float, default=3.0, help="deadline of the call (default 3)")
-    _add_json_flag(p, "{address, service, status, error}")
-
-
-def _add_json_flag(p: argparse.ArgumentParser, shape: str) -> None:
-    """`--json`: one JSON document on stdout instead of text (errors too: {command, error})."""
-    p.add_argument("--json", action="store_true", help=f"print one JSON document: {shape}")
-
-
-def _write_json(doc, out=None) -> None:
-    out = out or sys.stdout
-    out.write(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+    add_json_flag(p, "{address, service, status, error}")
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -117,10 +108,10 @@ def _health(args: argparse.Namespace) -> int:
         doc["error"] = f"{e.code().name}: {e.details()}"
         print(f"headroom-controlplane health: {args.address}: {doc['error']}", file=sys.stderr)
         if args.json:
-            _write_json(doc)
+            write_json(doc)
         return EXIT_UNHEALTHY
     if args.json:
-        _write_json({**doc, "status": status})
+        write_json({**doc, "status": status})
     else:
         print(status)
     return 0 if status == "SERVING" else EXIT_UNHEALTHY
@@ -356,7 +347,7 @@ def _query(args: argparse.Namespace) -> int:
     else:
         result = _run_remote(args.address, args.sql, args.max_rows, _credentials(args))
     if args.json:
-        _write_json(_result_doc(result))
+        write_json(_result_doc(result))
         return 0
     _print(result.table, args.format, sys.stdout)
     if result.truncated:
@@ -378,7 +369,7 @@ def _export(args: argparse.Namespace) -> int:
         con.close()
     paths = {table: str(Path(args.to_dir) / (table + ".parquet")) for table in rows}
     if args.json:
-        _write_json({"since": since.isoformat(), "to": str(Path(args.to_dir)), "tables": {
+        write_json({"since": since.isoformat(), "to": str(Path(args.to_dir)), "tables": {
             table: {"path": paths[table], "rows": n} for table, n in rows.items()}})
         return 0
     for table, n in rows.items():
@@ -404,7 +395,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         message = " ".join(str(e).split())   # one line, whatever DuckDB or gRPC said
         print(f"headroom-controlplane {args.command}: error: {message}", file=sys.stderr)
         if getattr(args, "json", False):   # a script reading stdout gets a document too
-            _write_json({"command": args.command, "error": message})
+            write_json({"command": args.command, "error": message})
         return EXIT_ERROR
 
 

@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from headroom_sidecar.controlplane.aiohost import bind_host
 from headroom_sidecar.controlplane.settings import resolve_settings
 from headroom_sidecar.controlplane.store import Store
 
@@ -95,8 +96,7 @@ class StoreHealth:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=2,
                                                         thread_name_prefix="headroom-health"))
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
-        target = f"[{host}]:{self.settings.port}" if ":" in host and not host.startswith("[") \
-            else f"{host}:{self.settings.port}"
+        target = f"{bind_host(host)}:{self.settings.port}"
         self.port = server.add_insecure_port(target)
         if not self.port:
             raise OSError(f"health port cannot listen on {target}: address in use or not available")

@@ -105,12 +105,10 @@ class PlanHistory:
     applications: list[Application]
 
 
-# The tables are schema.py's (one owner, under the schema version); run here for a bare connection.
-_STORE_SCHEMA = PLAN_TABLES_DDL
-
-
 def ensure_schema(con) -> None:
-    con.execute(_STORE_SCHEMA)
+    # The tables are schema.py's (one owner, under the schema version); run here for a bare
+    # connection.
+    con.execute(PLAN_TABLES_DDL)
 
 
 def _now_us() -> int:

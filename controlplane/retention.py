@@ -16,6 +16,7 @@ from typing import Any, Optional
 import duckdb
 
 from headroom_sidecar.controlplane.rollup import roll_up_before
+from headroom_sidecar.controlplane.schema import TELEMETRY_COLUMNS
 from headroom_sidecar.controlplane.settings import resolve_settings
 from headroom_sidecar.controlplane.store import Store, utc_now
 
@@ -23,7 +24,7 @@ from headroom_sidecar.controlplane.store import Store, utc_now
 log = logging.getLogger("headroom.controlplane.retention")
 
 # Every table here has received_at; nothing else is ever deleted by retention.
-RAW_TABLES = ("head_stats", "layer_stats", "mlp_stats", "requests", "gpu_samples", "batches")
+RAW_TABLES = (*TELEMETRY_COLUMNS, "batches")
 _HOUR = timedelta(hours=1)
 
 

@@ -4,12 +4,12 @@ prints one JSON document instead (paths; the token itself for `token issue`)."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
 from headroom_sidecar.controlplane import certs
 from headroom_sidecar.controlplane.auth import Role, issue_token, load_token_key, parse_ttl_s
+from headroom_sidecar.controlplane.cliout import add_json_flag, write_json
 
 TOKEN_KEY_ENV = "HEADROOM_CP_TOKEN_KEY_FILE"
 ROLES = [r.name.lower() for r in Role]
@@ -39,14 +39,14 @@ def add_security_commands(sub) -> None:
     init.add_argument("--server-name", action="append", default=None,
                       help="DNS name or IP clients use for the server; repeatable "
                            "(default localhost, 127.0.0.1)")
-    _add_json_flag(init)
+    add_json_flag(init)
     init.set_defaults(handler=_certs_init)
     issue = c.add_parser("issue", help="one more client certificate from DIR's CA")
     issue.add_argument("dir")
     who = issue.add_mutually_exclusive_group(required=True)
     who.add_argument("--agent", help="agent id")
     who.add_argument("--operator", type=_operator, help="NAME:ROLE")
-    _add_json_flag(issue)
+    add_json_flag(issue)
     issue.set_defaults(handler=_certs_issue)
     t = sub.add_parser("token", help="signed operator tokens").add_subparsers(
         dest="token_command", required=True)
@@ -55,16 +55,8 @@ def add_security_commands(sub) -> None:
     ti.add_argument("--role", required=True, choices=ROLES)
     ti.add_argument("--ttl", default="8h", help="e.g. 15m, 8h, 7d (default 8h)")
     ti.add_argument("--key-file", default=None, help=f"HMAC key (env {TOKEN_KEY_ENV})")
-    _add_json_flag(ti)
+    add_json_flag(ti)
     ti.set_defaults(handler=_token_issue)
-
-
-def _add_json_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="one JSON document on stdout, not text")
-
-
-def _write_json(doc: dict, out) -> None:
-    out.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 def _pair_doc(pair: certs.Issued) -> dict:
@@ -83,7 +75,7 @@ def _certs_init(args: argparse.Namespace, out) -> int:
                           server_names=args.server_name or certs.DEFAULT_SERVER_NAMES)
     root = Path(args.dir).resolve()
     if args.json:
-        _write_json({"dir": str(root), "ca_file": str(made.ca_file),
+        write_json({"dir": str(root), "ca_file": str(made.ca_file),
                      "ca_key_file": str(made.ca_key_file), "server": _pair_doc(made.server),
                      "agents": {a: _pair_doc(p) for a, p in made.agents.items()},
                      "operators": {o: _pair_doc(p) for o, p in made.operators.items()},
@@ -102,7 +94,7 @@ def _certs_issue(args: argparse.Namespace, out) -> int:
     cn, ou = (args.agent, certs.AGENT_OU) if args.agent else args.operator
     pair = certs.issue_into(Path(args.dir), cn, ou)
     if args.json:
-        _write_json({"cn": cn, "ou": ou, **_pair_doc(pair)}, out)
+        write_json({"cn": cn, "ou": ou, **_pair_doc(pair)}, out)
         return 0
     out.write(f"{pair.cert_file}\n{pair.key_file}\n")
     return 0
@@ -116,7 +108,7 @@ def _token_issue(args: argparse.Namespace, out) -> int:
     token = issue_token(load_token_key(key_file), args.subject, Role.parse(args.role),
                         parse_ttl_s(args.ttl))
     if args.json:
-        _write_json({"token": token, "subject": args.subject, "role": args.role,
+        write_json({"token": token, "subject": args.subject, "role": args.role,
                      "ttl_s": parse_ttl_s(args.ttl)}, out)
         return 0
     out.write(token + "\n")

@@ -82,8 +82,7 @@ class ServerState:
         self.control = None   # what the wiring (controlplane/app.py) built on this server
         self.auth: Optional[ServerAuth] = None        # set by the wiring
         self.bindings: Optional[AgentBindings] = None  # TLS: agent id -> certificate
-        # Open Connect streams, in all and per authenticated agent certificate.
-        self._agent_streams = 0
+        # Open Connect streams per authenticated agent certificate (in all: len(self._open)).
         self._streams_by_client: dict[str, int] = {}
         self._operator_calls = threading.BoundedSemaphore(settings.max_operator_calls)
 
@@ -137,27 +136,29 @@ class ServerState:
         return True
 
     # ------------------------------------------------------------------ resource limits
-    def open_agent_stream(self, principal: Principal) -> Optional[str]:
+    def open_agent_stream(self, session: Session) -> Optional[str]:
         """Counts a new Connect stream; why not if a limit is reached (then nothing is counted)."""
+        principal = session.principal
         key = principal.client_key if principal.kind is PrincipalKind.AGENT else None
         with self._lock:
-            if self._agent_streams >= self.settings.max_agent_streams:
-                return (f"{self._agent_streams} agent streams are open, the most "
+            if len(self._open) >= self.settings.max_agent_streams:
+                return (f"{len(self._open)} agent streams are open, the most "
                         f"max_agent_streams={self.settings.max_agent_streams} allows")
             if key is not None and self._streams_by_client.get(key, 0) >= \
                     self.settings.max_streams_per_client:
                 return (f"agent {principal.subject!r} has {self._streams_by_client[key]} streams "
                         f"open, the most max_streams_per_client="
                         f"{self.settings.max_streams_per_client} allows")
-            self._agent_streams += 1
+            self._open.add(session)
             if key is not None:
                 self._streams_by_client[key] = self._streams_by_client.get(key, 0) + 1
         return None
 
-    def close_agent_stream(self, principal: Principal) -> None:
+    def close_agent_stream(self, session: Session) -> None:
+        principal = session.principal
         key = principal.client_key if principal.kind is PrincipalKind.AGENT else None
         with self._lock:
-            self._agent_streams -= 1
+            self._open.discard(session)
             if key is not None:
                 left = self._streams_by_client.pop(key) - 1
                 if left:
@@ -165,7 +166,7 @@ class ServerState:
 
     def agent_streams(self) -> int:
         with self._lock:
-            return self._agent_streams
+            return len(self._open)
 
     def operator_call(self) -> bool:
         """Takes one of the max_operator_calls slots; False if all are busy."""
@@ -173,10 +174,6 @@ class ServerState:
 
     def operator_call_done(self) -> None:
         self._operator_calls.release()
-
-    def _track(self, session: Session, is_open: bool) -> None:
-        with self._lock:
-            (self._open.add if is_open else self._open.discard)(session)
 
     def _detach(self, session: Session) -> None:
         with self._lock:
@@ -220,6 +217,11 @@ def _answered(session: Session, done):
     return answered
 
 
+def _foreign(msg: pb.AgentMessage, session: Session) -> bool:
+    """The message names an agent other than its stream's."""
+    return bool(msg.agent_id) and msg.agent_id != session.agent_id
+
+
 def _verified(session: Session, agent_id: str) -> bool:
     p = session.principal
     return p is not None and (p.kind is PrincipalKind.LOCAL or
@@ -258,12 +260,11 @@ class HeadroomService:
     # ------------------------------------------------------------------ Connect (event loop)
     async def connect(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext):
         principal = await self._stream_principal(context)
-        refused = self.state.open_agent_stream(principal)
-        if refused is not None:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
         loop = asyncio.get_running_loop()
         session = Session(loop, principal)
-        self.state._track(session, True)
+        refused = self.state.open_agent_stream(session)
+        if refused is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
         timer = loop.call_later(self.settings.hello_timeout_s, session.expire_hello)
         reader = asyncio.ensure_future(self._read(requests, session))
         try:
@@ -272,8 +273,7 @@ class HeadroomService:
         finally:   # also when the client vanishes: grpc cancels this handler
             timer.cancel()
             session.ended.set()
-            self.state._track(session, False)
-            self.state.close_agent_stream(principal)
+            self.state.close_agent_stream(session)
             if not reader.done():
                 reader.cancel()
         if session.hello_expired:
@@ -323,50 +323,47 @@ class HeadroomService:
         """One message, in stream order; False ends the stream. A small batch or heartbeat of
         a registered stream is parsed and validated here on the loop (~0.1-0.3 ms, less than
         the two thread hand-offs a worker costs on a busy 2-core host) and queued for the
-        writer without blocking; anything else, or a full writer queue, goes to a stream worker."""
-        prepared = self._prepare_inline(raw, session)
-        if prepared is None:
-            return await loop.run_in_executor(self._stream_pool, self._handle, raw, session)
-        if prepared and not self._try_submit(session, *prepared):
+        writer without blocking; anything else, or a full writer queue, goes to a stream worker
+        (with the message already parsed, if it was)."""
+        msg = self._parse_inline(raw, session)
+        kind = msg.WhichOneof("body") if msg is not None else None
+        if kind not in ("batch", "heartbeat") or _foreign(msg, session):
+            return await loop.run_in_executor(self._stream_pool, self._handle, raw, session, msg)
+        prepared = (self._batch_job(msg, session) if kind == "batch"
+                    else self._heartbeat_job(msg, session))
+        if prepared is not None and not self._submit(session, *prepared, block=False):
             await loop.run_in_executor(self._stream_pool, self._submit, session, *prepared)
         return True
 
-    def _prepare_inline(self, raw: bytes, session: Session) -> Optional[tuple]:
-        """(job, done) to submit, () if there is nothing to submit (the batch was refused and
-        answered), or None: a stream worker handles the message (large, before hello, not a
-        batch or heartbeat, another agent's id, or unparsable: its error is made there)."""
+    def _parse_inline(self, raw: bytes, session: Session) -> Optional[pb.AgentMessage]:
+        """The message, if it is small and its stream registered; None leaves it to a stream
+        worker (large, before hello, or unparsable: its error is made there)."""
         if len(raw) > self.settings.inline_max_bytes or session.agent_id is None \
                 or not session.alive():
             return None
         try:
-            msg = pb.AgentMessage.FromString(raw)
+            return pb.AgentMessage.FromString(raw)
         except DecodeError:
             return None
-        if msg.agent_id and msg.agent_id != session.agent_id:
-            return None
-        kind = msg.WhichOneof("body")
-        if kind == "batch":
-            return self._batch_job(msg, session) or ()
-        if kind == "heartbeat":
-            return self._heartbeat_job(msg, session)
-        return None
 
     # ------------------------------------------------------------------ messages (stream worker)
-    def _handle(self, raw: bytes, session: Session) -> bool:
-        """Handles one message on a stream worker; False ends the stream."""
+    def _handle(self, raw: bytes, session: Session, msg: Optional[pb.AgentMessage] = None) -> bool:
+        """Handles one message (`raw`, unless the loop parsed it already: `msg`) on a stream
+        worker; False ends the stream."""
         if not session.alive():
             return False
-        try:
-            msg = pb.AgentMessage.FromString(raw)
-        except DecodeError as e:
-            session.put(_error(ErrorCode.MALFORMED_MESSAGE,
-                               f"cannot parse AgentMessage ({len(raw)} bytes): {e}"))
-            self.state._count(errors=1)
-            return session.agent_id is not None
+        if msg is None:
+            try:
+                msg = pb.AgentMessage.FromString(raw)
+            except DecodeError as e:
+                session.put(_error(ErrorCode.MALFORMED_MESSAGE,
+                                   f"cannot parse AgentMessage ({len(raw)} bytes): {e}"))
+                self.state._count(errors=1)
+                return session.agent_id is not None
         kind = msg.WhichOneof("body")
         if session.agent_id is None:
             return self._hello(msg, session) if kind == "hello" else self._no_hello(kind, session)
-        if msg.agent_id and msg.agent_id != session.agent_id:
+        if _foreign(msg, session):
             session.put(_error(ErrorCode.AGENT_ID_MISMATCH,
                                f"message for agent {msg.agent_id!r} on the stream of "
                                f"{session.agent_id!r}; ignored"))
@@ -443,19 +440,16 @@ class HeadroomService:
                        counters_from_proto(batch.counters, batch.HasField("counters")))
         return job, lambda outcome: self._stored(session, decoded, outcome)
 
-    def _submit(self, session: Session, job: BatchJob, done) -> None:
-        """Queues the job for the writer, blocking while it is full (a stream worker only)."""
+    def _submit(self, session: Session, job: BatchJob, done, block: bool = True) -> bool:
+        """Queues the job for the writer: blocking while it is full (a stream worker only), or
+        with block=False only if it has room now (the event loop). False if not queued."""
         session.job_started()
-        if not self.state.writer.submit(job, _answered(session, done), alive=session.alive):
+        answered = _answered(session, done)
+        queued = (self.state.writer.submit(job, answered, alive=session.alive) if block
+                  else self.state.writer.try_submit(job, answered))
+        if not queued:
             session.job_done()
-
-    def _try_submit(self, session: Session, job: BatchJob, done) -> bool:
-        """Queues the job if the writer has room now (never blocks: the event loop)."""
-        session.job_started()
-        if self.state.writer.try_submit(job, _answered(session, done)):
-            return True
-        session.job_done()
-        return False
+        return queued
 
     def _stored(self, session: Session, decoded: DecodedBatch, outcome) -> None:
         """On the writer thread: the batch's ack, or why it was not stored."""

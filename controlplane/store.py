@@ -68,8 +68,6 @@ def _insert_sql(table: str) -> str:
 
 
 _INSERT_SQL = {table: _insert_sql(table) for table in TELEMETRY_COLUMNS}
-_COUNTERS_SQL = ("UPDATE agents SET last_seen = ?, "
-                 + ", ".join(f"{c} = ?" for c in COUNTER_COLUMNS) + " WHERE agent_id = ?")
 
 
 def _upsert_agent_sql() -> str:
@@ -209,15 +207,7 @@ class Store:
     def update_counters(self, agent_id: str, counters: Optional[Counters]) -> None:
         """The latest ExportCounters and last_seen; None refreshes last_seen only."""
         with self.transaction() as cur:
-            self._write_counters(cur, agent_id, counters, utc_now())
-
-    @staticmethod
-    def _write_counters(cur, agent_id: str, counters: Optional[Counters], now: datetime) -> None:
-        if counters is None:
-            cur.execute("UPDATE agents SET last_seen = ? WHERE agent_id = ?", [now, agent_id])
-            return
-        values = [getattr(counters, c) for c in COUNTER_COLUMNS]
-        cur.execute(_COUNTERS_SQL, [now, *values, agent_id])
+            self._write_latest_counters(cur, {agent_id: counters}, utc_now())
 
     # ------------------------------------------------------------------ telemetry
     def store_batch(self, agent_id: str, pid: int, batch: DecodedBatch,
@@ -286,21 +276,15 @@ class Store:
                           "sent_at_us": col(lambda j: j.batch.sent_at_us, "int64"),
                           "rows_stored": col(lambda j: j.batch.num_rows, "uint64"),
                           "bytes": col(lambda j: j.batch.num_bytes, "uint64")})
-        cur.register("_new_batches", table)
-        try:
+        with _registered(cur, "_new_batches", table):
             cur.execute("INSERT OR IGNORE INTO batches SELECT agent_id, pid, seq, ?, sent_at_us, "
                         "rows_stored, bytes FROM _new_batches", [now])
-        finally:
-            cur.unregister("_new_batches")
 
     @staticmethod
     def _insert(cur, name: str, table: pa.Table, now: datetime) -> None:
         # Columnar: DuckDB scans the Arrow table in one INSERT ... SELECT.
-        cur.register("_incoming", table)
-        try:
+        with _registered(cur, "_incoming", table):
             cur.execute(_INSERT_SQL[name], {"received_at": now})
-        finally:
-            cur.unregister("_incoming")
 
 
 def _group_tables(jobs: Sequence[BatchJob]) -> dict[str, pa.Table]:
@@ -341,11 +325,18 @@ def _update_counters(cur, counters_by_agent: dict[str, Counters], now: datetime)
     columns = {"agent_id": arrow_strings(agents)}
     for c in COUNTER_COLUMNS:
         columns[c] = arrow_numbers([getattr(counters_by_agent[a], c) for a in agents], "uint64")
-    cur.register("_counters", pa.table(columns))
-    try:
+    with _registered(cur, "_counters", pa.table(columns)):
         cur.execute(_COUNTERS_FROM_SQL, {"now": now})
+
+
+@contextmanager
+def _registered(cur, name: str, table: pa.Table) -> Iterator[None]:
+    """`table` is the view `name` on this cursor for the block's queries."""
+    cur.register(name, table)
+    try:
+        yield
     finally:
-        cur.unregister("_counters")
+        cur.unregister(name)
 
 
 def _latest_counters(jobs: Sequence[BatchJob]) -> dict[str, Optional[Counters]]:

@@ -13,7 +13,7 @@ import enum
 import os
 import types
 import typing
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -43,11 +43,9 @@ def resolve_settings(cls: type, overrides: Mapping[str, Any], component: str):
     return cls(**values)
 
 
-def parse_env(field: dataclasses.Field, raw: str, component: str,
-              annotation: Any = None) -> Any:
-    """One environment variable's text as the field's type. annotation: the resolved type
-    (typing.get_type_hints); None = field.type, which must then be a real type, not a string."""
-    kind = field.type if annotation is None else annotation
+def parse_env(field: dataclasses.Field, raw: str, component: str, kind: Any) -> Any:
+    """One environment variable's text as the field's type; kind: that type, resolved
+    (typing.get_type_hints)."""
     inner, optional = _unwrap_optional(kind)
     if optional and (raw.strip() == "" or (inner is not str and raw.strip().lower() in _NONE)):
         return None
@@ -99,8 +97,3 @@ def _name(kind: Any) -> str:
     inner, optional = _unwrap_optional(kind)
     name = getattr(inner, "__name__", str(inner))
     return f"Optional[{name}]" if optional else name
-
-
-def field_type(cls: type, name: str) -> Optional[Any]:
-    """The resolved type of cls's field `name` (for callers that parse one field themselves)."""
-    return typing.get_type_hints(cls).get(name)

@@ -524,6 +524,9 @@ class RequestTracker:
             self._sink(rec)
         except Exception as exc:  # noqa: BLE001 - a broken sink must not break serving
             self._errors(exc)
+        self._span_and_metrics(req, rec, end_ns)
+
+    def _span_and_metrics(self, req: _Request, rec: RequestRecord, end_ns: int) -> None:
         emit_request_span(self._tracer, rec, req.start_unix_ns + (end_ns - req.start_ns),
                           self._gen_ai, req.error)
         self._metrics.record(rec, req.error)
@@ -537,9 +540,7 @@ class RequestTracker:
                 tenant=req.labels.tenant, route=req.labels.route,
                 query_class=req.labels.query_class, batch_size=0,
                 latency_ms=(end_ns - req.start_ns) / 1e6)
-            emit_request_span(self._tracer, rec, req.start_unix_ns + (end_ns - req.start_ns),
-                              self._gen_ai, req.error)
-            self._metrics.record(rec, req.error)
+            self._span_and_metrics(req, rec, end_ns)
         except Exception as exc:  # noqa: BLE001
             self._errors(exc)
 

@@ -6,13 +6,13 @@ trial finished + TRIAL_RESULT after it, then the plan moves to trialled, and on 
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Optional
+from typing import Optional
 
 from headroom_sidecar.controlplane.audit import AuditLog
 from headroom_sidecar.controlplane.plans import PlanStore
 from headroom_sidecar.proto.contract import AuditKind, PlanStatus
 from headroom_sidecar.controlplane.planner.search import TrialRecord
+from headroom_sidecar.controlplane.admin_replies import jsonable
 
 
 class StoreRecorder:
@@ -60,12 +60,5 @@ class StoreRecorder:
             self._audit.append(AuditKind.SUPERSEDED, self._actor, previous, {"by": plan_id})
 
 
-def json_safe(value: Any) -> Any:
-    """Evidence as strict JSON: non-finite numbers become None (the budget already refused them)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
+# Evidence as strict JSON: non-finite numbers become None (the budget already refused them).
+json_safe = jsonable

@@ -4,7 +4,6 @@ Text by default; `--json` prints one JSON document on `out` instead (same exit c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -15,6 +14,7 @@ from headroom_sidecar.controlplane.policy.replay import checkout_policies, read_
 from headroom_sidecar.controlplane.policy.schema import PolicyError, Problem
 from headroom_sidecar.controlplane.policy.settings import PolicySettings
 from headroom_sidecar.controlplane.policy.testing import run_tests
+from headroom_sidecar.controlplane.cliout import add_json_flag, write_json
 
 
 def add_policy_commands(subparsers) -> argparse.ArgumentParser:
@@ -24,12 +24,12 @@ def add_policy_commands(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("lint", help="check a policy folder: errors exit 1, warnings are shown")
     p.add_argument("folder", nargs="?", default=None, help="policy folder (default: HEADROOM_POLICIES or policies)")
     p.add_argument("--strict", action="store_true", help="warnings also exit 1")
-    _add_json_flag(p)
+    add_json_flag(p)
     p.set_defaults(handler=handle_lint)
     p = sub.add_parser("test", help="run the policy test cases")
     p.add_argument("--policies", default=None, help="policy folder")
     p.add_argument("--tests", default=None, help="test case folder (default: <policies>/tests)")
-    _add_json_flag(p)
+    add_json_flag(p)
     p.set_defaults(handler=handle_test)
     p = sub.add_parser("replay", help="which recorded decisions a policy change would change")
     p.add_argument("records", help="JSONL file: one {plan, evidence, context, model} per line")
@@ -37,17 +37,9 @@ def add_policy_commands(subparsers) -> argparse.ArgumentParser:
     old = p.add_mutually_exclusive_group(required=True)
     old.add_argument("--old", help="policy folder before the change")
     old.add_argument("--old-rev", help="git revision of the --new folder before the change, e.g. main")
-    _add_json_flag(p)
+    add_json_flag(p)
     p.set_defaults(handler=handle_replay)
     return policy
-
-
-def _add_json_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="one JSON document on stdout, not text")
-
-
-def _write_json(doc: dict, out: TextIO) -> None:
-    out.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 def _problem_doc(p: Problem) -> dict:
@@ -60,7 +52,7 @@ def handle_lint(args, out: TextIO = sys.stdout) -> int:
     problems = lint(folder)
     failed = has_errors(problems) or (args.strict and bool(problems))
     if args.json:
-        _write_json({"folder": str(folder), "ok": not failed, "strict": args.strict,
+        write_json({"folder": str(folder), "ok": not failed, "strict": args.strict,
                      "problems": [_problem_doc(p) for p in problems]}, out)
         return 1 if failed else 0
     for p in problems:
@@ -73,7 +65,7 @@ def handle_test(args, out: TextIO = sys.stdout) -> int:
     settings = PolicySettings.resolve(folder=args.policies, tests_folder=args.tests)
     report = run_tests(settings.folder, settings.tests_folder)
     if args.json:
-        _write_json(_test_doc(report), out)
+        write_json(_test_doc(report), out)
         return 0 if report.ok else 1
     for p in report.problems:
         print(p, file=out)
@@ -107,13 +99,13 @@ def handle_replay(args, out: TextIO = sys.stdout) -> int:
             changes = replay(records, old, new)
     except (PolicyError, ValueError, OSError) as e:
         if args.json:
-            _write_json({"ok": False, "error": str(e), "problems": [
+            write_json({"ok": False, "error": str(e), "problems": [
                 _problem_doc(p) for p in getattr(e, "problems", ())]}, out)
         else:
             print(f"replay: {e}", file=out)
         return 1
     if args.json:
-        _write_json({"ok": True, "records": len(records), "changed": [
+        write_json({"ok": True, "records": len(records), "changed": [
             {"index": c.index, "plan_id": c.plan_id, "old": c.old.value, "new": c.new.value,
              "rules": list(c.rules)} for c in changes]}, out)
         return 0

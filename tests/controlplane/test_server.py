@@ -19,15 +19,6 @@ def _sql(server, sql, params=()):
         return cur.execute(sql, list(params)).fetchall()
 
 
-def _wait_for(predicate, timeout_s=10.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def _connected(server, agent_id="agent-1"):
     rows = _sql(server, "SELECT connected FROM agents WHERE agent_id = ?", [agent_id])
     return rows[0][0] if rows else None
@@ -139,19 +130,19 @@ def test_disconnect_marks_the_agent_disconnected(server):
     agent = h.AgentStream(server.address)
     agent.send(h.hello())
     agent.send(pb.AgentMessage(heartbeat=pb.Heartbeat(counters=h.counters(sent_records=9))))
-    assert _wait_for(lambda: _sql(server, "SELECT sent_records FROM agents") == [(9,)])
+    assert h.wait_until(lambda: _sql(server, "SELECT sent_records FROM agents") == [(9,)])
     assert server.state.connected_agents() == ["agent-1"]
     agent.close()
-    assert _wait_for(lambda: _connected(server) is False)
+    assert h.wait_until(lambda: _connected(server) is False)
     assert server.state.connected_agents() == []
 
 
 def test_cancelled_stream_marks_the_agent_disconnected(server):
     agent = h.AgentStream(server.address)
     agent.send(h.hello())
-    assert _wait_for(lambda: _connected(server) is True)
+    assert h.wait_until(lambda: _connected(server) is True)
     agent._call.cancel()
-    assert _wait_for(lambda: _connected(server) is False)
+    assert h.wait_until(lambda: _connected(server) is False)
     agent.close()
 
 
@@ -164,7 +155,7 @@ def test_server_pushes_to_a_connected_agent_and_calls_back(server):
     assert server.state.send_to_agent("agent-1", plan) is False   # not connected yet
     with h.AgentStream(server.address) as agent:
         agent.send(h.hello())
-        assert _wait_for(lambda: server.state.connected_agents() == ["agent-1"])
+        assert h.wait_until(lambda: server.state.connected_agents() == ["agent-1"])
         assert server.state.send_to_agent("agent-1", plan) is True
         assert agent.recv().apply_plan.plan_id == "p1"
         agent.send(pb.AgentMessage(trial_result=pb.TrialResult(trial_id="t1")))
@@ -173,13 +164,13 @@ def test_server_pushes_to_a_connected_agent_and_calls_back(server):
         agent.send(h.batch(1, h.tables(h.records(1))))
         assert agent.recv().ack.seq == 1    # the faulty callback did not cut the stream
     assert received == [("agent-1", "p1")]
-    assert _wait_for(lambda: server.state.send_to_agent("agent-1", plan) is False)
+    assert h.wait_until(lambda: server.state.send_to_agent("agent-1", plan) is False)
 
 
 def test_reconnect_replaces_the_route_and_keeps_connected(server):
     first = h.AgentStream(server.address)
     first.send(h.hello())
-    assert _wait_for(lambda: _connected(server) is True)
+    assert h.wait_until(lambda: _connected(server) is True)
     with h.AgentStream(server.address) as second:
         second.send(h.hello())
         second.send(h.batch(1, h.tables(h.records(1))))
@@ -189,7 +180,7 @@ def test_reconnect_replaces_the_route_and_keeps_connected(server):
         assert _connected(server) is True
         assert server.state.send_to_agent("agent-1", pb.ControlMessage(rollback=pb.Rollback(plan_id="p")))
         assert second.recv().rollback.plan_id == "p"
-    assert _wait_for(lambda: _connected(server) is False)
+    assert h.wait_until(lambda: _connected(server) is False)
 
 
 def test_stop_marks_agents_disconnected_and_closes_the_file(tmp_path):
@@ -197,7 +188,7 @@ def test_stop_marks_agents_disconnected_and_closes_the_file(tmp_path):
     running = start_server(settings)
     agent = h.AgentStream(running.address)
     agent.send(h.hello())
-    assert _wait_for(lambda: _connected(running) is True)
+    assert h.wait_until(lambda: _connected(running) is True)
     running.stop(grace_s=0.2)
     agent.close()
     import duckdb

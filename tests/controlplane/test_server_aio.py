@@ -85,12 +85,7 @@ async def _drain(out: asyncio.Queue):
 
 
 def _wait(predicate, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+    return h.wait_until(predicate, timeout_s)
 
 
 def _connected_in_store(server) -> int:

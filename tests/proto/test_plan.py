@@ -13,22 +13,7 @@ from headroom_sidecar.proto.plan import (ActivationSparsity, CompileMode, Execut
                                          Speculative, SpeculativeDraft, TransformKind,
                                          WeightPrecision, parse_plan, plan_from_json, plan_hash,
                                          replace)
-
-FP = "ab" * 32
-
-
-def doc(**over) -> dict:
-    d = {"schema": "headroom.plan/v1", "plan_id": "p-1", "version": 1, "model_fingerprint": FP,
-         "query_classes": ["code"], "mode": "structural",
-         "transforms": [
-             {"kind": "prune_heads", "heads": {"3": [0, 5]}},
-             {"kind": "skip_layers", "layers": [12]},
-             {"kind": "activation_sparsity", "thresholds": {"4": 0.05}},
-             {"kind": "weight_precision", "layers": {str(i): "int8" for i in range(30) if i != 12}},
-             {"kind": "execution", "static_kv_cache": True, "compile": "torch_compile"}],
-         "notes": "hand-written"}
-    d.update(over)
-    return d
+from tests.proto.plandocs import FP, doc
 
 
 SPEC = {"kind": "execution", "static_kv_cache": False, "compile": "none",

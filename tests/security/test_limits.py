@@ -28,19 +28,10 @@ def tight(pki, tmp_path):
     running.stop(grace_s=0.5)
 
 
-def _wait(predicate, timeout_s=10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_idle_streams_beyond_the_limit_are_refused_and_query_still_answers(tight):
     streams = [tight.agent("agent-1") for _ in range(MAX_AGENT_STREAMS + 3)]   # never say hello
     try:
-        assert _wait(lambda: sum(s.status is not None for s in streams) == 3)
+        assert helpers.wait_until(lambda: sum(s.status is not None for s in streams) == 3)
         refused = [s for s in streams if s.status is not None]
         assert {s.status for s in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
         assert "max_agent_streams=4" in refused[0].details
@@ -52,7 +43,7 @@ def test_idle_streams_beyond_the_limit_are_refused_and_query_still_answers(tight
         held = [s for s in streams if s.status is None]
         assert {s.wait_end(timeout_s=15) for s in held} == {grpc.StatusCode.DEADLINE_EXCEEDED}
         assert "no hello within hello_timeout_s=1.5" in held[0].details
-        assert _wait(lambda: tight.server.state.agent_streams() == 0)
+        assert helpers.wait_until(lambda: tight.server.state.agent_streams() == 0)
     finally:
         for s in streams:
             s.close()
@@ -76,7 +67,7 @@ def test_per_client_stream_limit(pki, tmp_path):
     world = SecureWorld(running, pki)
     streams = [world.agent("agent-1") for _ in range(2)]
     try:
-        assert _wait(lambda: running.state.agent_streams() == 2)
+        assert helpers.wait_until(lambda: running.state.agent_streams() == 2)
         with world.agent("agent-1") as third:
             assert third.wait_end() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "max_streams_per_client=2" in third.details

@@ -28,12 +28,9 @@ from typing import Any, Callable, Iterator, Optional
 
 from torch import nn
 
-from headroom_sidecar.agent.executor.speculative.install import (SpeculativeGenerate, build_draft,
-                                                                 make_drafter)
+from headroom_sidecar.agent.executor.speculative.install import (CALLER_LOOPS, SpeculativeGenerate,
+                                                                 build_draft, make_drafter)
 from headroom_sidecar.proto.plandoc import CompileMode, TransformKind
-
-# generate() arguments by which the caller chose a decoding loop of its own.
-_CALLER_LOOPS = ("assistant_model", "prompt_lookup_num_tokens", "streamer")
 
 
 def _process_wide(plan: Any) -> dict[TransformKind, Any]:
@@ -101,7 +98,7 @@ class ClassRouter:
 def _callers_own_loop(kwargs: dict) -> bool:
     loop = kwargs.get("custom_generate")
     ours = isinstance(getattr(loop, "__self__", None), SpeculativeGenerate)
-    return (loop is not None and not ours) or any(kwargs.get(n) is not None for n in _CALLER_LOOPS)
+    return (loop is not None and not ours) or any(kwargs.get(n) is not None for n in CALLER_LOOPS)
 
 
 def _bottom(g: Callable) -> Callable:
@@ -176,19 +173,21 @@ class ClassPlans:
         self._install()
         return dropped
 
+    def _drafter(self, spec: Any):
+        """-> make_drafter's (drafter, lock, note), self drafts built by the executor."""
+        return make_drafter(self.model, spec, lambda ts: build_draft(self.executor, ts))
+
     def _runner(self, spec: Any) -> tuple[Optional[SpeculativeGenerate], str]:
         if spec is None:
             return None, "no speculation for this class"
-        drafter, lock, note = make_drafter(self.model, spec,
-                                           lambda ts: build_draft(self.executor, ts))
+        drafter, lock, note = self._drafter(spec)
         return SpeculativeGenerate(None, drafter, spec.k, lock), (
             f"speculative decoding, k={spec.k}, drafts by {note}")
 
     def _refresh(self, route: ClassRoute) -> None:
         modules = getattr(route.runner.drafter, "modules", None) if route.runner else None
         if modules is not None and not modules.fresh(self.model):
-            fresh, _ = self._runner(speculative_of(route.plan))
-            route.runner.drafter, route.runner.lock = fresh.drafter, fresh.lock
+            route.runner.drafter, route.runner.lock, _ = self._drafter(speculative_of(route.plan))
 
     def _install(self) -> None:
         """A router in the chain while a class has a plan; none on top when none has."""

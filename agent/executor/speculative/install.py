@@ -33,8 +33,10 @@ from headroom_sidecar.agent.executor.speculative.verify import Sampler
 from headroom_sidecar.proto.plandoc import SpeculativeDraft
 
 _MAX_ERRORS_KEPT = 8
-# generate() arguments that choose another decoding loop: such calls are passed through as is.
-_OTHER_LOOPS = ("custom_generate", "assistant_model", "prompt_lookup_num_tokens", "streamer")
+# generate() arguments by which the caller chose a decoding loop of its own (classes.py too).
+CALLER_LOOPS = ("assistant_model", "prompt_lookup_num_tokens", "streamer")
+# ... and custom_generate: such calls are passed through as is.
+_OTHER_LOOPS = ("custom_generate",) + CALLER_LOOPS
 
 
 @dataclass(frozen=True)
