@@ -14,7 +14,7 @@ from typing import Optional
 
 import grpc
 
-from headroom_sidecar.proto.credentials import BearerInterceptor
+from headroom_sidecar.proto.credentials import LOCAL_SUBCHANNELS, BearerInterceptor
 
 LOCAL_TOKEN_ENV = "HEADROOM_LOCAL_TOKEN"
 
@@ -31,7 +31,7 @@ class AgentChannels:
 
     def __init__(self, settings):
         self._tls: Optional[grpc.ChannelCredentials] = None
-        self._options: list = []
+        self._options: list = [LOCAL_SUBCHANNELS]
         if settings.tls_ca_file:
             cert = _read(settings.tls_cert_file, "tls_cert_file") if settings.tls_cert_file else None
             key = _read(settings.tls_key_file, "tls_key_file") if settings.tls_key_file else None
@@ -44,7 +44,7 @@ class AgentChannels:
     def open(self, target: str) -> grpc.Channel:
         if self._tls is not None:
             return grpc.secure_channel(target, self._tls, options=self._options)
-        channel = grpc.insecure_channel(target)
+        channel = grpc.insecure_channel(target, options=self._options)
         token = self._token or os.environ.get(LOCAL_TOKEN_ENV, "")
         return grpc.intercept_channel(channel, BearerInterceptor(token)) if token else channel
 

@@ -33,6 +33,7 @@ from headroom_sidecar.agent.records import GpuSample, RequestRecord
 from headroom_sidecar.agent.settings import AgentSettings
 from headroom_sidecar.proto import headroom_pb2 as pb
 from headroom_sidecar.proto import headroom_pb2_grpc
+from headroom_sidecar.proto.credentials import LOCAL_SUBCHANNELS
 
 log = logging.getLogger("headroom.exporter")
 
@@ -153,7 +154,8 @@ class _Stream:
 def _open_channel(target: str, stop: threading.Event, timeout_s: float,
                   channels: Optional[AgentChannels] = None) -> Optional[grpc.Channel]:
     """A fresh channel once READY; None on refusal, timeout or stop (no gRPC internal backoff)."""
-    channel = channels.open(target) if channels is not None else grpc.insecure_channel(target)
+    channel = channels.open(target) if channels is not None \
+        else grpc.insecure_channel(target, options=[LOCAL_SUBCHANNELS])
     states: queue.SimpleQueue = queue.SimpleQueue()
     channel.subscribe(states.put, try_to_connect=True)
     deadline = time.monotonic() + timeout_s

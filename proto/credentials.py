@@ -49,7 +49,7 @@ class ClientCredentials:
 
     def channel(self, address: str, options: Sequence[tuple] = ()) -> grpc.Channel:
         """A channel to address: TLS when ca_file is set, the bearer token on every call."""
-        options = list(options)
+        options = [*options, LOCAL_SUBCHANNELS]
         if self.ca_file:
             if self.server_name:
                 options.append(("grpc.ssl_target_name_override", self.server_name))
@@ -68,6 +68,12 @@ def _read(path: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as e:
         raise ValueError(f"credential file {path}: {e.strerror}") from None
+
+
+# gRPC shares connections between channels with equal arguments, process-wide; a new channel
+# would then inherit another's reconnect backoff (up to 120 s) and fail at once with its last
+# error although the server is back. Each of our channels connects on its own.
+LOCAL_SUBCHANNELS = ("grpc.use_local_subchannel_pool", 1)
 
 
 class _Details(grpc.ClientCallDetails):

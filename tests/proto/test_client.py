@@ -1,11 +1,16 @@
-"""proto/client.py without a server: replies as JSON-ready dicts, and the actor metadata check.
-(The typed methods against a real server: tests/controlplane/test_admin.py, tests/security.)"""
+"""proto/client.py: replies as JSON-ready dicts, the actor metadata check, and reconnecting to a
+server that came back. (The typed methods against the real control plane:
+tests/controlplane/test_admin.py, tests/security.)"""
 import json
 import math
+import socket
+from concurrent import futures
 
+import grpc
 import pytest
 
 from headroom_sidecar.proto import headroom_pb2 as pb
+from headroom_sidecar.proto import headroom_pb2_grpc
 from headroom_sidecar.proto.client import AdminClient, as_dict, check_actor, reply_json
 
 
@@ -56,3 +61,37 @@ def test_other_actors_are_refused_before_any_call(actor):
         check_actor(actor)
     with pytest.raises(ValueError, match="printable ASCII"):
         AdminClient("127.0.0.1:1", actor=actor)
+
+
+class _NoAgents(headroom_pb2_grpc.HeadroomServicer):
+    def ListAgents(self, request, context):
+        return pb.ListAgentsReply()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_new_client_reaches_a_server_that_came_back_while_another_channel_backs_off():
+    # An agent's channel in the same process failed to connect and now waits out gRPC's
+    # reconnect backoff (1 s, growing); an operator's new client must not inherit that wait
+    # (this failed a restart test in CI: "failed to connect to all addresses", server up).
+    address = f"127.0.0.1:{_free_port()}"
+    agent_like = grpc.insecure_channel(address)
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            headroom_pb2_grpc.HeadroomStub(agent_like).ListAgents(pb.ListAgentsRequest(), timeout=5)
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        server = grpc.server(futures.ThreadPoolExecutor(2))
+        headroom_pb2_grpc.add_HeadroomServicer_to_server(_NoAgents(), server)
+        assert server.add_insecure_port(address)
+        server.start()
+        try:
+            with AdminClient(address) as admin:
+                assert list(admin.list_agents().agents) == []
+        finally:
+            server.stop(0)
+    finally:
+        agent_like.close()
