@@ -291,9 +291,9 @@ class BatchExporter:
     # -------------------------------------------------------------- replies from the server
     def _on_reply(self, msg: pb.ControlMessage) -> None:
         kind = msg.WhichOneof("body")
-        if kind == "ack":
-            self._on_ack(msg.ack.seq, msg.ack.rows_stored)
+        if kind == "ack":   # refused rows first: whoever sees the ack sees them counted
             self._on_rows_rejected(msg.ack)
+            self._on_ack(msg.ack.seq, msg.ack.rows_stored)
         elif kind == "error":
             self._on_error(msg.error.code, msg.error.message)
         else:

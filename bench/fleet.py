@@ -2,9 +2,10 @@
 
 For each N it starts `python -m headroom_sidecar.controlplane serve` on 127.0.0.1 with a fresh
 DuckDB file (limits raised for N streams), and from THIS one process, on one asyncio loop with
-grpc.aio clients: N agents, each on its own connection with a real Connect stream, plus Query
-callers and an Admin (ListAgents) caller measuring latency. After a steady window the agents
-wait for their last acks and hang up, and the stored rows are counted with SQL.
+grpc.aio clients, N agents, each on its own connection with a real Connect stream; from a second
+process (an operator's, off the agents' busy loop), Query callers and an Admin (ListAgents)
+caller measuring latency. After a steady window the agents wait for their last acks and hang up,
+and the stored rows are counted with SQL.
 
 Traffic model (printed with the figures; every part is an option): each agent serves --rps
 requests/s (default 5) and traces each with probability --sample-rate (the agent's default
@@ -25,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import random
+import socket
 import subprocess
 import sys
 import tempfile
@@ -86,7 +89,15 @@ class Figures:
 
 
 # ---------------------------------------------------------------------- the server process
-def start_server(tmp: Path, agents: int) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(tmp: Path, agents: int) -> tuple[subprocess.Popen, str, str]:
+    """The server process, the agents' address and the operators' (--operator-port)."""
+    operator_port = free_port()
     env = {**os.environ, "HEADROOM_CP_MAX_AGENT_STREAMS": str(agents + 64),
            "HEADROOM_CP_HELLO_TIMEOUT_S": "60", "HEADROOM_CP_DUCKDB_THREADS": "2",
            # Small batches: the writer commits what waits as one group, so let more wait.
@@ -94,7 +105,8 @@ def start_server(tmp: Path, agents: int) -> tuple[subprocess.Popen, str]:
     port_file = tmp / "port"
     proc = subprocess.Popen([sys.executable, "-m", "headroom_sidecar.controlplane", "serve",
                              "--db", str(tmp / "fleet.duckdb"), "--host", "127.0.0.1",
-                             "--port", "0", "--port-file", str(port_file)],
+                             "--port", "0", "--port-file", str(port_file),
+                             "--operator-port", str(operator_port)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while not port_file.exists():
@@ -102,7 +114,7 @@ def start_server(tmp: Path, agents: int) -> tuple[subprocess.Popen, str]:
             proc.kill()
             raise RuntimeError(f"control plane did not start (exit code {proc.poll()})")
         time.sleep(0.05)
-    return proc, f"127.0.0.1:{port_file.read_text().strip()}"
+    return proc, f"127.0.0.1:{port_file.read_text().strip()}", f"127.0.0.1:{operator_port}"
 
 
 def proc_status(pid: int) -> tuple[float, int]:
@@ -304,33 +316,59 @@ class Agent:
 
 
 # ---------------------------------------------------------------------- operators
-async def timed_calls(call, request_of, every_s: float, out_ms: list, fig: Figures,
-                      stop: asyncio.Event) -> None:
-    """Calls `call(request)` every `every_s` until stop; each latency into out_ms."""
-    n = 0
-    while not stop.is_set():
+def timed_calls(call, request_of, every_s: float, until_s: float) -> tuple[list, list]:
+    """Calls `call(request)` every `every_s` until the monotonic time until_s: (latencies in ms,
+    failures)."""
+    out_ms, failures, n = [], [], 0
+    while time.monotonic() < until_s:
         start = time.perf_counter()
         try:
-            await call(request_of(n), timeout=10.0)
+            call(request_of(n), timeout=10.0)
             out_ms.append((time.perf_counter() - start) * 1e3)
-        except grpc.aio.AioRpcError as e:
-            fig.operator_failures += 1
-            print(f"operator call failed: {e.code().name}: {e.details()}", file=sys.stderr)
+        except grpc.RpcError as e:
+            failures.append(f"{e.code().name}: {e.details()}")
         n += 1
-        await asyncio.sleep(every_s)
+        time.sleep(every_s)
+    return out_ms, failures
 
 
-def operator_calls(channel: grpc.aio.Channel, fig: Figures, stop: asyncio.Event) -> list:
+def operators(address: str, duration_s: float, conn) -> None:
+    """An operator's side, in a process of its own as on an operator's machine (not on the
+    simulated agents' busy event loop, whose lag would be counted as the server's): Query
+    callers and a ListAgents caller on threads, sync gRPC; sends (query_ms, admin_ms, failures)."""
+    from concurrent.futures import ThreadPoolExecutor
+    channel = grpc.insecure_channel(address)
     query = channel.unary_unary(_METHOD + "Query", request_serializer=pb.QueryRequest.SerializeToString,
                                 response_deserializer=pb.QueryReply.FromString)
     admin = channel.unary_unary(_METHOD + "ListAgents",
                                 request_serializer=pb.ListAgentsRequest.SerializeToString,
                                 response_deserializer=pb.ListAgentsReply.FromString)
-    tasks = [timed_calls(query, lambda n, k=k: pb.QueryRequest(sql=QUERIES[(n + k) % len(QUERIES)]),
-                         QUERY_EVERY_S, fig.query_ms, fig, stop) for k in range(QUERY_CALLERS)]
-    tasks.append(timed_calls(admin, lambda n: pb.ListAgentsRequest(), ADMIN_EVERY_S,
-                             fig.admin_ms, fig, stop))
-    return [asyncio.ensure_future(t) for t in tasks]
+    until_s = time.monotonic() + duration_s
+    with ThreadPoolExecutor(QUERY_CALLERS + 1) as pool:
+        queries = [pool.submit(timed_calls, query,
+                               lambda n, k=k: pb.QueryRequest(sql=QUERIES[(n + k) % len(QUERIES)]),
+                               QUERY_EVERY_S, until_s) for k in range(QUERY_CALLERS)]
+        listing = pool.submit(timed_calls, admin, lambda n: pb.ListAgentsRequest(),
+                              ADMIN_EVERY_S, until_s)
+        query_ms = [ms for q in queries for ms in q.result()[0]]
+        admin_ms, failures = listing.result()[0], [f for q in (*queries, listing)
+                                                    for f in q.result()[1]]
+    channel.close()
+    conn.send((query_ms, admin_ms, failures))
+
+
+async def operator_figures(address: str, duration_s: float, fig: Figures) -> None:
+    """Runs `operators` in a spawned process (no gRPC state forked) for the window."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=operators, args=(address, duration_s, child), daemon=True)
+    proc.start()
+    fig.query_ms, fig.admin_ms, failures = await asyncio.get_running_loop().run_in_executor(
+        None, parent.recv)
+    proc.join(30)
+    fig.operator_failures = len(failures)
+    for failure in failures:
+        print(f"operator call failed: {failure}", file=sys.stderr)
 
 
 async def count_rows(channel: grpc.aio.Channel, sql: str) -> int:
@@ -366,7 +404,7 @@ async def connect_fleet(n: int, address: str, fig: Figures, ops: grpc.aio.Channe
     return agents, runs
 
 
-async def run_fleet(n: int, address: str, pid: int, duration_s: float,
+async def run_fleet(n: int, address: str, operator_address: str, pid: int, duration_s: float,
                     traffic: Traffic) -> Figures:
     fig, stop, sampling = Figures(n), asyncio.Event(), asyncio.Event()
     ops = grpc.aio.insecure_channel(address)
@@ -375,12 +413,11 @@ async def run_fleet(n: int, address: str, pid: int, duration_s: float,
     await asyncio.sleep(SETTLE_S)   # the hellos' backlog drains: the window is steady state
     for agent in agents:
         agent.measure_from_s = time.monotonic()
-    operators = operator_calls(ops, fig, stop)
     window_start_s, rows_before = time.monotonic(), fig.rows_sent
-    await asyncio.sleep(duration_s)
+    await operator_figures(operator_address, duration_s, fig)   # the window: as long as the operators call
     fig.window_rows_per_s = (fig.rows_sent - rows_before) / (time.monotonic() - window_start_s)
     stop.set()
-    await asyncio.gather(*operators, *runs)
+    await asyncio.gather(*runs)
     sampling.set()
     await sampler
     fig.rows_stored = await count_rows(ops, STORED_SQL)
@@ -388,11 +425,13 @@ async def run_fleet(n: int, address: str, pid: int, duration_s: float,
     return fig
 
 
-def measure(n: int, duration_s: float, traffic: Traffic) -> Figures:
+def measure(n: int, duration_s: float, traffic: Traffic, operators_on: str) -> Figures:
+    """operators_on: "operator" (the operator port) or "agent" (the agents' port)."""
     with tempfile.TemporaryDirectory(prefix="headroom-fleet-") as tmp:
-        proc, address = start_server(Path(tmp), n)
+        proc, address, operator_address = start_server(Path(tmp), n)
+        ops = operator_address if operators_on == "operator" else address
         try:
-            return asyncio.run(run_fleet(n, address, proc.pid, duration_s, traffic))
+            return asyncio.run(run_fleet(n, address, ops, proc.pid, duration_s, traffic))
         finally:
             proc.terminate()
             proc.wait(60)
@@ -468,6 +507,9 @@ def main() -> int:
     p.add_argument("--agents", type=parse_agents, default=[100, 300, 1000],
                    help="comma-separated fleet sizes (default 100,300,1000)")
     p.add_argument("--duration-s", type=float, default=20.0, help="steady window per size")
+    p.add_argument("--operators-on", choices=("operator", "agent"), default="operator",
+                   help="where the operators call: the operator port (default, "
+                        "HEADROOM_CP_OPERATOR_PORT) or the agents' port")
     traffic_args(p)
     args = p.parse_args()
     if not 1.0 <= args.duration_s <= 120.0:
@@ -476,10 +518,11 @@ def main() -> int:
     figs = []
     for n in args.agents:
         print(f"traffic: {traffic.describe(n)}", file=sys.stderr, flush=True)
-        figs.append(measure(n, args.duration_s, traffic))
+        figs.append(measure(n, args.duration_s, traffic, args.operators_on))
         print(f"{n} agents done: query p99 {pct(figs[-1].query_ms, 99)} ms, ack p99 "
               f"{pct(figs[-1].ack_ms, 99)} ms, lost {figs[-1].lost}", file=sys.stderr, flush=True)
-    print(f"{os.cpu_count()} CPUs, {args.duration_s:g} s steady window per size; traffic model:")
+    print(f"{os.cpu_count()} CPUs, {args.duration_s:g} s steady window per size, operators on "
+          f"the {args.operators_on} port; traffic model:")
     for n in args.agents:
         print(f"  {traffic.describe(n)}")
     print("\n".join(report(figs)))

@@ -20,6 +20,7 @@ from headroom_sidecar.controlplane.auth import AgentBindings, AuthMode, ServerAu
 from headroom_sidecar.controlplane.health import HealthSettings, StoreHealth, add_health
 from headroom_sidecar.controlplane.ingest import IngestWriter
 from headroom_sidecar.controlplane.metrics import observe_server, unobserve_server
+from headroom_sidecar.controlplane.opserver import OperatorServer
 from headroom_sidecar.controlplane.retention import RetentionSettings, RetentionWorker
 from headroom_sidecar.controlplane.server import SERVICE_NAME, HeadroomService, ServerState
 from headroom_sidecar.controlplane.settings import ServerSettings
@@ -35,7 +36,7 @@ class RunningServer:
     state: ServerState
     host: str
     port: int
-    operator_port: int = -1     # TLS: the token port for operators; -1 = none
+    operators: Optional[OperatorServer] = None   # the operator port's server (opserver.py)
     health: Optional[StoreHealth] = None   # grpc.health.v1 status and its plaintext port
     retention: Optional[RetentionWorker] = None   # expires raw telemetry (controlplane/retention.py)
     _stopped: bool = field(default=False, repr=False)
@@ -44,6 +45,11 @@ class RunningServer:
     def server(self):
         """The grpc.aio server (it lives on host_loop's event loop)."""
         return self.host_loop.server
+
+    @property
+    def operator_port(self) -> int:
+        """Query/Admin apart from agent traffic (with TLS: token, no certificate); -1 = none."""
+        return self.operators.port if self.operators is not None else -1
 
     @property
     def address(self) -> str:
@@ -60,6 +66,8 @@ class RunningServer:
             self.health.close()   # NOT_SERVING first: probes stop routing here
         unobserve_server(self.state)
         self.state.end_all()
+        if self.operators is not None:
+            self.operators.stop(grace_s)
         self.host_loop.stop(grace_s)
         self.state.writer.close()
         self.state.detach_all()
@@ -103,16 +111,26 @@ def _build_state(settings: ServerSettings, auth: ServerAuth,
     return state
 
 
-def _listen_all(host: AioHost, auth: ServerAuth, settings: ServerSettings,
-                monitor: StoreHealth) -> tuple[int, int]:
-    """The agent (and TLS operator) ports, then the plaintext health port if asked for."""
+def _operator_server(settings: ServerSettings, service: HeadroomService,
+                     methods: dict) -> Optional[OperatorServer]:
+    if settings.operator_port < 0:
+        return None
+    return OperatorServer(service.operator_handler(methods), settings.max_workers,
+                          _grpc_options(settings))
+
+
+def _listen_all(host: AioHost, operators: Optional[OperatorServer], auth: ServerAuth,
+                settings: ServerSettings, monitor: StoreHealth) -> int:
+    """The agent port, the operator port if asked for, then the plaintext health port if asked
+    for; the agent port. All bound before any serves: a port in use fails the start."""
     port = host.listen(auth, settings.port, settings.host, require_client_cert=True)
-    operator_port = -1
-    if auth.mode is AuthMode.TLS and settings.operator_port >= 0:
-        operator_port = host.listen(auth, settings.operator_port, settings.host,
-                                    require_client_cert=False)
+    if operators is not None:
+        operators.listen(auth, settings.operator_port, settings.host)
     monitor.listen(settings.host)
-    return port, operator_port
+    host.start()
+    if operators is not None:
+        operators.start()
+    return port
 
 
 def start_server(settings: ServerSettings, control: Optional[ControlSettings] = None,
@@ -130,11 +148,13 @@ def start_server(settings: ServerSettings, control: Optional[ControlSettings] = 
     methods = state.control.method_handlers(service)   # the typed Admin RPCs (admin.py)
     host.on_loop(lambda: host.server.add_generic_rpc_handlers((service.handler(methods),)))
     monitor = host.on_loop(lambda: add_health(host.server, state.store, SERVICE_NAME, health))
+    operators = _operator_server(settings, service, methods)
     try:
-        port, operator_port = _listen_all(host, auth, settings, monitor)
-        host.start()
+        port = _listen_all(host, operators, auth, settings, monitor)
     except (OSError, ValueError):
         monitor.close()
+        if operators is not None:
+            operators.stop(0)
         host.stop(0)
         state.writer.close()
         _close_parts(state, None)
@@ -144,7 +164,7 @@ def start_server(settings: ServerSettings, control: Optional[ControlSettings] = 
     observe_server(state, port)   # OTel metrics on the global provider: no-op unless configured
     log.info("control plane on %s:%d (%s)", settings.host, port, auth.mode.value)
     return RunningServer(host_loop=host, store=state.store, state=state, host=settings.host,
-                         port=port, operator_port=operator_port, health=monitor, retention=expiry)
+                         port=port, operators=operators, health=monitor, retention=expiry)
 
 
 def serve_forever(settings: ServerSettings,

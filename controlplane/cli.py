@@ -44,8 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                                                "(env HEADROOM_CP_TLS_CLIENT_CA)")
     serve.add_argument("--token-key-file", help="operator token HMAC key "
                                                 "(env HEADROOM_CP_TOKEN_KEY_FILE)")
-    serve.add_argument("--operator-port", type=int, help="TLS port for operators with tokens, "
-                                                         "no client certificate (-1 = none)")
+    serve.add_argument("--operator-port", type=int,
+                       help="a port for Query/Admin only, served apart from agent streams (with "
+                            "TLS: operators with tokens, no client certificate); -1 = none")
     query = sub.add_parser("query", help="run one read-only SQL statement")
     query.add_argument("sql")
     query.add_argument("--address", help="host:port of a running control plane")

@@ -252,10 +252,20 @@ class HeadroomService:
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {
             "Connect": grpc.stream_stream_rpc_method_handler(
                 self.connect, response_serializer=pb.ControlMessage.SerializeToString),
-            "Query": grpc.unary_unary_rpc_method_handler(
-                self.query, response_serializer=pb.QueryReply.SerializeToString),
-            **operator_methods,
+            **self.operator_methods(operator_methods),
         })
+
+    def operator_handler(self, operator_methods: Mapping[str, grpc.RpcMethodHandler]
+                         ) -> grpc.GenericRpcHandler:
+        """Query and the operator methods without Connect: the operator port's service."""
+        return grpc.method_handlers_generic_handler(SERVICE_NAME,
+                                                    self.operator_methods(operator_methods))
+
+    def operator_methods(self, operator_methods: Mapping[str, grpc.RpcMethodHandler]
+                         ) -> dict[str, grpc.RpcMethodHandler]:
+        return {"Query": grpc.unary_unary_rpc_method_handler(
+                    self.query, response_serializer=pb.QueryReply.SerializeToString),
+                **operator_methods}
 
     # ------------------------------------------------------------------ Connect (event loop)
     async def connect(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext):

@@ -52,8 +52,9 @@ class ServerSettings:
     tls_client_ca_file: str = field(default="", metadata={"env": "HEADROOM_CP_TLS_CLIENT_CA"})
     # HMAC key of operator tokens (`controlplane token issue`); "" = no tokens.
     token_key_file: str = field(default="", metadata={"env": "HEADROOM_CP_TOKEN_KEY_FILE"})
-    # TLS only: a second port without client certificates, for operators with a token
-    # (-1 = none, 0 = a free one).
+    # Query and Admin on a port of their own, served apart from the agents' event loop, so a
+    # fleet's traffic never delays an operator (-1 = none, 0 = a free one). With TLS, clients
+    # there present no certificate but a signed token (token_key_file).
     operator_port: int = field(default=-1, metadata={"env": "HEADROOM_CP_OPERATOR_PORT"})
     # Without TLS (loopback only): the secret every call must carry ("" = none needed). The
     # embedded control plane gets a fresh one per process.
