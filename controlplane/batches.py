@@ -31,12 +31,14 @@ class StoredBatch:
 
 @dataclass
 class BatchJob:
-    """One agent message's worth of writes: a decoded batch and/or its latest counters
-    (store.Counters; Any here so this module needs nothing of the store's)."""
+    """One agent message's worth of writes: a hello's registration, a decoded batch and/or its
+    latest counters (store.Registration, store.Counters; Any here so this module needs
+    nothing of the store's). A registration is written before the group's telemetry."""
     agent_id: str
     pid: int
     batch: Optional[DecodedBatch] = None
     counters: Optional[Any] = None
+    registration: Optional[Any] = None
 
 
 def arrow_strings(strings) -> pa.Array:

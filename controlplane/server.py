@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
 from typing import AsyncIterator, Mapping, Optional
 
@@ -38,6 +38,9 @@ from headroom_sidecar.controlplane.stream import Session
 from headroom_sidecar.proto import headroom_pb2 as pb
 
 log = logging.getLogger("headroom_sidecar.controlplane.server")
+# A closing stream waits this long for its hello's registration to be stored before it marks
+# the agent disconnected (else the later registration would mark it connected again).
+_REGISTRATION_WAIT_S = 30.0
 
 SERVICE_NAME = "headroom.v1.Headroom"
 
@@ -207,6 +210,14 @@ class ServerState:
                 log.warning("could not mark agent %s disconnected: %s", session.agent_id, e)
 
 
+def _settle(future: Future, outcome) -> None:
+    """A writer outcome (StoredBatch or the exception) onto a future."""
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+    else:
+        future.set_result(None)
+
+
 def _answered(session: Session, done):
     """The writer's callback: `done`, then the stream's pending count drops (wait_idle)."""
     def answered(outcome) -> None:
@@ -321,7 +332,27 @@ class HeadroomService:
         await asyncio.shield(asyncio.wrap_future(closed))
         session.finish()
 
+    async def _registered(self, loop: asyncio.AbstractEventLoop, session: Session) -> bool:
+        """After a hello: waits, on the loop and holding no worker, until the writer stored the
+        registration; then the subscribers hear of it. False (the stream ends) if it failed."""
+        if session.unannounced is None:
+            return True
+        hello, session.unannounced = session.unannounced, None
+        try:
+            await asyncio.shield(asyncio.wrap_future(session.registration))
+        except Exception as e:
+            log.error("agent %s: registration not stored: %s", session.agent_id, e)
+            self.state._count(errors=1)
+            session.put(_error(ErrorCode.STORE_FAILED, f"registration not stored: {e}"))
+            return False
+        log.info("agent %s connected (%s pid %d)", session.agent_id, hello.hostname, hello.pid)
+        await loop.run_in_executor(self._stream_pool, self.state._dispatch, InboundKind.HELLO,
+                                   session.agent_id, hello)
+        return True
+
     def _close_session(self, session: Session) -> None:
+        if session.registration is not None:
+            wait([session.registration], _REGISTRATION_WAIT_S)
         try:
             if session.agent_id is not None:
                 self.state._detach(session)
@@ -338,7 +369,8 @@ class HeadroomService:
         msg = self._parse_inline(raw, session)
         kind = msg.WhichOneof("body") if msg is not None else None
         if kind not in ("batch", "heartbeat") or _foreign(msg, session):
-            return await loop.run_in_executor(self._stream_pool, self._handle, raw, session, msg)
+            handled = await loop.run_in_executor(self._stream_pool, self._handle, raw, session, msg)
+            return handled and await self._registered(loop, session)
         prepared = (self._batch_job(msg, session) if kind == "batch"
                     else self._heartbeat_job(msg, session))
         if prepared is not None and not self._submit(session, *prepared, block=False):
@@ -412,9 +444,19 @@ class HeadroomService:
             session.put(_error(ErrorCode.AGENT_ID_MISMATCH, refused))
             self.state._count(errors=1)
             return False
-        self.store.register_agent(registration_from_hello(agent_id, msg.hello))
-        log.info("agent %s connected (%s pid %d)", agent_id, msg.hello.hostname, msg.hello.pid)
-        self.state._dispatch(InboundKind.HELLO, agent_id, msg.hello)
+        return self._register(msg.hello, session)
+
+    def _register(self, hello: pb.AgentHello, session: Session) -> bool:
+        """Queues the registration for the writer, grouped with other agents' writes (a fleet
+        reconnecting at once costs a few transactions, not one lock wait each); the stream
+        reads on once it is stored (`_registered`). False if the stream ended meanwhile."""
+        registration: Future = Future()
+        job = BatchJob(session.agent_id, session.pid,
+                       registration=registration_from_hello(session.agent_id, hello))
+        if not self.state.writer.submit(job, lambda outcome: _settle(registration, outcome),
+                                        alive=session.alive):
+            return False   # the stream ended; closing it detaches the agent
+        session.registration, session.unannounced = registration, hello
         return True
 
     def _identity_problem(self, agent_id: str, principal: Principal,

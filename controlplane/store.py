@@ -175,13 +175,15 @@ class Store:
 
     # ------------------------------------------------------------------ agents
     def register_agent(self, reg: Registration) -> None:
-        now = utc_now()
+        with self.transaction() as cur:
+            self._register(cur, reg, utc_now())
+
+    def _register(self, cur, reg: Registration, now: datetime) -> None:
         model = [reg.model.get(f) for f in MODEL_COLUMNS]
         hello = [reg.hostname, reg.pid, reg.agent_version, reg.gpu_status, reg.settings_json]
-        with self.transaction() as cur:
-            cur.execute(_UPSERT_AGENT_SQL, [reg.agent_id, *model, *hello, now, now, True])
-            self._shapes[reg.agent_id] = ModelShape(int(reg.model.get("num_layers") or 0),
-                                                    int(reg.model.get("num_heads") or 0))
+        cur.execute(_UPSERT_AGENT_SQL, [reg.agent_id, *model, *hello, now, now, True])
+        self._shapes[reg.agent_id] = ModelShape(int(reg.model.get("num_layers") or 0),
+                                                int(reg.model.get("num_heads") or 0))
 
     def model_shape(self, agent_id: str) -> ModelShape:
         """The structure the agent registered (0 layers/heads: none, or it never said hello);
@@ -216,10 +218,14 @@ class Store:
         return self.store_batches([BatchJob(agent_id, pid, batch, counters)])[0]
 
     def store_batches(self, jobs: Sequence[BatchJob]) -> list[StoredBatch]:
-        """Several agents' batches in one transaction and one INSERT per table (group commit)."""
+        """Several agents' registrations and batches in one transaction and one INSERT per
+        table (group commit): a fleet's hellos cost a few transactions, not one each."""
         now = utc_now()
         try:
             with self.transaction() as cur:
+                for job in jobs:
+                    if job.registration is not None:
+                        self._register(cur, job.registration, now)
                 fresh = self._fresh(cur, jobs)
                 tables = _group_tables([j for j, new in zip(jobs, fresh) if new])
                 for name, table in tables.items():
@@ -227,8 +233,10 @@ class Store:
                 self._record_batches(cur, [j for j, new in zip(jobs, fresh) if new], now)
                 self._write_latest_counters(cur, _latest_counters(jobs), now)
         except duckdb.Error as e:
-            seqs = ", ".join(f"{j.agent_id}/{j.batch.seq}" for j in jobs if j.batch is not None)
-            raise StoreError(f"storing batches {seqs} in {self.db_path}: {e}") from None
+            what = ", ".join(f"{j.agent_id}/{j.batch.seq}" if j.batch is not None else
+                             f"{j.agent_id}/hello" for j in jobs
+                             if j.batch is not None or j.registration is not None)
+            raise StoreError(f"storing batches {what} in {self.db_path}: {e}") from None
         return [StoredBatch(rows_stored=j.batch.num_rows if new and j.batch else 0,
                             duplicate=j.batch is not None and not new)
                 for j, new in zip(jobs, fresh)]

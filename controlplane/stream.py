@@ -12,6 +12,7 @@ import asyncio
 import collections
 import threading
 import weakref
+from concurrent.futures import Future
 from typing import AsyncIterator, Optional
 
 from headroom_sidecar.controlplane.auth import Principal
@@ -82,6 +83,10 @@ class Session:
         self.agent_id: Optional[str] = None
         self.pid = 0
         self.hello_expired = False
+        # The hello's registration, stored by the writer (concurrent.futures.Future), and the
+        # hello until subscribers have been told of it (controlplane/server.py).
+        self.registration: Optional[Future] = None
+        self.unannounced: Optional[pb.AgentHello] = None
         # Set when the stream ends for any reason: writers and senders stop at once.
         self.ended = threading.Event()
         self._outbound: asyncio.Queue = asyncio.Queue()
