@@ -82,6 +82,7 @@ class Figures:
     window_rows_per_s: float = 0.0   # rows sent per second in the measured window
     rss_mb: float = 0.0
     threads: int = 0
+    steal_pct: float = 0.0           # CPU time the hypervisor took from this VM in the window
 
     @property
     def lost(self) -> int:
@@ -115,6 +116,13 @@ def start_server(tmp: Path, agents: int) -> tuple[subprocess.Popen, str, str]:
             raise RuntimeError(f"control plane did not start (exit code {proc.poll()})")
         time.sleep(0.05)
     return proc, f"127.0.0.1:{port_file.read_text().strip()}", f"127.0.0.1:{operator_port}"
+
+
+def cpu_times() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs since boot, from /proc/stat: on a VM, the time the
+    hypervisor gave to others (a noisy neighbour slows everything measured here)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (values[7] if len(values) > 7 else 0), sum(values[:8])
 
 
 def proc_status(pid: int) -> tuple[float, int]:
@@ -413,9 +421,11 @@ async def run_fleet(n: int, address: str, operator_address: str, pid: int, durat
     await asyncio.sleep(SETTLE_S)   # the hellos' backlog drains: the window is steady state
     for agent in agents:
         agent.measure_from_s = time.monotonic()
-    window_start_s, rows_before = time.monotonic(), fig.rows_sent
+    window_start_s, rows_before, cpu_before = time.monotonic(), fig.rows_sent, cpu_times()
     await operator_figures(operator_address, duration_s, fig)   # the window: as long as the operators call
     fig.window_rows_per_s = (fig.rows_sent - rows_before) / (time.monotonic() - window_start_s)
+    (steal_a, total_a), (steal_b, total_b) = cpu_before, cpu_times()
+    fig.steal_pct = 100.0 * (steal_b - steal_a) / max(1, total_b - total_a)
     stop.set()
     await asyncio.gather(*runs)
     sampling.set()
@@ -445,7 +455,8 @@ def pct(values: list, q: float) -> str:
 def report(figs: list[Figures]) -> list[str]:
     head = ("agents", "connected", "connect s", "batches sent", "rows/s sent", "rows sent",
             "rows stored", "lost", "errors",
-            "Query p50/p99 ms", "Admin p50/p99 ms", "ack p99 ms", "server RSS MB", "threads")
+            "Query p50/p99 ms", "Admin p50/p99 ms", "ack p99 ms", "server RSS MB", "threads",
+            "CPU stolen %")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for f in figs:
         lines.append(" | ".join(str(v) for v in (
@@ -454,7 +465,7 @@ def report(figs: list[Figures]) -> list[str]:
             f"{f.rows_stored:,}", f"{f.lost:,}", f.errors + f.operator_failures,
             f"{pct(f.query_ms, 50)} / {pct(f.query_ms, 99)}",
             f"{pct(f.admin_ms, 50)} / {pct(f.admin_ms, 99)}", pct(f.ack_ms, 99),
-            f"{f.rss_mb:,.0f}", f.threads)))
+            f"{f.rss_mb:,.0f}", f.threads, f"{f.steal_pct:.0f}")))
     return lines
 
 

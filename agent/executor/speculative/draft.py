@@ -44,7 +44,7 @@ def _empty(seq: Tensor) -> Proposal:
 
 
 class PromptLookupDrafter:
-    def __init__(self, ngram_max: int = 3, ngram_min: int = 1):
+    def __init__(self, ngram_max: int = 3, ngram_min: int = 2):
         if not 1 <= ngram_min <= ngram_max:
             raise ValueError(f"PromptLookupDrafter: need 1 <= ngram_min <= ngram_max, got "
                              f"ngram_min={ngram_min}, ngram_max={ngram_max}")

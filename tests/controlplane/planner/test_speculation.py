@@ -48,61 +48,62 @@ def test_judge_at_the_boundaries(evidence, kept, why):
     assert ok is kept and why in reason
 
 
-def test_candidates_are_prompt_lookup_k_2_4_6_and_self_only_with_a_draft_plan():
+def test_candidates_are_prompt_lookup_k_3_6_12_and_self_only_with_a_draft_plan():
     words = lambda cs: [(c.draft.value, c.k) for c in cs]
-    assert words(candidates(None)) == [("prompt_lookup", 2), ("prompt_lookup", 4), ("prompt_lookup", 6)]
-    assert words(candidates(DRAFT))[3:] == [("self", 2), ("self", 4), ("self", 6)]
+    assert words(candidates(None)) == [("prompt_lookup", 3), ("prompt_lookup", 6),
+                                       ("prompt_lookup", 12)]
+    assert words(candidates(DRAFT))[3:] == [("self", 3), ("self", 6), ("self", 12)]
 
 
 def test_the_class_plan_is_the_default_plus_speculation_scoped_to_the_class():
     base = {**BASE, "transforms": [SKIP]}
-    cand = candidates(DRAFT)[4]                                           # self, k=4
+    cand = candidates(DRAFT)[4]                                           # self, k=6
     doc = class_plan_doc(base, "code", cand, DRAFT, "job-s001", "n")
     plan = Plan.from_doc(doc)
     assert plan.query_classes == ("code",) and plan.get(TransformKind.SKIP_LAYERS).layers == (1,)
-    assert _spec(doc) == {"draft": "self", "k": 4, "draft_plan": {"transforms": DRAFT}}
+    assert _spec(doc) == {"draft": "self", "k": 6, "draft_plan": {"transforms": DRAFT}}
 
 
 def test_the_fastest_exact_candidate_is_chosen_and_only_it_is_kept():
-    evaluate, seen = scripted({("prompt_lookup", 2): 0.8, ("prompt_lookup", 4): 0.6,
-                               ("prompt_lookup", 6): 0.7, ("self", 2): 0.55, ("self", 4): 0.5,
-                               ("self", 6): 0.4},
-                              exact={("self", 6): 0.9})
+    evaluate, seen = scripted({("prompt_lookup", 3): 0.8, ("prompt_lookup", 6): 0.6,
+                               ("prompt_lookup", 12): 0.7, ("self", 3): 0.55, ("self", 6): 0.5,
+                               ("self", 12): 0.4},
+                              exact={("self", 12): 0.9})
     recorded = []
     result = SpeculationSearch(evaluate, record=recorded.append).run(BASE, "code", "job", DRAFT)
     assert len(seen) == 6 and [r.index for r in recorded] == [1, 2, 3, 4, 5, 6]
-    assert result.best_trial.change == "self k=4" and _spec(result.best)["k"] == 4
+    assert result.best_trial.change == "self k=6" and _spec(result.best)["k"] == 6
     assert [r.kept for r in result.trail] == [False, False, False, False, True, False]
     assert "exact match 0.900 < 1" in result.trail[5].reason          # faster, but not exact
-    assert "self k=4 is faster (0.500)" in result.trail[0].reason
+    assert "self k=6 is faster (0.500)" in result.trail[0].reason
     assert all(r.phase is Phase.SPECULATION for r in result.trail)
-    assert result.message.startswith("speculation for class 'code': self k=4, latency ratio 0.500")
+    assert result.message.startswith("speculation for class 'code': self k=6, latency ratio 0.500")
 
 
 def test_a_class_where_speculation_does_not_pay_is_left_alone():
-    evaluate, _ = scripted({("prompt_lookup", 2): 1.0, ("prompt_lookup", 4): 1.02,
-                            ("prompt_lookup", 6): 1.3})
+    evaluate, _ = scripted({("prompt_lookup", 3): 1.0, ("prompt_lookup", 6): 1.02,
+                            ("prompt_lookup", 12): 1.3})
     result = SpeculationSearch(evaluate).run(BASE, "creative", "job")
     assert result.best is None and not any(r.kept for r in result.trail)
     assert result.message == ("speculation does not pay for class 'creative': best ratio 1.000 "
-                              "(prompt_lookup k=2; dropped: latency ratio 1.000 over the "
+                              "(prompt_lookup k=3; dropped: latency ratio 1.000 over the "
                               "unoptimised model not below 1); "
                               "the class is left alone")
 
 
 def test_a_policy_bound_below_one_is_the_bar():
-    evaluate, _ = scripted({("prompt_lookup", 2): 0.9, ("prompt_lookup", 4): 0.95,
-                            ("prompt_lookup", 6): 0.96})
+    evaluate, _ = scripted({("prompt_lookup", 3): 0.9, ("prompt_lookup", 6): 0.95,
+                            ("prompt_lookup", 12): 0.96})
     assert SpeculationSearch(evaluate, max_latency_ratio=0.9).run(BASE, "c", "j").best is None
     assert SpeculationSearch(evaluate, max_latency_ratio=0.901).run(BASE, "c", "j").best is not None
 
 
 def test_failed_trials_are_dropped_and_max_trials_caps_the_candidates():
-    evaluate, seen = scripted({("prompt_lookup", 2): 0.9, ("prompt_lookup", 4): 0.8},
-                              fail=(("prompt_lookup", 4),))
+    evaluate, seen = scripted({("prompt_lookup", 3): 0.9, ("prompt_lookup", 6): 0.8},
+                              fail=(("prompt_lookup", 6),))
     result = SpeculationSearch(evaluate, max_trials=2).run(BASE, "code", "job")
-    assert seen == [("prompt_lookup", 2), ("prompt_lookup", 4)]
-    assert result.best_trial.change == "prompt_lookup k=2"
+    assert seen == [("prompt_lookup", 3), ("prompt_lookup", 6)]
+    assert result.best_trial.change == "prompt_lookup k=3"
     assert "trial failed: agent gone" in result.trail[1].reason
 
 
@@ -121,18 +122,18 @@ def test_a_trigger_without_a_class_is_refused():
 def test_over_a_default_plan_the_default_itself_is_the_bar():
     # Int8-like default: it matches the unoptimised output half the time and is 0.8x its latency.
     base = {**BASE, "plan_id": "p-default", "transforms": [SKIP]}
-    evaluate, seen = scripted({("none", 0): 0.8, ("prompt_lookup", 2): 0.7,
-                               ("prompt_lookup", 4): 0.6, ("prompt_lookup", 6): 0.8},
-                              exact={("none", 0): 0.5, ("prompt_lookup", 2): 0.5,
-                                     ("prompt_lookup", 4): 0.4, ("prompt_lookup", 6): 0.5})
+    evaluate, seen = scripted({("none", 0): 0.8, ("prompt_lookup", 3): 0.7,
+                               ("prompt_lookup", 6): 0.6, ("prompt_lookup", 12): 0.8},
+                              exact={("none", 0): 0.5, ("prompt_lookup", 3): 0.5,
+                                     ("prompt_lookup", 6): 0.4, ("prompt_lookup", 12): 0.5})
     result = SpeculationSearch(evaluate).run(base, "code", "job")
-    bar, k2, k4, k6 = result.trail
+    bar, k3, k6, k12 = result.trail
     assert seen[0] == ("none", 0) and _spec(bar.plan) is None and bar.plan["query_classes"] == ["code"]
     assert not bar.kept and "the bar" in bar.reason
-    assert k2.kept and "0.875 over the default plan 'p-default'" in k2.reason
-    assert not k4.kept and "exact match 0.400 < 0.5 of the default plan" in k4.reason
-    assert not k6.kept and "latency ratio 1.000 over the default plan 'p-default' not below 1" in k6.reason
-    assert result.message.startswith("speculation for class 'code': prompt_lookup k=2, latency "
+    assert k3.kept and "0.875 over the default plan 'p-default'" in k3.reason
+    assert not k6.kept and "exact match 0.400 < 0.5 of the default plan" in k6.reason
+    assert not k12.kept and "latency ratio 1.000 over the default plan 'p-default' not below 1" in k12.reason
+    assert result.message.startswith("speculation for class 'code': prompt_lookup k=3, latency "
                                      "ratio 0.875 over the default plan 'p-default'")
 
 
