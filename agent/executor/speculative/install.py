@@ -43,8 +43,9 @@ _OTHER_LOOPS = ("custom_generate",) + CALLER_LOOPS
 class SpeculativeSettings:
     # Prompt lookup: the longest and shortest n-gram of the sequence's tail searched for. Not
     # 1: a lone repeated token is weak evidence, and a wrong draft makes the verify forward
-    # cost ~1.6x a plain step for one token (SmolLM2 replay of the demo's classes: grounded
-    # 1.17x -> 1.33x, the other classes 0.87-0.93x -> 0.97-1.10x at k=4).
+    # cost more than a plain step for one token (bench/speculative.py --prompts classes,
+    # 2026-12-02: with 2, prompt lookup k=12 on the grounded class 1.39x, factual 1.13x;
+    # with 1 and k=4 the day before, 1.27x and 0.79x).
     ngram_max: int = field(default=3, metadata={"env": "HEADROOM_SPEC_NGRAM_MAX"})
     ngram_min: int = field(default=2, metadata={"env": "HEADROOM_SPEC_NGRAM_MIN"})
 
