@@ -2,11 +2,13 @@
 
 It runs on grpc.aio (controlplane/aiohost.py): a Connect stream is read and written on the
 event loop, so an idle agent holds no thread. Each message is handled on one of
-`stream_workers` threads (parsing, registration, handing batches to the ingest writer, which
-may block while the writer is full), one message of a stream at a time, in order. The control
-plane pushes plans and trial requests to a connected agent at any time, from any thread,
-through `ServerState.send_to_agent` (controlplane/stream.py). Query and the Admin methods are
-synchronous handlers the aio server runs in its `max_workers` migration pool. Requests arrive as
+`stream_workers` threads (parsing, hello checks, handing registrations and batches to the ingest
+writer, which may block while the writer is full), one message of a stream at a time, in order;
+after a hello the stream waits on the loop, holding no worker, until its registration is
+stored. The control plane pushes plans and trial requests to a connected agent at any time,
+from any thread, through `ServerState.send_to_agent` (controlplane/stream.py). Query and the
+Admin methods are synchronous handlers the aio server runs in its `max_workers` migration pool
+(the operator port's server runs them in its own: controlplane/opserver.py). Requests arrive as
 raw bytes and are parsed here, so a malformed message gets an ErrorReply instead of tearing the
 stream down.
 
