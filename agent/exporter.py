@@ -26,19 +26,18 @@ from typing import Callable, Optional, Protocol
 import grpc
 
 from headroom_sidecar.agent import wire
-from headroom_sidecar.agent.batching import GPU_QUEUE_MAX, REPLY_QUEUE_MAX, ExportBuffer, Inflight
+from headroom_sidecar.agent.batching import ExportBuffer
 from headroom_sidecar.agent.credentials import AgentChannels
 from headroom_sidecar.agent.dispatch import ControlDispatcher, OnControl
 from headroom_sidecar.agent.records import GpuSample, RequestRecord
 from headroom_sidecar.agent.settings import AgentSettings
 from headroom_sidecar.proto import headroom_pb2 as pb
 from headroom_sidecar.proto import headroom_pb2_grpc
-from headroom_sidecar.proto.credentials import LOCAL_SUBCHANNELS
 
 log = logging.getLogger("headroom.exporter")
 
-__all__ = ["ACK_TIMEOUT_S", "BatchExporter", "Exporter", "GPU_QUEUE_MAX", "Inflight",
-           "NoopExporter", "OnControl", "REPLY_QUEUE_MAX", "make_exporter"]
+__all__ = ["ACK_TIMEOUT_S", "BatchExporter", "Exporter", "NoopExporter", "OnControl",
+           "make_exporter"]
 
 MAX_INFLIGHT_BATCHES = 4      # unacked batches on a stream; more waits, the queue absorbs it
 ACK_TIMEOUT_S = 30.0          # oldest unacked batch older than this: the stream is dead
@@ -152,10 +151,9 @@ class _Stream:
 
 
 def _open_channel(target: str, stop: threading.Event, timeout_s: float,
-                  channels: Optional[AgentChannels] = None) -> Optional[grpc.Channel]:
+                  channels: AgentChannels) -> Optional[grpc.Channel]:
     """A fresh channel once READY; None on refusal, timeout or stop (no gRPC internal backoff)."""
-    channel = channels.open(target) if channels is not None \
-        else grpc.insecure_channel(target, options=[LOCAL_SUBCHANNELS])
+    channel = channels.open(target)
     states: queue.SimpleQueue = queue.SimpleQueue()
     channel.subscribe(states.put, try_to_connect=True)
     deadline = time.monotonic() + timeout_s

@@ -71,7 +71,6 @@ class Figures:
     connect_s: float = 0.0
     rows_sent: int = 0
     batches_sent: int = 0
-    rows_acked: int = 0
     rows_stored: int = -1
     errors: int = 0
     unacked: int = 0
@@ -311,7 +310,6 @@ class Agent:
             async for reply in call:
                 if reply.HasField("ack"):
                     sent = self.sent_s.pop(reply.ack.seq, None)
-                    self.fig.rows_acked += reply.ack.rows_stored
                     if sent is not None and sent >= self.measure_from_s:
                         self.fig.ack_ms.append((time.monotonic() - sent) * 1e3)
                 elif reply.HasField("error"):

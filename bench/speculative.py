@@ -24,7 +24,7 @@ fastest headroom row at exact match 1.0 if it beats the unoptimised model, else 
 left alone) and the mix's tokens/s with each class on its choice.
 
     .venv/bin/python bench/speculative.py [--rounds 4] [--new-tokens 64] [--k 4] [--prompts grounded]
-    .venv/bin/python bench/speculative.py --prompts classes [--per-class 2] [--ks 2,4,6]
+    .venv/bin/python bench/speculative.py --prompts classes [--per-class 2] [--ks 3,6,12]
     smallest: --prompts classes --per-class 1 --rounds 1 --new-tokens 8 --ks 4 --skip-layers 0
 """
 from __future__ import annotations
@@ -49,6 +49,7 @@ from headroom_sidecar.proto.plan import Plan  # noqa: E402
 from headroom_sidecar.agent.executor.speculative.generate import SpecStats  # noqa: E402
 from headroom_sidecar.agent.executor.speculative.install import installed  # noqa: E402
 from bench.table import calibrate, plan_doc, token_chunks  # noqa: E402
+from headroom_sidecar.controlplane.planner.speculation import K_CHOICES  # noqa: E402
 from workloads.prompts import GROUNDED_PROMPTS, PROMPTS, QueryClass, chat_ids  # noqa: E402
 from workloads.smollm2 import load_smollm2  # noqa: E402
 from headroom_sidecar.controlplane.evaltexts import Split  # noqa: E402
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-layers", type=int, default=2)
     p.add_argument("--prompts", choices=("grounded", "mixed", "classes"), default="grounded")
     p.add_argument("--per-class", type=int, default=2, help="prompts per class (--prompts classes)")
-    p.add_argument("--ks", type=lambda v: [int(k) for k in v.split(",")], default=[2, 4, 6],
+    p.add_argument("--ks", type=lambda v: [int(k) for k in v.split(",")], default=list(K_CHOICES),
                    help="k values tried per class (--prompts classes), comma-separated")
     p.add_argument("--draft-layers", type=int, default=6,
                    help="blocks of the separate draft model for HF assisted generation (0: no row)")

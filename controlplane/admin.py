@@ -144,10 +144,6 @@ class ControlPlane:
         self.loop.close()
         self._con.close()
 
-    def method_handlers(self, service) -> dict[str, grpc.RpcMethodHandler]:
-        """The server's way to the registration table without importing this module."""
-        return method_handlers(service)
-
     # ------------------------------------------------------------------ dispatch
     def call(self, method: str, raw: bytes, context: grpc.ServicerContext,
              principal: Optional[Principal] = None):

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from headroom_sidecar.controlplane.admin import ControlPlane, ControlSettings
+from headroom_sidecar.controlplane.admin import ControlPlane, ControlSettings, method_handlers
 from headroom_sidecar.controlplane.aiohost import AioHost, bind_host
 from headroom_sidecar.controlplane.auth import AgentBindings, AuthMode, ServerAuth
 from headroom_sidecar.controlplane.health import HealthSettings, StoreHealth, add_health
@@ -40,11 +40,6 @@ class RunningServer:
     health: Optional[StoreHealth] = None   # grpc.health.v1 status and its plaintext port
     retention: Optional[RetentionWorker] = None   # expires raw telemetry (controlplane/retention.py)
     _stopped: bool = field(default=False, repr=False)
-
-    @property
-    def server(self):
-        """The grpc.aio server (it lives on host_loop's event loop)."""
-        return self.host_loop.server
 
     @property
     def operator_port(self) -> int:
@@ -145,7 +140,7 @@ def start_server(settings: ServerSettings, control: Optional[ControlSettings] = 
     state = _build_state(settings, auth, control)
     host = AioHost(settings.max_workers, settings.stream_workers, _grpc_options(settings))
     service = HeadroomService(state, host.stream_pool)
-    methods = state.control.method_handlers(service)   # the typed Admin RPCs (admin.py)
+    methods = method_handlers(service)   # the typed Admin RPCs (admin.py)
     host.on_loop(lambda: host.server.add_generic_rpc_handlers((service.handler(methods),)))
     monitor = host.on_loop(lambda: add_health(host.server, state.store, SERVICE_NAME, health))
     operators = _operator_server(settings, service, methods)

@@ -227,8 +227,7 @@ def _admin(args: argparse.Namespace) -> int:
         raise CliError(f"{e.code().name}: {e.details()}") from None
     except (ValueError, TypeError) as e:   # an anchor file with fields a head does not have
         raise CliError(str(e)) from None
-    json.dump(reply_json(reply), sys.stdout, indent=2, sort_keys=True)
-    sys.stdout.write("\n")
+    write_json(reply_json(reply))
     if isinstance(reply, pb.VerifyAuditReply) and not reply.ok:
         return 1
     return 1 if waits and reply.state != "done" else 0

@@ -23,7 +23,8 @@ from headroom_sidecar.controlplane.jobs import Job, JobState, JobStore, Stage  #
 from headroom_sidecar.controlplane.planner import (CandidateScope, Planner, PlannerSettings, QualityBudget,
                                   load_candidates)
 from headroom_sidecar.controlplane.planner.classjob import search_class
-from headroom_sidecar.controlplane.planner.recorder import StoreRecorder, json_safe
+from headroom_sidecar.controlplane.admin_replies import jsonable
+from headroom_sidecar.controlplane.planner.recorder import StoreRecorder
 from headroom_sidecar.controlplane.planner.search import PlanTarget
 from headroom_sidecar.controlplane.policy.engine import trade_rule
 from headroom_sidecar.controlplane.policy.schema import Objective
@@ -388,10 +389,10 @@ class ControlLoop:
         if facts is None:
             raise LoopError(f"model facts for {plan.fingerprint[:12]} are unknown (agents table)")
         context = dataclasses.replace(context, recent_applies_s=self._recent_applies(plan.fingerprint))
-        decision = policy.evaluate(plan.doc, Evidence.from_dict(json_safe(dict(evidence)), strict=False),
+        decision = policy.evaluate(plan.doc, Evidence.from_dict(jsonable(dict(evidence)), strict=False),
                                    ModelFacts(facts["num_layers"], facts["num_heads"]), context)
-        rules = [json_safe(r.to_dict()) for r in decision.results]
-        outcome = Outcome(decision.outcome.value)
+        rules = [jsonable(r.to_dict()) for r in decision.results]
+        outcome = decision.outcome
         reason = "; ".join(f"{r.rule_id}: {r.message}" for r in decision.failing()) or \
             f"every rule passed or did not apply ({len(rules)} rules)"
         self.plans.record_decision(Decision(plan_id, outcome, rules, _revision_name(decision.revision),
@@ -399,7 +400,7 @@ class ControlLoop:
         self.audit.append(AuditKind.POLICY_EVALUATED, POLICY_ACTOR, plan_id, {
             "outcome": outcome.value, "risk": decision.risk, "risk_score": decision.risk_score,
             "revision": decision.revision.to_dict(), "rules": rules,
-            "context": json_safe(dataclasses.asdict(context))})
+            "context": jsonable(dataclasses.asdict(context))})
         self.plans.transition(plan_id, _STATUS_OF[outcome], POLICY_ACTOR, reason)
         self.audit.append(_AUDIT_OF[outcome], POLICY_ACTOR, plan_id, {"reason": reason})
         return outcome

@@ -30,7 +30,7 @@ class ServerSettings:
     # batches to the ingest writer); a message holds one only while it is handled.
     stream_workers: int = field(default=2, metadata={"env": "HEADROOM_CP_STREAM_WORKERS"})
     # A batch or heartbeat up to this size is validated on the event loop instead (a live
-    # agent's batch is a few kB: ~0.1-0.3 ms, cheaper than two thread hand-offs); 0 = never.
+    # agent's batch is a few kB: cheaper than two thread hand-offs); 0 = never.
     inline_max_bytes: int = field(default=32 * 1024, metadata={"env": "HEADROOM_CP_INLINE_MAX_BYTES"})
     # Messages waiting to go to one agent (acks, plans, trials); a full queue slows its reader.
     outbound_queue_max: int = field(default=1024, metadata={"env": "HEADROOM_CP_OUTBOUND_QUEUE_MAX"})
@@ -60,7 +60,7 @@ class ServerSettings:
     # embedded control plane gets a fresh one per process.
     local_token: str = field(default="", metadata={"env": "HEADROOM_CP_LOCAL_TOKEN"})
     # Open Connect streams in all; one more is refused RESOURCE_EXHAUSTED. An idle stream
-    # holds no thread, only its buffers (tens of kB).
+    # holds no thread, only its buffers.
     max_agent_streams: int = field(default=1024, metadata={"env": "HEADROOM_CP_MAX_AGENT_STREAMS"})
     # Query and Admin calls running at once, apart from agent streams; one more is refused
     # RESOURCE_EXHAUSTED at once rather than queued. At most max_workers.

@@ -8,7 +8,7 @@ Key file: HEADROOM_PLAN_SIGNING_KEY (a PEM PKCS8 private key), default `plan_sig
 the control plane's state dir (the DuckDB file's folder). Absent: generated with 0600 perms,
 and its public key written beside it as `<key>.pub` (base64 of the raw 32 bytes, one line),
 the text an agent's HEADROOM_PLAN_VERIFY_KEYS takes. A key file that group or others may read
-is refused. `headroom-controlplane.signing [KEY_FILE]` prints the public key and key id.
+is refused. `python -m headroom_sidecar.controlplane.signing [KEY_FILE]` prints the public key and key id.
 """
 from __future__ import annotations
 
@@ -139,8 +139,8 @@ def main(argv: list[str]) -> int:
     """Prints the public key (for agents' HEADROOM_PLAN_VERIFY_KEYS) and its key id."""
     path = argv[0] if argv else SigningSettings.resolve().key_path
     if not path:
-        print("usage: headroom-controlplane.signing KEY_FILE (or set HEADROOM_PLAN_SIGNING_KEY)",
-              file=sys.stderr)
+        print("usage: python -m headroom_sidecar.controlplane.signing KEY_FILE "
+              "(or set HEADROOM_PLAN_SIGNING_KEY)", file=sys.stderr)
         return 2
     signer = PlanSigner.load_or_create(path)
     print(f"{signer.public_b64}  key_id={signer.key_id}  file={path}")

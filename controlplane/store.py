@@ -263,7 +263,8 @@ class Store:
     def _write_latest_counters(cur, latest: dict, now: datetime) -> None:
         # Two UPDATEs per group whatever its size: one for the agents that sent no counters,
         # one joined to a columnar table of the others' (every batch of a live agent carries
-        # its counters; an UPDATE per agent cost ~1 ms each, hundreds per group in a fleet).
+        # its counters; an UPDATE per agent would be hundreds of statements per group in a
+        # fleet).
         seen_only = sorted(a for a, c in latest.items() if c is None)
         if seen_only:
             cur.execute("UPDATE agents SET last_seen = ? WHERE agent_id IN (SELECT unnest(?))",
@@ -274,7 +275,8 @@ class Store:
 
     @staticmethod
     def _record_batches(cur, jobs: Sequence[BatchJob], now: datetime) -> None:
-        # One columnar INSERT (executemany costs ~2 ms a row, the fleet's bottleneck).
+        # One columnar INSERT (executemany runs a statement per row: the fleet's bottleneck
+        # in py-spy profiles of bench/fleet.py).
         if not jobs:
             return
         col = lambda f, kind: arrow_numbers([f(j) for j in jobs], kind)
@@ -307,7 +309,7 @@ def _group_tables(jobs: Sequence[BatchJob]) -> dict[str, pa.Table]:
         for name, table in job.batch.tables.items():
             parts.setdefault(name, []).append(table)
             owners.setdefault(name, []).append((job.agent_id, table.num_rows))
-    # One chunk each: DuckDB scans a table of a thousand small chunks ~20x slower.
+    # One chunk each: DuckDB scans a table of a thousand small chunks much more slowly.
     return {name: pa.concat_tables(tables).combine_chunks().add_column(
                 0, "agent_id", _agent_column(owners[name]))
             for name, tables in parts.items()}

@@ -27,8 +27,7 @@ from headroom_sidecar.proto.plan_parse import (Reader, check_mode, read_top,
 from headroom_sidecar.proto.plan_types import (APPLY_ORDER, KIND_ORDER,
                                                ActivationSparsity, Execution, PlanError,
                                                PruneHeads, SkipLayers, Speculative, Transform,
-                                               WeightPrecision, in_apply_order, in_kind_order,
-                                               layers_of)
+                                               WeightPrecision, in_apply_order, in_kind_order)
 from headroom_sidecar.proto.plandoc import (HEAD_KEY, PLAN_SCHEMA, CompileMode,
                                             PlanMode, Precision, SpeculativeDraft,
                                             TransformKind, canonical_json, plan_hash)
@@ -37,7 +36,7 @@ __all__ = [  # the model's public names: import them from here, not from plan_ty
     "APPLY_ORDER", "KIND_ORDER", "HEAD_KEY", "PLAN_SCHEMA", "ActivationSparsity", "CompileMode",
     "Execution", "Plan", "PlanError", "PlanMode", "Precision", "PruneHeads", "SkipLayers",
     "Speculative", "SpeculativeDraft", "Transform", "TransformKind", "WeightPrecision",
-    "canonical_json", "in_apply_order", "in_kind_order", "layers_of", "parse_plan",
+    "canonical_json", "in_apply_order", "in_kind_order", "parse_plan",
     "plan_from_json", "plan_hash", "replace"]
 
 _FIELDS = ("plan_id", "version", "model_fingerprint", "transforms", "query_classes", "mode",

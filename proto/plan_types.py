@@ -146,7 +146,3 @@ def in_kind_order(transforms) -> tuple:
 def in_apply_order(transforms) -> tuple:
     return tuple(sorted(transforms, key=lambda t: _APPLY_RANK[t.kind]))
 
-
-def layers_of(t: Transform) -> tuple[int, ...]:
-    """The block layers a transform touches, sorted (none for execution settings)."""
-    return tuple(sorted(t.touched_layers()))

@@ -39,7 +39,7 @@ class StoreRecorder:
         if plan_id not in self._trial_ids:   # Planner ran without propose=: store it now
             self.propose(rec.plan)
         trial_id = self._trial_ids.pop(plan_id)
-        evidence = None if rec.evidence is None else json_safe(rec.evidence)
+        evidence = None if rec.evidence is None else jsonable(rec.evidence)
         error = None if evidence is not None else rec.reason
         self._plans.finish_trial(trial_id, evidence=evidence, error=error)
         self._audit.append(AuditKind.TRIAL_RESULT, f"agent:{self._agent_id}", plan_id,
@@ -58,7 +58,3 @@ class StoreRecorder:
             why = f"superseded by {plan_id}"
             self._plans.transition(previous, PlanStatus.SUPERSEDED, self._actor, why)
             self._audit.append(AuditKind.SUPERSEDED, self._actor, previous, {"by": plan_id})
-
-
-# Evidence as strict JSON: non-finite numbers become None (the budget already refused them).
-json_safe = jsonable

@@ -166,7 +166,6 @@ class SpeculationSearch:
         trail = [_only_best(r, best) for r in trail]
         for rec in trail:            # after the choice: the store keeps one plan, the best
             self._record(rec)
-        best = next((r for r in trail if r.kept), None)
         return SpeculationResult(query_class, best.plan if best else None, best, trail,
                                  self._message(query_class, trail, best))
 

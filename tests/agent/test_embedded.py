@@ -5,7 +5,6 @@ import re
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import duckdb
@@ -17,6 +16,7 @@ from headroom_sidecar.agent.exporter import BatchExporter
 from headroom_sidecar.agent.records import RequestRecord
 from headroom_sidecar.agent.settings import AgentSettings
 from headroom_sidecar.controlplane.query import QueryClient
+from tests.controlplane.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,13 +28,6 @@ def process_gone(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return state == "Z"
-
-
-def wait_until(predicate, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not predicate():
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_embedded_receives_data_and_stops(tmp_path):

@@ -6,7 +6,6 @@ behaviour: the hot path never waits for the network, and every record is account
 from __future__ import annotations
 
 import time
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from headroom_sidecar.agent.settings import AgentSettings
 from headroom_sidecar.controlplane.query import QueryClient
 from headroom_sidecar.controlplane.app import start_server
 from headroom_sidecar.controlplane.settings import ServerSettings
+from tests.controlplane.helpers import wait_until  # noqa: F401 (other agent tests import it here)
 
 LAYERS, HEADS = 2, 3
 MODEL = ModelInfo(fingerprint="ab" * 32, name="tiny", architecture="LlamaForCausalLM",
@@ -57,15 +57,6 @@ def exporter(settings: AgentSettings, target: str, agent_id: str = "agent-x",
              **kw) -> BatchExporter:
     hello = wire.make_hello(agent_id, MODEL, "unavailable: test", settings)
     return BatchExporter(settings, hello, target, **kw)
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def query(address: str, sql: str) -> list[dict]:

@@ -137,3 +137,39 @@ class AgentStream:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class HeldOperatorCalls:
+    """Operator-call slots a test holds (as running Query/Admin calls would); all given back
+    on leaving the block."""
+
+    def __init__(self, state):
+        self.state, self.taken = state, 0
+
+    def take(self) -> bool:
+        """One more slot; False if none was free (then nothing is held)."""
+        granted = self.state.operator_call()
+        self.taken += granted
+        return granted
+
+    def __enter__(self) -> "HeldOperatorCalls":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for _ in range(self.taken):
+            self.state.operator_call_done()
+        self.taken = 0
+
+
+class Held:
+    """A thread parked inside a callback until `release` is set: `schedule(hold)` must make
+    that thread call hold (e.g. loop.call_soon_threadsafe, or a writer job's done callback)."""
+
+    def __init__(self, schedule):
+        self.entered, self.release = threading.Event(), threading.Event()
+        schedule(self._hold)
+        assert self.entered.wait(10), "the callback never ran"
+
+    def _hold(self, *_) -> None:
+        self.entered.set()
+        self.release.wait(30)

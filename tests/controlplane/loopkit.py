@@ -123,6 +123,19 @@ class LiveAgent:
         self.handle.detach()
 
 
+def traced_agent(tmp_path: Path, agent_id: str, n: int, query_class: str = "qa",
+                 **start_kw) -> tuple:
+    """(server, LiveAgent): a control plane with a connected agent whose n requests of
+    `query_class` are traced and stored."""
+    server = start(tmp_path, **start_kw)
+    agent = LiveAgent(server.address, agent_id)
+    wait_for(lambda: connected(server, agent_id), what="agent")
+    agent.serve(n, query_class=query_class)
+    agent.handle.exporter.flush(5_000)
+    wait_for(lambda: traced_rows(server, agent_id) >= n, what="traces")
+    return server, agent
+
+
 def wait_for(predicate, timeout_s: float = 20.0, what: str = "condition"):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

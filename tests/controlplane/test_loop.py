@@ -4,8 +4,8 @@ import pytest
 
 from headroom_sidecar.controlplane.loop import LoopError, PlanRequest
 from headroom_sidecar.controlplane.planner import QualityBudget
-from tests.controlplane.loopkit import (LOOSE_BUDGET, LiveAgent, audit_kinds, connected, start,
-                                        token_eval_args, traced_rows, wait_for, write_policies)
+from tests.controlplane.loopkit import (LOOSE_BUDGET, LiveAgent, audit_kinds, start, token_eval_args,
+                                        traced_agent, traced_rows, wait_for, write_policies)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -13,12 +13,8 @@ pytestmark = pytest.mark.timeout(90)
 @pytest.fixture(scope="module")
 def review(tmp_path_factory):
     """Policies that always ask a human (an unreachable exact_match, on_fail needs_human)."""
-    server = start(tmp_path_factory.mktemp("loop"), needs_human=True, canary_s=0.1)
-    agent = LiveAgent(server.address, "agent-l")
-    wait_for(lambda: connected(server, "agent-l"), what="agent")
-    agent.serve(3)
-    agent.handle.exporter.flush(5_000)
-    wait_for(lambda: traced_rows(server, "agent-l") >= 3, what="traces")
+    server, agent = traced_agent(tmp_path_factory.mktemp("loop"), "agent-l", 3, needs_human=True,
+                                 canary_s=0.1)
     yield server, agent
     agent.close()
     server.stop(grace_s=0.5)

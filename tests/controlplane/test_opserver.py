@@ -5,7 +5,6 @@ what was opened; the local token is checked there as on the agents' port."""
 from __future__ import annotations
 
 import socket
-import threading
 
 import grpc
 import pytest
@@ -13,7 +12,6 @@ import pytest
 from headroom_sidecar.controlplane.app import start_server
 from headroom_sidecar.controlplane.query import QueryClient, QueryError
 from headroom_sidecar.controlplane.settings import ServerSettings
-from headroom_sidecar.proto import headroom_pb2 as pb
 from headroom_sidecar.proto import headroom_pb2_grpc
 from headroom_sidecar.proto.client import AdminClient
 from headroom_sidecar.proto.credentials import ClientCredentials
@@ -36,21 +34,8 @@ def _operator_address(running) -> str:
     return f"127.0.0.1:{running.operator_port}"
 
 
-class HeldLoop:
-    """Blocks the server's event loop (the agents' port) until released."""
-
-    def __init__(self, running):
-        self.entered, self.release = threading.Event(), threading.Event()
-        running.host_loop.loop.call_soon_threadsafe(self._hold)
-        assert self.entered.wait(10)
-
-    def _hold(self) -> None:
-        self.entered.set()
-        self.release.wait(30)
-
-
 def test_operator_port_answers_while_the_agents_loop_is_held(server):
-    held = HeldLoop(server)
+    held = h.Held(server.host_loop.loop.call_soon_threadsafe)   # the agents' loop, still
     try:
         with QueryClient(_operator_address(server)) as q:
             assert q.query("SELECT 42 AS x", timeout_s=10).table.to_pylist() == [{"x": 42}]
@@ -117,13 +102,11 @@ def test_the_local_token_is_checked_on_the_operator_port(tmp_path):
 def test_operator_calls_share_the_limit_across_ports(tmp_path):
     running = start_server(_settings(tmp_path, max_workers=4, max_operator_calls=1))
     try:
-        assert running.state.operator_call()             # the one slot, held elsewhere
-        try:
-            with QueryClient(_operator_address(running)) as q:
-                with pytest.raises(QueryError, match="max_operator_calls=1"):
-                    q.query("SELECT 1")
-        finally:
-            running.state.operator_call_done()
+        with h.HeldOperatorCalls(running.state) as held, \
+                QueryClient(_operator_address(running)) as q:
+            assert held.take()                           # the one slot, held elsewhere
+            with pytest.raises(QueryError, match="max_operator_calls=1"):
+                q.query("SELECT 1")
         with QueryClient(_operator_address(running)) as q:
             assert q.query("SELECT 1 AS one").table.to_pylist() == [{"one": 1}]
     finally:

@@ -19,7 +19,7 @@ from headroom_sidecar.controlplane.prometheus import MetricsEndpointSettings
 from headroom_sidecar.controlplane.query import QueryClient, QueryError, QueryErrorKind
 from headroom_sidecar.controlplane.app import start_server
 from headroom_sidecar.controlplane.settings import ServerSettings
-from tests.agent.test_exporter import wait_until
+from tests.controlplane.helpers import wait_until
 from tests.builders import tiny_llama, token_ids
 
 PORT_ENV = "HEADROOM_CP_METRICS_PORT"

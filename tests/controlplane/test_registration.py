@@ -5,7 +5,6 @@ that ends meanwhile leaves its agent marked disconnected; a failed registration 
 stream with STORE_FAILED."""
 from __future__ import annotations
 
-import threading
 
 import duckdb
 import grpc
@@ -68,22 +67,11 @@ def test_a_batch_after_hello_is_read_only_once_the_hello_is_stored(server):
         assert _agents(server) == {"agent-1": True}
 
 
-class HeldWriter:
-    """Keeps the writer thread inside a job's done callback: the store's lock stays free (a
-    closing stream could mark its agent disconnected at once) but nothing more is written."""
-
-    def __init__(self, server):
-        self.entered, self.release = threading.Event(), threading.Event()
-        server.state.writer.submit(BatchJob("nobody", 0), self._hold, alive=lambda: True)
-        assert self.entered.wait(10)
-
-    def _hold(self, outcome) -> None:
-        self.entered.set()
-        self.release.wait(30)
-
-
 def test_a_stream_that_ends_before_its_hello_is_stored_leaves_the_agent_disconnected(server):
-    held = HeldWriter(server)
+    # The writer parked in a job's callback: the store's lock stays free (a closing stream
+    # could mark its agent disconnected at once) but nothing more is written.
+    held = h.Held(lambda hold: server.state.writer.submit(BatchJob("nobody", 0), hold,
+                                                          alive=lambda: True))
     try:
         stream = h.AgentStream(server.address)
         stream.send(h.hello())

@@ -170,19 +170,14 @@ def test_closed_streams_free_their_slots(tmp_path):
 def test_operator_call_limit_boundary(tmp_path):
     server = start_server(ServerSettings(db_path=str(tmp_path / "op.duckdb"), port=0,
                                          max_workers=4, max_operator_calls=2))
-    state, taken = server.state, 0
     try:
-        assert state.operator_call()           # 1 of 2 held: the call takes the last slot
-        taken += 1
-        with QueryClient(server.address) as q:
+        with h.HeldOperatorCalls(server.state) as held, QueryClient(server.address) as q:
+            assert held.take()                 # 1 of 2 held: the call takes the last slot
             assert q.query("SELECT 1 AS ok").table.to_pylist() == [{"ok": 1}]
-            assert state.operator_call()       # 2 of 2 held: refused at once
-            taken += 1
+            assert held.take()                 # 2 of 2 held: refused at once
             with pytest.raises(QueryError, match="max_operator_calls=2"):
                 q.query("SELECT 1")
     finally:
-        for _ in range(taken):
-            state.operator_call_done()
         server.stop(grace_s=0.5)
 
 

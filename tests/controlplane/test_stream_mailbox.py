@@ -4,7 +4,7 @@ import asyncio
 import threading
 
 from headroom_sidecar.controlplane.auth import Principal, PrincipalKind
-from headroom_sidecar.controlplane.stream import END, Session
+from headroom_sidecar.controlplane.stream import Session
 from headroom_sidecar.proto import headroom_pb2 as pb
 
 SENDERS, PER_SENDER = 4, 500
@@ -66,4 +66,3 @@ def test_put_after_the_loop_closed_says_false():
     session = Session(loop, _principal())
     loop.close()
     assert session.put(pb.ControlMessage(ack=pb.Ack(seq=1))) is False
-    assert END is not None

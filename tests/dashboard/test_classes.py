@@ -8,8 +8,8 @@ import torch
 
 from headroom_sidecar.controlplane.loop import PlanRequest
 from headroom_sidecar.controlplane.planner import QualityBudget
-from tests.controlplane.loopkit import (LOOSE_BUDGET, LiveAgent, connected, start, token_eval_args,
-                                        traced_rows, wait_for)
+from tests.controlplane.loopkit import (LOOSE_BUDGET, LiveAgent, token_eval_args, traced_agent,
+                                        wait_for)
 from tests.builders import token_ids
 from tests.dashboard.helpers import no_exception, tables, texts
 
@@ -27,12 +27,8 @@ def _serve_repetitive(agent: LiveAgent, query_class: str) -> None:
 
 @pytest.fixture(scope="module")
 def classes_world(tmp_path_factory):
-    server = start(tmp_path_factory.mktemp("classes-dash"), canary_s=0.1)
-    agent = LiveAgent(server.address, "agent-cls")
-    wait_for(lambda: connected(server, "agent-cls"), what="agent")
-    agent.serve(2, query_class="grounded")
-    agent.handle.exporter.flush(5_000)
-    wait_for(lambda: traced_rows(server, "agent-cls") >= 2, what="traces")
+    server, agent = traced_agent(tmp_path_factory.mktemp("classes-dash"), "agent-cls", 2,
+                                 "grounded", canary_s=0.1)
     loop = server.state.control.loop
     request = PlanRequest(agent_id="agent-cls", query_class="grounded", max_trials=1,
                           budget=QualityBudget(**LOOSE_BUDGET), eval=token_eval_args())

@@ -1,4 +1,4 @@
-"""deploy/helm/headroom: rendered by `helm template` (and linted) where helm is installed, else
+"""deploy/helm/headroom: rendered by `helm template` where helm is installed, else
 by tests/deploy/helmrender (Go's text/template, the engine helm runs, with the helm functions
 the chart uses); every manifest validated offline against the Kubernetes schemas, and the
 properties deploy/k8s promises checked on the chart too."""
@@ -9,17 +9,15 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import kubernetes_validate
 import pytest
 import yaml
 
-K8S_VERSION = "1.32.0"   # as tests/deploy/test_manifests.py: the oldest cluster claimed
+from tests.deploy.kit import HEALTH_PORT, K8S_VERSION, one, validate_all, workloads
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "headroom"
 RENDERER = Path(__file__).resolve().parent / "helmrender" / "main.go"
 RELEASE = "rel"
-HEALTH_PORT = 8081
 
 
 
@@ -64,14 +62,8 @@ def docs(tmp_path_factory) -> list[dict]:
     return render(tmp_path_factory.mktemp("helm"))
 
 
-def _one(docs, kind: str, name: str) -> dict:
-    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
-    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
-    return found[0]
-
-
 def _controlplane(docs) -> dict:
-    return _one(docs, "StatefulSet", f"{RELEASE}-headroom-controlplane")
+    return one(docs, "StatefulSet", f"{RELEASE}-headroom-controlplane")
 
 
 def _container(workload: dict) -> dict:
@@ -93,13 +85,12 @@ def test_chart_policies_are_the_repository_policies():
 def test_every_manifest_is_valid_kubernetes(docs):
     assert sorted(d["kind"] for d in docs) == ["ConfigMap", "Deployment", "Service", "Service",
                                                "StatefulSet"]
-    for doc in docs:
-        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    validate_all(docs)
 
 
 def test_statefulset_has_a_headless_service(docs):
     sts = _controlplane(docs)
-    svc = _one(docs, "Service", sts["spec"]["serviceName"])
+    svc = one(docs, "Service", sts["spec"]["serviceName"])
     assert svc["spec"]["clusterIP"] == "None" and sts["spec"]["replicas"] == 1
     assert svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
     assert sts["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]
@@ -114,7 +105,7 @@ def test_probes_are_grpc_on_the_health_port(docs):
 
 
 def test_pods_run_non_root_read_only_with_resources(docs):
-    for workload in (d for d in docs if d["kind"] in ("StatefulSet", "Deployment")):
+    for workload in workloads(docs):
         pod = workload["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] > 0
@@ -131,7 +122,7 @@ def test_policies_configmap_holds_every_policy_file(docs):
     sts = _controlplane(docs)
     pod = sts["spec"]["template"]["spec"]
     name = next(v["configMap"]["name"] for v in pod["volumes"] if v["name"] == "policies")
-    cm = _one(docs, "ConfigMap", name)
+    cm = one(docs, "ConfigMap", name)
     assert cm["data"] == {p.name: p.read_text() for p in (ROOT / "policies").glob("*.yaml")}
     mounts = {m["name"]: m["mountPath"] for m in _container(sts)["volumeMounts"]}
     assert _env(_container(sts))["HEADROOM_POLICIES"] == mounts["policies"]
@@ -154,14 +145,13 @@ def test_metrics_endpoint_is_off_by_default_and_opens_on_request(docs, tmp_path)
     assert _env(c)["HEADROOM_CP_METRICS_PORT"] == "9464"
     assert _env(c)["HEADROOM_CP_METRICS_HOST"] == "0.0.0.0"   # reachable by the scraper
     assert {"containerPort": 9464, "name": "metrics"} in c["ports"]
-    svc = _one(on, "Service", f"{RELEASE}-headroom-controlplane")
+    svc = one(on, "Service", f"{RELEASE}-headroom-controlplane")
     assert {"port": 9464, "targetPort": "metrics", "name": "metrics"} in svc["spec"]["ports"]
-    for doc in on:
-        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    validate_all(on)
 
 
 def test_dashboard_talks_to_the_controlplane_service_and_can_be_left_out(docs, tmp_path):
-    dep = _one(docs, "Deployment", f"{RELEASE}-headroom-dashboard")
+    dep = one(docs, "Deployment", f"{RELEASE}-headroom-dashboard")
     assert _env(_container(dep))["HEADROOM_ADDRESS"] == f"{RELEASE}-headroom-controlplane:50051"
     without = render(tmp_path, {"dashboard": {"enabled": False}})
     assert not [d for d in without if d["kind"] == "Deployment"]

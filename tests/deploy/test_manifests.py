@@ -9,10 +9,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.deploy.kit import HEALTH_PORT, K8S_VERSION, one, validate_all, workloads
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-K8S_VERSION = "1.32.0"   # the oldest cluster we claim; gRPC probes are GA since 1.27
-HEALTH_PORT = 8081
 
 
 def _render() -> list[dict]:
@@ -34,25 +34,14 @@ def docs() -> list[dict]:
     return _render()
 
 
-def _one(docs, kind: str, name: str) -> dict:
-    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
-    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
-    return found[0]
-
-
-def _pod_templates(docs):
-    return [d for d in docs if d["kind"] in ("StatefulSet", "Deployment")]
-
-
 def test_every_manifest_is_valid_kubernetes(docs):
     assert {d["kind"] for d in docs} >= {"StatefulSet", "Deployment", "Service"}
-    for doc in docs:
-        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    validate_all(docs)
 
 
 def test_the_validator_rejects_a_misspelt_probe(docs):
     """The schema check has teeth: one typo in a probe fails it."""
-    sts = _one(docs, "StatefulSet", "headroom-controlplane")
+    sts = one(docs, "StatefulSet", "headroom-controlplane")
     bad = yaml.safe_load(yaml.safe_dump(sts))
     bad["spec"]["template"]["spec"]["containers"][0]["readinessProbe"] = {"grpc": {"prot": 8081}}
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -60,8 +49,8 @@ def test_the_validator_rejects_a_misspelt_probe(docs):
 
 
 def test_statefulset_has_a_headless_service(docs):
-    sts = _one(docs, "StatefulSet", "headroom-controlplane")
-    svc = _one(docs, "Service", sts["spec"]["serviceName"])
+    sts = one(docs, "StatefulSet", "headroom-controlplane")
+    svc = one(docs, "Service", sts["spec"]["serviceName"])
     assert svc["spec"]["clusterIP"] == "None"
     assert sts["spec"]["replicas"] == 1   # DuckDB has one writer process
     labels = sts["spec"]["template"]["metadata"]["labels"]
@@ -69,7 +58,7 @@ def test_statefulset_has_a_headless_service(docs):
 
 
 def test_controlplane_probes_use_grpc_health(docs):
-    sts = _one(docs, "StatefulSet", "headroom-controlplane")
+    sts = one(docs, "StatefulSet", "headroom-controlplane")
     container = sts["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["HEADROOM_CP_HEALTH_PORT"] == str(HEALTH_PORT)
@@ -79,7 +68,7 @@ def test_controlplane_probes_use_grpc_health(docs):
 
 
 def test_pods_run_non_root_read_only_without_capabilities(docs):
-    for workload in _pod_templates(docs):
+    for workload in workloads(docs):
         pod = workload["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] > 0
@@ -92,7 +81,7 @@ def test_pods_run_non_root_read_only_without_capabilities(docs):
 
 
 def test_tls_comes_from_secrets(docs):
-    for workload in _pod_templates(docs):
+    for workload in workloads(docs):
         volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
         assert volumes["tls"]["secret"]["secretName"].endswith("-tls")
         # Readable by the pod's group (fsGroup 10001), not only by root.
@@ -101,10 +90,10 @@ def test_tls_comes_from_secrets(docs):
 
 @pytest.mark.skipif(not shutil.which("kubectl"), reason="the ConfigMap exists only once rendered")
 def test_policies_configmap_is_the_policies_folder(docs):
-    sts = _one(docs, "StatefulSet", "headroom-controlplane")
+    sts = one(docs, "StatefulSet", "headroom-controlplane")
     pod = sts["spec"]["template"]["spec"]
     name = next(v["configMap"]["name"] for v in pod["volumes"] if v["name"] == "policies")
-    cm = _one(docs, "ConfigMap", name)
+    cm = one(docs, "ConfigMap", name)
     policies = {p.name: p.read_text() for p in (ROOT / "policies").glob("*.yaml")}
     assert cm["data"] == policies
     env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
@@ -113,8 +102,8 @@ def test_policies_configmap_is_the_policies_folder(docs):
 
 
 def test_dashboard_is_deployed_in_k8s_and_compose(docs):
-    dep = _one(docs, "Deployment", "headroom-dashboard")
-    _one(docs, "Service", "headroom-dashboard")
+    dep = one(docs, "Deployment", "headroom-dashboard")
+    one(docs, "Service", "headroom-dashboard")
     env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["HEADROOM_ADDRESS"] == "headroom-controlplane:50051"
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())

@@ -82,23 +82,15 @@ def test_per_client_stream_limit(pki, tmp_path):
 
 
 def test_operator_calls_beyond_their_share_are_refused(tight):
-    state = tight.server.state
     share = tight.server.state.settings.max_operator_calls
     assert share == 8 - MAX_AGENT_STREAMS
-    taken = 0
-    try:
+    with helpers.HeldOperatorCalls(tight.server.state) as held, tight.query_client() as q:
         for _ in range(share - 1):                  # one slot left: the call goes through
-            assert state.operator_call()
-            taken += 1
-        with tight.query_client() as q:
-            assert q.query("SELECT 1 AS ok").table.to_pylist() == [{"ok": 1}]
-            assert state.operator_call()            # none left: refused at once
-            taken += 1
-            with pytest.raises(QueryError, match="Query/Admin calls are running"):
-                q.query("SELECT 1")
-    finally:
-        for _ in range(taken):
-            state.operator_call_done()
+            assert held.take()
+        assert q.query("SELECT 1 AS ok").table.to_pylist() == [{"ok": 1}]
+        assert held.take()                          # none left: refused at once
+        with pytest.raises(QueryError, match="Query/Admin calls are running"):
+            q.query("SELECT 1")
 
 
 def _query_of_size(size_bytes: int) -> str:

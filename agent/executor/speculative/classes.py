@@ -136,11 +136,8 @@ class ClassPlans:
         return class_plan_problems(plan, self.executor.active_plan)
 
     def apply(self, plan: Any) -> tuple[ClassRoute, dict[str, ClassRoute]]:
-        """-> (the new route, class -> the route it replaced). ValueError when the rule is
-        broken (callers check() first, to refuse with every problem listed)."""
-        problems = self.check(plan)
-        if problems:
-            raise ValueError("; ".join(problems))
+        """-> (the new route, class -> the route it replaced). The caller has check()ed the
+        plan (classcontrol.apply_class, under the apply boundary)."""
         default = self.executor.active_plan
         runner, note = self._runner(speculative_of(plan))
         route = ClassRoute(plan, default.hash if default is not None else None, runner, note)

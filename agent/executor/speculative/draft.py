@@ -43,8 +43,13 @@ def _empty(seq: Tensor) -> Proposal:
     return Proposal(seq.new_zeros(0))
 
 
+# Default n-gram lengths searched for. Not 1: a lone repeated token is weak evidence, and a
+# wrong draft costs a verify forward wider than a plain step for one token.
+NGRAM_MAX, NGRAM_MIN = 3, 2
+
+
 class PromptLookupDrafter:
-    def __init__(self, ngram_max: int = 3, ngram_min: int = 2):
+    def __init__(self, ngram_max: int = NGRAM_MAX, ngram_min: int = NGRAM_MIN):
         if not 1 <= ngram_min <= ngram_max:
             raise ValueError(f"PromptLookupDrafter: need 1 <= ngram_min <= ngram_max, got "
                              f"ngram_min={ngram_min}, ngram_max={ngram_max}")

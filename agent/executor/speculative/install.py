@@ -24,8 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from headroom_sidecar.agent.executor.undo import UndoLog
-from headroom_sidecar.agent.executor.speculative.draft import (DraftModules, Drafter, PromptLookupDrafter, RecordingLog,
-                                     SelfDrafter)
+from headroom_sidecar.agent.executor.speculative.draft import (NGRAM_MAX, NGRAM_MIN, DraftModules,
+                                                               Drafter, PromptLookupDrafter,
+                                                               RecordingLog, SelfDrafter)
 from headroom_sidecar.agent.executor.speculative.generate import SpecStats, speculative_generate
 from headroom_sidecar.agent.executor.speculative import perrequest
 from headroom_sidecar.agent.executor.speculative.model_io import SpeculationUnsupported
@@ -41,13 +42,10 @@ _OTHER_LOOPS = ("custom_generate",) + CALLER_LOOPS
 
 @dataclass(frozen=True)
 class SpeculativeSettings:
-    # Prompt lookup: the longest and shortest n-gram of the sequence's tail searched for. Not
-    # 1: a lone repeated token is weak evidence, and a wrong draft makes the verify forward
-    # cost more than a plain step for one token (bench/speculative.py --prompts classes,
-    # 2026-12-02: with 2, prompt lookup k=12 on the grounded class 1.39x, factual 1.13x;
-    # with 1 and k=4 the day before, 1.27x and 0.79x).
-    ngram_max: int = field(default=3, metadata={"env": "HEADROOM_SPEC_NGRAM_MAX"})
-    ngram_min: int = field(default=2, metadata={"env": "HEADROOM_SPEC_NGRAM_MIN"})
+    # Prompt lookup: the longest and shortest n-gram of the sequence's tail searched for
+    # (defaults and why: draft.py NGRAM_MAX, NGRAM_MIN).
+    ngram_max: int = field(default=NGRAM_MAX, metadata={"env": "HEADROOM_SPEC_NGRAM_MAX"})
+    ngram_min: int = field(default=NGRAM_MIN, metadata={"env": "HEADROOM_SPEC_NGRAM_MIN"})
 
     def __post_init__(self) -> None:
         if not 1 <= self.ngram_min <= self.ngram_max <= 16:

@@ -8,20 +8,15 @@ import pytest
 
 from headroom_sidecar.controlplane.loop import PlanRequest
 from headroom_sidecar.controlplane.planner import QualityBudget
-from tests.controlplane.loopkit import (LOOSE_BUDGET, LiveAgent, connected, start, token_eval_args,
-                                        traced_rows, wait_for)
+from tests.controlplane.loopkit import LOOSE_BUDGET, token_eval_args, traced_agent, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    server = start(tmp_path_factory.mktemp("classes"), canary_s=0.1)
-    agent = LiveAgent(server.address, "agent-c")
-    wait_for(lambda: connected(server, "agent-c"), what="agent")
-    agent.serve(3, query_class="grounded")
-    agent.handle.exporter.flush(5_000)
-    wait_for(lambda: traced_rows(server, "agent-c") >= 3, what="traces")
+    server, agent = traced_agent(tmp_path_factory.mktemp("classes"), "agent-c", 3, "grounded",
+                                 canary_s=0.1)
     yield server, agent
     agent.close()
     server.stop(grace_s=0.5)

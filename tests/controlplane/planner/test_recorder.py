@@ -10,7 +10,8 @@ from headroom_sidecar.proto.contract import AuditKind, PlanStatus
 from headroom_sidecar.proto.plan import Plan, TransformKind
 from headroom_sidecar.proto.plan_fit import check_fits
 from headroom_sidecar.controlplane.planner.candidates import CandidateScope, load_candidates
-from headroom_sidecar.controlplane.planner.recorder import StoreRecorder, json_safe
+from headroom_sidecar.controlplane.admin_replies import jsonable
+from headroom_sidecar.controlplane.planner.recorder import StoreRecorder
 from headroom_sidecar.controlplane.planner.search import Planner, PlanTarget, QualityBudget
 from headroom_sidecar.controlplane.planner.settings import PlannerSettings
 from tests.controlplane.planner.test_candidates import make_traces
@@ -75,8 +76,8 @@ def test_search_trail_lands_in_store_and_audit(db):
     assert "evidence has no finite ppl_ratio" in skip.reason
 
 
-def test_json_safe():
-    assert json_safe({"a": [1.0, math.inf], "b": {"c": math.nan}}) == {"a": [1.0, None], "b": {"c": None}}
+def test_jsonable_makes_non_finite_numbers_none():
+    assert jsonable({"a": [1.0, math.inf], "b": {"c": math.nan}}) == {"a": [1.0, None], "b": {"c": None}}
 
 
 def test_agent_parses_every_hypothesis_and_hashes_the_same(db):
