@@ -18,12 +18,13 @@ _HEAD_UNCHECKED = "no model was given to check its output head against"
 
 def check_fit(plan: Plan, structure: ModelStructure, fingerprint: str,
               supported: Mapping[TransformKind, str | None] | None = None,
-              head_reason: str | None = _HEAD_UNCHECKED) -> list[str]:
+              head_reason: str | None = _HEAD_UNCHECKED, dtype: str = "float32") -> list[str]:
     """Raises PlanError with every reason `plan` cannot run on this model; returns notes.
 
     `supported` maps a kind to None (supported here) or the reason it is not (from the executor).
     `head_reason`: head_int8_support(unoptimised model); a plan that sets the output head's
-    precision is refused unless it is None.
+    precision is refused unless it is None. `dtype`: the weights' dtype name (fp32_packed
+    needs float32).
     """
     problems: list[str] = []
     if plan.model_fingerprint != fingerprint:
@@ -38,7 +39,7 @@ def check_fit(plan: Plan, structure: ModelStructure, fingerprint: str,
             problems.append(f"{path}.layers.{HEAD_KEY}: cannot set the output head to "
                             f"{t.head.value}: {head_reason}")
     try:
-        notes = check_fits(plan, ModelFacts(structure.num_layers, structure.num_heads))
+        notes = check_fits(plan, ModelFacts(structure.num_layers, structure.num_heads, dtype))
     except PlanError as e:
         problems += e.problems
         notes = []

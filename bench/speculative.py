@@ -11,17 +11,23 @@ Rows (all greedy, the same prompts, `--new-tokens` forced per prompt):
 - headroom prompt lookup: plan {"kind": "execution", "speculative": {"draft": "prompt_lookup"}};
 - headroom self-speculative: draft = the same model under int8 on every block + the
   --skip-layers blocks with the smallest residual update (calibration text, bench/table.py's
-  rule), verifier = the unoptimised model.
+  rule), verifier = the unoptimised model;
+- headroom fp32_packed: plan {"kind": "weight_precision", "layers": every block and lm_head:
+  "fp32_packed"}: the same fp32 weights in the layout of the fp32 GEMM timed fastest here, no
+  speculation; then the prompt lookup and self-speculative rows again "over fp32_packed": the
+  verifier is that plan (what the per-class planner does over an approved default plan).
 Rounds are interleaved (every row once per round, all prompts); a row's ratio per round is its
 tokens/s over the unoptimised row's in that round. Exact = the fraction of prompts whose tokens
-equal the unoptimised greedy tokens. Weight memory: the model's weights plus the draft's own
-(its int8 copies; skipped layers share the verifier's tensors).
+equal the unoptimised greedy tokens (so a row over fp32_packed is checked against the
+unoptimised model too, not only against its own verifier). Weight memory: the model's weights
+under the row's plan (a packed lm_head is a second copy of the tied embedding) plus the
+draft's own (its int8 copies; skipped layers share the verifier's tensors).
 
 Per class (--prompts classes): the demo's mixed workload (workloads/prompts.py: factual, code,
 creative, arithmetic, and grounded), each class measured on its own prompts with every row,
-then the choice the per-class planner would make (controlplane/planner/speculation.py: the
-fastest headroom row at exact match 1.0 if it beats the unoptimised model, else the class is
-left alone) and the mix's tokens/s with each class on its choice.
+then the choice the per-class planner makes (controlplane/planner/speculation.py's own search,
+each trial answered by the row measured here), once over the unoptimised model and once over
+fp32_packed as the default plan, and the mix's tokens/s with each class on its choice.
 
     .venv/bin/python bench/speculative.py [--rounds 4] [--new-tokens 64] [--k 4] [--prompts grounded]
     .venv/bin/python bench/speculative.py --prompts classes [--per-class 2] [--ks 3,6,12]
@@ -49,7 +55,8 @@ from headroom_sidecar.proto.plan import Plan  # noqa: E402
 from headroom_sidecar.agent.executor.speculative.generate import SpecStats  # noqa: E402
 from headroom_sidecar.agent.executor.speculative.install import installed  # noqa: E402
 from bench.table import calibrate, plan_doc, token_chunks  # noqa: E402
-from headroom_sidecar.controlplane.planner.speculation import K_CHOICES  # noqa: E402
+from headroom_sidecar.controlplane.planner.search import TrialError  # noqa: E402
+from headroom_sidecar.controlplane.planner.speculation import K_CHOICES, SpeculationSearch  # noqa: E402
 from workloads.prompts import GROUNDED_PROMPTS, PROMPTS, QueryClass, chat_ids  # noqa: E402
 from workloads.smollm2 import load_smollm2  # noqa: E402
 from headroom_sidecar.controlplane.evaltexts import Split  # noqa: E402
@@ -68,6 +75,8 @@ class Row:
     exact: list[bool] = field(default_factory=list)         # one per prompt per round
     stats: SpecStats = field(default_factory=SpecStats)
     draft_bytes: int = 0
+    weight_bytes: int = 0                        # the model's weights under `plan`
+    over_packed: bool = False                    # the verifier is the fp32_packed plan
 
 
 @torch.no_grad()
@@ -82,6 +91,7 @@ def run_row(row: Row, model, ex: Executor, prompts, refs, n: int) -> float:
     if row.plan is not None:
         report = ex.apply(Plan.from_doc(row.plan))
         row.draft_bytes = max(row.draft_bytes, _draft_bytes(report.notes))
+        row.weight_bytes = report.weight_bytes_after
     try:
         t0, outs = time.perf_counter(), []
         for ids in prompts:
@@ -122,12 +132,22 @@ def _draft(s, skipped: list[int]) -> list[dict]:
     return draft
 
 
-def headroom_rows(fp: str, s, ks: list[int], skipped: list[int]) -> list[Row]:
-    """The per-class planner's candidates: prompt lookup and self draft, each k."""
-    rows = [Row(f"headroom prompt lookup k={k}", plan_doc(fp, f"bench-spec-lookup-{k}", [_execution(
-        {"draft": "prompt_lookup", "k": k})], "bench/speculative.py")) for k in ks]
-    return rows + [Row(f"headroom self-spec k={k} (draft int8 + skip {skipped})", plan_doc(
-        fp, f"bench-spec-self-{k}", [_execution({"draft": "self", "k": k, "draft_plan": {
+def packed(s) -> dict:
+    """fp32_packed on every block and the head: the lossless default plan the rows build on."""
+    layers = {str(i): "fp32_packed" for i in range(s.num_layers)}
+    return {"kind": "weight_precision", "layers": {**layers, "lm_head": "fp32_packed"}}
+
+
+def headroom_rows(fp: str, s, ks: list[int], skipped: list[int], base: tuple = ()) -> list[Row]:
+    """The per-class planner's candidates over the default plan `base` (its transforms; the
+    verifier): prompt lookup and self draft, each k."""
+    tag, pid = (" over fp32_packed", "-packed") if base else ("", "")
+    rows = [Row(f"headroom prompt lookup k={k}{tag}", over_packed=bool(base), plan=plan_doc(
+        fp, f"bench-spec-lookup-{k}{pid}", [*base, _execution({"draft": "prompt_lookup", "k": k})],
+        "bench/speculative.py")) for k in ks]
+    return rows + [Row(f"headroom self-spec k={k}{tag} (draft int8 + skip {skipped})",
+                       over_packed=bool(base), plan=plan_doc(
+        fp, f"bench-spec-self-{k}{pid}", [*base, _execution({"draft": "self", "k": k, "draft_plan": {
             "transforms": _draft(s, skipped)}})], "bench/speculative.py")) for k in ks]
 
 
@@ -153,7 +173,10 @@ def build_rows(fp: str, s, k: int, skipped: list[int], ks: Optional[list[int]] =
         rows.append(Row(f"HF assisted (draft: first {draft.config.num_hidden_layers} blocks)",
                         generate_kwargs={"assistant_model": draft},
                         draft_bytes=weight_bytes(draft)))
-    return rows + headroom_rows(fp, s, ks or [k], skipped)
+    rows += headroom_rows(fp, s, ks or [k], skipped)
+    rows.append(Row("headroom fp32_packed (no speculation)", over_packed=True, plan=plan_doc(
+        fp, "bench-packed", [packed(s)], "bench/speculative.py")))
+    return rows + headroom_rows(fp, s, ks or [k], skipped, (packed(s),))
 
 
 def measure(rows: list[Row], model, ex, prompts, n: int, rounds: int) -> None:
@@ -175,7 +198,7 @@ def print_table(rows: list[Row], base_bytes: int, anchor_note: bool = True) -> N
         acc = f"{st.acceptance:.2f}" if st.proposed else "-"
         tpv = f"{st.tokens_per_verify:.2f}" if st.verify_forwards else "-"
         exact = f"{sum(row.exact) / len(row.exact):.2f}" if row.exact else "-"
-        mib = (base_bytes + row.draft_bytes) / 2**20
+        mib = ((row.weight_bytes or base_bytes) + row.draft_bytes) / 2**20
         print(f"{row.name:58} {statistics.median(row.tok_s):7.1f} {spread:>20} {acc:>7} "
               f"{tpv:>10} {exact:>6} {mib:11.1f}")
     if anchor_note:
@@ -191,38 +214,65 @@ def class_prompts(per_class: int) -> dict[QueryClass, list]:
     return out
 
 
-def planner_choice(rows: list[Row]) -> Optional[Row]:
-    """The fastest headroom row at exact match 1.0 that beats the unoptimised row (its median
-    tokens/s ratio above 1: a latency ratio below 1), as the per-class planner keeps; None:
-    the class is left alone."""
-    ok = [r for r in rows if r.plan is not None and r.exact and all(r.exact)
-          and statistics.median(r.ratio) > 1.0]
-    return max(ok, key=lambda r: statistics.median(r.ratio), default=None)
+def _spec_doc(doc: dict) -> Optional[dict]:
+    ex = next((t for t in doc.get("transforms", []) if t["kind"] == "execution"), {})
+    return ex.get("speculative")
+
+
+def _spec(row: Row) -> Optional[dict]:
+    return _spec_doc(row.plan or {})
+
+
+def planner_choice(rows: list[Row], fp: str, s, query_class: str, draft_plan: list[dict],
+                   over_packed: bool) -> tuple[Optional[Row], str]:
+    """What the per-class planner (controlplane/planner/speculation.py, its own judge and
+    ranking) keeps from this run's rows, each candidate's trial answered by its measured row
+    (latency ratio = 1 / median tokens/s ratio): (the row, or None: the class runs its default
+    plan; the planner's message). Over fp32_packed, that plan is the default and the bar."""
+    family = [r for r in rows if r.plan is not None and r.over_packed == over_packed]
+    bar = next((r for r in family if _spec(r) is None), None)
+    by_spec = {(sp["draft"], sp["k"]): r for r in family if (sp := _spec(r)) is not None}
+
+    def evaluate(doc: dict) -> dict:
+        sp = _spec_doc(doc)
+        row = bar if sp is None else by_spec.get((sp["draft"], sp["k"]))
+        if row is None:
+            raise TrialError("not measured in this bench run (see --ks)")
+        return {"exact_match": sum(row.exact) / len(row.exact),
+                "latency_ratio": 1 / statistics.median(row.ratio)}
+    base = plan_doc(fp, "bench-default", [packed(s)] if over_packed else [], "bench/speculative.py")
+    result = SpeculationSearch(evaluate).run(base, query_class, "bench", draft_plan)
+    if result.best_trial is None:
+        return None, result.message
+    sp = _spec_doc(result.best_trial.plan)
+    return by_spec[(sp["draft"], sp["k"])], result.message
 
 
 def run_classes(model, tok, ex, fp: str, s, args) -> None:
-    """Per class: every row on the class's own prompts, the planner's choice, then the mix."""
+    """Per class: every row on the class's own prompts, the planner's choice, then the mix:
+    once with the unoptimised model as the default plan, once with fp32_packed."""
     skipped = least_update_layers(model, s, tok, args.skip_layers) if args.skip_layers else []
-    totals = {"tokens": 0, "base_s": 0.0, "chosen_s": 0.0}
+    mix = {False: [0.0, 0.0], True: [0.0, 0.0]}         # over_packed -> [base s, chosen s]
     for qc, chosen in class_prompts(args.per_class).items():
         prompts = [chat_ids(tok, q.text) for q in chosen]
         rows = build_rows(fp, s, args.k, skipped, args.ks, args.draft)
         measure(rows, model, ex, prompts, args.new_tokens, args.rounds)
         print(f"\nclass {qc.value}: {len(prompts)} prompt(s)")
         print_table(rows, weight_bytes(model), anchor_note=False)
-        pick = planner_choice(rows)
-        base = statistics.median(rows[0].tok_s)
-        rate = statistics.median(pick.tok_s) if pick else base
-        print(f"  planner: {pick.name} ({rate / base:.2f}x)" if pick else
-              f"  planner: speculation does not pay for class {qc.value}: best ratio "
-              f"{max(statistics.median(r.ratio) for r in rows if r.plan is not None):.2f}x; "
-              "left alone")
-        tokens = len(prompts) * args.new_tokens
-        totals["tokens"] += tokens
-        totals["base_s"] += tokens / base
-        totals["chosen_s"] += tokens / rate
-    print(f"\nmix: {totals['tokens']} tokens, each class on the planner's choice: "
-          f"{totals['base_s'] / totals['chosen_s']:.2f}x the unoptimised tokens/s")
+        tokens, base = len(prompts) * args.new_tokens, statistics.median(rows[0].tok_s)
+        for over_packed in (False, True):
+            pick, message = planner_choice(rows, fp, s, qc.value, _draft(s, skipped), over_packed)
+            default = next(r for r in rows if r.plan is not None and r.over_packed == over_packed
+                           and _spec(r) is None) if over_packed else rows[0]
+            rate = statistics.median((pick or default).tok_s)
+            print(f"  planner, default plan {'fp32_packed' if over_packed else 'unoptimised'}: "
+                  f"{(pick or default).name}: {rate / base:.2f}x ({message})")
+            mix[over_packed][0] += tokens / base
+            mix[over_packed][1] += tokens / rate
+    for over_packed, (base_s, chosen_s) in mix.items():
+        print(f"\nmix, each class on the planner's choice over the default plan "
+              f"{'fp32_packed' if over_packed else 'unoptimised'}: "
+              f"{base_s / chosen_s:.2f}x the unoptimised tokens/s")
     print(NO_DRAFT_MODEL)
 
 

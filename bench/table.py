@@ -237,6 +237,11 @@ def int8_everywhere(fp: str, s) -> dict:
     return plan_doc(fp, "int8-all", [{"kind": "weight_precision", "layers": layers}], "")
 
 
+def fp32_packed_everywhere(fp: str, s) -> dict:
+    layers = {**{str(i): "fp32_packed" for i in range(s.num_layers)}, "lm_head": "fp32_packed"}
+    return plan_doc(fp, "fp32-packed", [{"kind": "weight_precision", "layers": layers}], "")
+
+
 def compiled_decode(fp: str) -> dict:
     return plan_doc(fp, "compiled", [{"kind": "execution", "static_kv_cache": True,
                                       "compile": "torch_compile"}], "")
@@ -418,16 +423,24 @@ def build_rows(base, s, fp, args, stats) -> tuple[list[Row], list[str]]:
     tao = torchao_row(base)
     rows.append(tao) if isinstance(tao, Row) else notes.append(tao)
     # The int8 row runs eager even when the loop's plan compiles; the next row adds it back.
-    full = merged(fp, "plan+int8", [without(plan, "execution"), int8_everywhere(fp, s)], "")
+    full = merged(fp, "plan-int8", [without(plan, "execution"), int8_everywhere(fp, s)], "")
+    packed = fp32_packed_everywhere(fp, s)
     rows += [
         headroom_row(base, "torch.compile alone (headroom execution)", "static KV cache + "
                      "compiled decode, fp32 weights", compiled_decode(fp)),
+        headroom_row(base, "headroom: fp32_packed (every layer, lm_head)", "fp32 weights in the "
+                     "layout of the fp32 GEMM timed fastest here (lossless but for summation "
+                     "order)", packed),
+        # merged: the later document wins a layer, so the plan's int8 layers stay int8.
+        headroom_row(base, "headroom: plan, eager, fp32_packed elsewhere", f"{source}, without "
+                     "its execution transform; fp32_packed on the layers it leaves fp32",
+                     merged(fp, "plan-packed", [packed, without(plan, "execution")], "")),
         headroom_row(base, "headroom: pruning alone", prune["notes"], prune),
         headroom_row(base, "headroom: plan (as the loop found it)", source, plan),
         headroom_row(base, "headroom: plan + int8 (blocks, lm_head)", f"{source}; int8 on every "
                      "block and the lm_head (tied embedding too)", full),
         headroom_row(base, "headroom: plan + int8 + compiled decode", f"{source}; int8 everywhere;"
-                     " static KV cache + compiled decode", merged(fp, "plan+int8+compile",
+                     " static KV cache + compiled decode", merged(fp, "plan-int8-compile",
                                                                  [full, compiled_decode(fp)], ""))]
     if args.kernel_rows:
         rows += [headroom_row(base, f"headroom: plan + int8, kernel {k}", f"{source}; "
@@ -437,7 +450,7 @@ def build_rows(base, s, fp, args, stats) -> tuple[list[Row], list[str]]:
                                  "sparse decode gather on", full, sparse_decode=True))
     if args.with_prune:
         rows.append(headroom_row(base, "headroom: plan + int8 + pruning", f"{source} + "
-                                 f"{prune['notes']}", merged(fp, "plan+int8+prune", [full, prune], "")))
+                                 f"{prune['notes']}", merged(fp, "plan-int8-prune", [full, prune], "")))
     return rows, notes
 
 

@@ -53,6 +53,11 @@ class QueryClassLatency:
     p90_latency_ms: float
     mean_ttft_ms: float
     mean_tpot_ms: float
+    # Over the class's requests that speculated (agent/records.py): accepted / drafted tokens,
+    # and output tokens / verifier forwards; NaN when none did.
+    speculated_requests: int = 0
+    acceptance_rate: float = math.nan
+    tokens_per_verify: float = math.nan
 
 
 def _mean(col: str) -> str:
@@ -123,10 +128,18 @@ def sparsest_mlps(con, *, agent_id: Optional[str] = None, fingerprint: Optional[
 
 def latency_by_query_class(con, *, agent_id: Optional[str] = None,
                            fingerprint: Optional[str] = None) -> list[QueryClassLatency]:
-    """Per query class: request count, p50/p90 latency, mean TTFT and TPOT; busiest class first."""
+    """Per query class: request count, p50/p90 latency, mean TTFT and TPOT, and how its
+    speculation drafts; busiest class first."""
     where, params = _where(agent_id, fingerprint)
-    ok = "FILTER (WHERE NOT isnan(latency_ms))"
+    ok, spec = "FILTER (WHERE NOT isnan(latency_ms))", "FILTER (WHERE spec_verify_forwards > 0)"
     sql = (f"SELECT query_class, count(*) AS n, quantile_cont(latency_ms, 0.5) {ok}, "
-           f"quantile_cont(latency_ms, 0.9) {ok}, {_mean('ttft_ms')}, {_mean('tpot_ms')} "
+           f"quantile_cont(latency_ms, 0.9) {ok}, {_mean('ttft_ms')}, {_mean('tpot_ms')}, "
+           f"count(*) {spec}, sum(spec_accepted) {spec} / nullif(sum(spec_drafted) {spec}, 0), "
+           f"sum(output_tokens) {spec} / nullif(sum(spec_verify_forwards) {spec}, 0) "
            f"FROM requests s {where} GROUP BY query_class ORDER BY n DESC, query_class")
-    return [QueryClassLatency(r[0], int(r[1]), *r[2:6]) for r in _rows(con, sql, params)]
+    return [QueryClassLatency(r[0], int(r[1]), *r[2:6], int(r[6]), *(_nan(v) for v in r[7:9]))
+            for r in _rows(con, sql, params)]
+
+
+def _nan(v: Optional[float]) -> float:
+    return math.nan if v is None else float(v)

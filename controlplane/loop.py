@@ -339,6 +339,13 @@ class ControlLoop:
         self._update(job, stage=Stage.ROLLING_OUT)
         return self.rollout.run(job.plan_id).message
 
+    def _planner_settings(self, fingerprint: str) -> PlannerSettings:
+        """fp32_packed is only for fp32 weights: not a trial to spend on another model."""
+        facts = self.fleet.model_facts(fingerprint) or {}
+        if facts.get("dtype", "float32") == "float32":
+            return self.planner_settings
+        return dataclasses.replace(self.planner_settings, fp32_packed=False)
+
     def _scope(self, fingerprint: str, scope: CandidateScope) -> CandidateScope:
         with self.store.reader() as cur:
             ids = tuple(a for (a,) in cur.execute(
@@ -359,11 +366,13 @@ class ControlLoop:
         objective, budget = self._objective(request)
         job.objective = objective.value
         planner = Planner(evaluate, budget, max_trials=max_trials, record=recorder.record,
-                          settings=self.planner_settings, propose=recorder.propose,
+                          settings=self._planner_settings(job.fingerprint), propose=recorder.propose,
                           objective=objective)
         target = PlanTarget(job.fingerprint, job.job_id,
                             (request.query_class,) if request.query_class else ())
-        return planner.run(target, candidates)
+        result = planner.run(target, candidates)
+        recorder.settle(result.best["plan_id"] if result.best else None)
+        return result
 
     def _objective(self, request: PlanRequest) -> tuple[Objective, QualityBudget]:
         """Latency first, never slower than unoptimised, unless a policy's latency rule states
@@ -390,7 +399,8 @@ class ControlLoop:
             raise LoopError(f"model facts for {plan.fingerprint[:12]} are unknown (agents table)")
         context = dataclasses.replace(context, recent_applies_s=self._recent_applies(plan.fingerprint))
         decision = policy.evaluate(plan.doc, Evidence.from_dict(jsonable(dict(evidence)), strict=False),
-                                   ModelFacts(facts["num_layers"], facts["num_heads"]), context)
+                                   ModelFacts(facts["num_layers"], facts["num_heads"], facts["dtype"]),
+                                   context)
         rules = [jsonable(r.to_dict()) for r in decision.results]
         outcome = decision.outcome
         reason = "; ".join(f"{r.rule_id}: {r.message}" for r in decision.failing()) or \

@@ -17,8 +17,8 @@ from typing import Any, Mapping, Union
 
 from headroom_sidecar.proto.plan import Plan
 from headroom_sidecar.proto.plan_types import (PlanError, PruneHeads, SkipLayers,
-                                               Transform, in_kind_order)
-from headroom_sidecar.proto.plandoc import TransformKind
+                                               Transform, WeightPrecision, in_kind_order)
+from headroom_sidecar.proto.plandoc import HEAD_KEY, Precision, TransformKind
 
 _FACT_KEYS = ("num_layers", "num_heads", "dtype")
 
@@ -97,6 +97,12 @@ def _check_ranges(t: Transform, path: str, facts: ModelFacts, problems: list[str
     if bad:
         problems.append(f"{path}.{field_name}: layer(s) {bad} out of range (the model has "
                         f"{facts.num_layers} layers)")
+    if isinstance(t, WeightPrecision) and facts.dtype != "float32":
+        packed = sorted(str(l) for l, p in t.layers.items() if p == Precision.FP32_PACKED)
+        packed += [HEAD_KEY] if t.head == Precision.FP32_PACKED else []
+        if packed:
+            problems.append(f"{path}.layers: {Precision.FP32_PACKED.value} on {', '.join(packed)} "
+                            f"needs fp32 weights; the model's are {facts.dtype}")
     if isinstance(t, PruneHeads):
         for layer, heads in sorted(t.heads.items()):
             over = [h for h in heads if h >= facts.num_heads]

@@ -31,7 +31,14 @@ class PlanMode(str, enum.Enum):
 
 
 class Precision(str, enum.Enum):
-    INT8 = "int8"
+    INT8 = "int8"                   # weight-only int8, one scale per output channel (lossy)
+    FP32_PACKED = "fp32_packed"     # fp32 weights in the layout of the fastest fp32 GEMM measured
+                                    # on the agent's CPU (summation order only; fp32 models only)
+
+    @property
+    def rounds(self) -> bool:
+        """Whether the weights lose bits (what risk counts); fp32_packed only reorders them."""
+        return self is Precision.INT8
 
 
 # weight_precision.layers is keyed by block index ("0".."N-1") and, for the output head, by

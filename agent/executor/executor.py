@@ -26,6 +26,8 @@ from headroom_sidecar.agent.adapters.base import BlockRefs, ModelStructure
 from headroom_sidecar.agent.executor.execution import apply_execution, execution_support
 from headroom_sidecar.agent.executor.int8 import (Int8Linear, apply_head_int8, head_int8_support,
                                  probe_model_int8)
+from headroom_sidecar.agent.executor.packed import (PackedLinear, apply_head_packed, packed_or_none,
+                                                   probe_model_dense)
 from headroom_sidecar.agent.executor.prune import PrunedAttention, ZeroAttention, prune_support
 from headroom_sidecar.agent.executor.skip import IdentityBlock, apply_skip
 from headroom_sidecar.agent.executor.speculative.install import build_draft
@@ -33,9 +35,11 @@ from headroom_sidecar.agent.executor.sparsity import SparseDownProj
 from headroom_sidecar.agent.executor.undo import UndoLog
 from headroom_sidecar.agent.executor.weights import weight_bytes
 from headroom_sidecar.agent.kernels.autotune import kernel_choices
+from headroom_sidecar.agent.kernels.dense_impls import DenseKernel
+from headroom_sidecar.agent.kernels.settings import KernelSettings
 from headroom_sidecar.agent.plan import check_fit
-from headroom_sidecar.proto.plan import (ActivationSparsity, Execution, Plan, PruneHeads, SkipLayers,
-                                         Transform, TransformKind, WeightPrecision)
+from headroom_sidecar.proto.plan import (ActivationSparsity, Execution, Plan, Precision, PruneHeads,
+                                         SkipLayers, Transform, TransformKind, WeightPrecision)
 from headroom_sidecar.agent.adapters.base import WeightLayout
 
 
@@ -130,8 +134,9 @@ class Executor:
 
     def validate(self, plan: Plan) -> list[str]:
         """PlanError listing every problem, or the notes; touches nothing."""
+        dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         return check_fit(plan, self.structure, self.fingerprint, self.supported(),
-                         self.head_reason)
+                         self.head_reason, dtype)
 
     def apply(self, plan: Plan) -> ApplyReport:
         with self.lock:
@@ -275,21 +280,53 @@ def _apply_sparsity(ex: Executor, t: ActivationSparsity, log: UndoLog) -> list[s
     return []
 
 
-def _apply_int8(ex: Executor, t: WeightPrecision, log: UndoLog) -> list[str]:
-    probe_model_int8(ex.model, ex.structure.weight_layout)   # one probe child for all shapes
-    for layer in sorted(t.layers):
+def _apply_precision(ex: Executor, t: WeightPrecision, log: UndoLog) -> list[str]:
+    """int8 and fp32_packed layers. A draft plan is built over the verifier's live modules: an
+    int8 one is shared, a packed one is quantised from its weight for an int8 draft."""
+    settings = KernelSettings.resolve()
+    if Precision.INT8 in set(t.layers.values()) or t.head == Precision.INT8:
+        probe_model_int8(ex.model, ex.structure.weight_layout)   # one probe child for all shapes
+    if Precision.FP32_PACKED in set(t.layers.values()) or t.head == Precision.FP32_PACKED:
+        probe_model_dense(list(ex.model.modules()), settings)
+    kept: dict[str, int] = {}
+    for layer, precision in sorted(t.layers.items()):
         if ex.is_skipped(layer):
             continue
-        for role in ("q", "k", "v", "qkv", "o", "gate", "up", "down"):
-            if role not in ex.paths[layer] or not _has_role(ex, layer, role):
-                continue
-            parent, leaf, mod = ex.live(layer, role)
-            if isinstance(mod, SparseDownProj):       # quantise the projection it wraps
-                parent, leaf, mod = mod, "inner", mod.inner
-            if not isinstance(mod, Int8Linear):
+        for parent, leaf, mod in _precision_targets(ex, layer, precision):
+            if precision == Precision.INT8:
                 log.swap(parent, leaf, Int8Linear.from_module(mod, ex.structure.weight_layout))
+                continue
+            new, choice = packed_or_none(mod, settings)
+            if new is None:
+                why = choice.rejected.get(DenseKernel.ONEDNN_PACKED.value, "aten is faster here")
+                kept[why] = kept.get(why, 0) + 1
+            else:
+                log.swap(parent, leaf, new)
+    notes = [f"fp32_packed: {n} linear(s) left as they are: {why}" for why, n in kept.items()]
     # check_fit refused the plan unless the head is an nn.Linear; a tied embedding follows it.
-    return [] if t.head is None else apply_head_int8(ex.model, log)
+    if t.head == Precision.INT8:
+        notes += apply_head_int8(ex.model, log)
+    elif t.head == Precision.FP32_PACKED:
+        notes += apply_head_packed(ex.model, log, settings)
+    return notes
+
+
+def _precision_targets(ex: Executor, layer: int, precision: Precision) -> list[tuple]:
+    """(parent, name, module) of each linear of `layer` to replace under `precision`."""
+    out = []
+    for role in ("q", "k", "v", "qkv", "o", "gate", "up", "down"):
+        if role not in ex.paths[layer] or not _has_role(ex, layer, role):
+            continue
+        parent, leaf, mod = ex.live(layer, role)
+        if isinstance(mod, SparseDownProj):
+            if precision == Precision.FP32_PACKED:
+                continue               # its decode gathers from a copy of its own (sparsity.py)
+            parent, leaf, mod = mod, "inner", mod.inner   # quantise the projection it wraps
+        # int8 over a packed layer quantises its (unpacked) weight; nothing repacks an int8 one.
+        done = (Int8Linear,) if precision == Precision.INT8 else (Int8Linear, PackedLinear)
+        if not isinstance(mod, done):
+            out.append((parent, leaf, mod))
+    return out
 
 
 def _has_role(ex: Executor, layer: int, role: str) -> bool:
@@ -312,6 +349,6 @@ DEFAULT_APPLIERS: dict[TransformKind, Applier] = {
     TransformKind.SKIP_LAYERS: _apply_skip,
     TransformKind.PRUNE_HEADS: _apply_prune,
     TransformKind.ACTIVATION_SPARSITY: _apply_sparsity,
-    TransformKind.WEIGHT_PRECISION: _apply_int8,
+    TransformKind.WEIGHT_PRECISION: _apply_precision,
     TransformKind.EXECUTION: _apply_execution,
 }

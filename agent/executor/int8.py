@@ -194,14 +194,8 @@ def _reference_check(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     r = min(q.shape[0], _CHECK_ROWS)
     ref = int8_linear_ref(x.float(), q[:r], scale[:r].float(),
                           None if bias is None else bias[:r].float())            # [1, r]
-
-    def check(kernel: str, y: torch.Tensor) -> str:
-        if y.shape != (x.shape[0], q.shape[0]):
-            return f"output shape {tuple(y.shape)}, expected {(x.shape[0], q.shape[0])}"
-        rel = ((y[:, :r].float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-        bound = rel_error_bound(Int8Kernel(kernel), scale.dtype)
-        return "" if rel <= bound else f"relative error {rel:.3g} > {bound:g} vs the reference"
-    return check
+    return autotune.reference_check(x.shape[0], q.shape[0], ref,
+                                    lambda kernel: rel_error_bound(Int8Kernel(kernel), scale.dtype))
 
 
 class Int8Linear(nn.Module):
@@ -356,7 +350,7 @@ def tied_embedding(model: nn.Module, head: nn.Module) -> nn.Module | None:
     return emb
 
 
-def _path_of(model: nn.Module, module: nn.Module) -> tuple[nn.Module, str]:
+def path_of(model: nn.Module, module: nn.Module) -> tuple[nn.Module, str]:
     for name, m in model.named_modules():
         if m is module and name:
             parent, _, leaf = name.rpartition(".")
@@ -376,9 +370,9 @@ def apply_head_int8(model: nn.Module, log: UndoLog,
     q, scale = quantize_per_channel(head.weight)          # per output row = per token
     new_emb = None if emb is None else Int8Embedding.from_embedding(emb, q, scale)
     new_head = Int8Linear(q, scale, head.bias, settings)
-    parent, leaf = _path_of(model, head)
+    parent, leaf = path_of(model, head)
     if new_emb is not None:
-        eparent, eleaf = _path_of(model, emb)
+        eparent, eleaf = path_of(model, emb)
         log.swap(eparent, eleaf, new_emb)
     log.swap(parent, leaf, new_head)
     tied_note = "" if emb is None else ", tied embedding int8" + (

@@ -9,7 +9,7 @@ which is loaded only when a CUDA module selects it.
 """
 from headroom_sidecar.agent.kernels import ops  # noqa: F401  (registers torch.ops.headroom.*)
 from headroom_sidecar.agent.kernels.select import KernelUnavailableError, select_backend, triton_available
-from headroom_sidecar.agent.kernels.settings import Backend, Int8Cpu, KernelSettings
+from headroom_sidecar.agent.kernels.settings import Backend, Fp32Cpu, Int8Cpu, KernelSettings
 
-__all__ = ["Backend", "Int8Cpu", "KernelSettings", "KernelUnavailableError", "select_backend",
+__all__ = ["Backend", "Fp32Cpu", "Int8Cpu", "KernelSettings", "KernelUnavailableError", "select_backend",
            "triton_available"]

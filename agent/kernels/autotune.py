@@ -59,6 +59,22 @@ def fastest(fns: dict[str, Linear], x: torch.Tensor, check: Check,
     return KernelChoice(min(timings, key=timings.get), timings, rejected)
 
 
+def reference_check(rows: int, out_features: int, ref: torch.Tensor,
+                    bound: Callable[[str], float]) -> Check:
+    """(kernel, y [rows, out_features]) -> "" or what is wrong: y's first ref.shape[1] output
+    columns against ref [rows, r] (a slice keeps the reference cheap on an lm_head), in
+    ref's dtype, within bound(kernel) relative error."""
+    r = ref.shape[1]
+
+    def check(kernel: str, y: torch.Tensor) -> str:
+        if y.shape != (rows, out_features):
+            return f"output shape {tuple(y.shape)}, expected {(rows, out_features)}"
+        rel = ((y[:, :r].to(ref.dtype) - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        limit = bound(kernel)
+        return "" if rel <= limit else f"relative error {rel:.3g} > {limit:g} vs the reference"
+    return check
+
+
 def _hopeless(warm_s: float, others_warm_s: list[float], share_ms: float) -> bool:
     """A warm-up call longer than its share of the budget and SLOW_FACTOR times slower than
     another candidate's (whose warm-up even includes its one-time init) is not timed again:

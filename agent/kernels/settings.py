@@ -2,6 +2,7 @@
 
     HEADROOM_KERNEL_BACKEND          auto | triton | cpu_fast | reference
     HEADROOM_INT8_CPU_KERNEL         auto (default) | int8pack_bf16 | dequant | fbgemm
+    HEADROOM_FP32_CPU_KERNEL         auto (default) | onednn_packed | aten  (fp32_packed layers)
     HEADROOM_KERNEL_CACHE_DIR        where probe verdicts are kept ('' = ~/.cache/headroom/kernels)
     HEADROOM_KERNEL_PROBE_TIMEOUT_S  one probe child's wall-clock limit (torch import included)
 
@@ -41,6 +42,12 @@ class Backend(str, enum.Enum):
     REFERENCE = "reference"
 
 
+class Fp32Cpu(str, enum.Enum):
+    AUTO = "auto"                    # time the safe fp32 kernels at 1 and 8 rows, keep the fastest
+    ONEDNN_PACKED = "onednn_packed"  # oneDNN on a weight reordered once (if its probe passes)
+    ATEN = "aten"                    # F.linear: fp32_packed layers stay as they are
+
+
 class Int8Cpu(str, enum.Enum):
     AUTO = "auto"                    # time the safe weight-only kernels, keep the fastest
     INT8PACK_BF16 = "int8pack_bf16"  # weight-only int8, bf16 activations for the matmul
@@ -55,6 +62,7 @@ DEFAULT_CACHE_DIR = Path("~/.cache/headroom/kernels")
 class KernelSettings:
     backend: Backend = field(default=Backend.AUTO, metadata={"env": "HEADROOM_KERNEL_BACKEND"})
     int8_cpu: Int8Cpu = field(default=Int8Cpu.AUTO, metadata={"env": "HEADROOM_INT8_CPU_KERNEL"})
+    fp32_cpu: Fp32Cpu = field(default=Fp32Cpu.AUTO, metadata={"env": "HEADROOM_FP32_CPU_KERNEL"})
     cache_dir: str = field(default="", metadata={"env": "HEADROOM_KERNEL_CACHE_DIR"})
     probe_timeout_s: float = field(default=180.0,
                                    metadata={"env": "HEADROOM_KERNEL_PROBE_TIMEOUT_S"})

@@ -2,7 +2,10 @@
 
 Per hypothesis: plan stored (proposed) + PROPOSED, trial row + TRIAL_REQUESTED before the trial;
 trial finished + TRIAL_RESULT after it, then the plan moves to trialled, and on to rejected
-(dropped) or stays trialled (kept), superseding the previously kept plan.
+(dropped) or stays trialled (kept). When the search is over, `settle(best)` supersedes every
+kept plan but the best: the objective chooses among all kept plans, so the best can be an
+earlier one (a later change that fit the budget but ran slower), and it must still be
+approvable.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ class StoreRecorder:
         self._plans, self._audit = plans, audit
         self._agent_id, self._actor = agent_id, actor
         self._trial_ids: dict[str, str] = {}
-        self._kept_plan_id: Optional[str] = None
+        self._kept: list[str] = []
 
     def propose(self, doc: dict) -> None:
         plan_id = doc["plan_id"]
@@ -47,14 +50,17 @@ class StoreRecorder:
                             "evidence": evidence, "kept": rec.kept, "reason": rec.reason})
         self._plans.transition(plan_id, PlanStatus.TRIALLED, self._actor, rec.reason)
         if rec.kept:
-            self._supersede(plan_id)
+            self._kept.append(plan_id)
         else:
             self._plans.transition(plan_id, PlanStatus.REJECTED, self._actor, rec.reason)
             self._audit.append(AuditKind.REJECTED, self._actor, plan_id, {"reason": rec.reason})
 
-    def _supersede(self, plan_id: str) -> None:
-        previous, self._kept_plan_id = self._kept_plan_id, plan_id
-        if previous is not None:
-            why = f"superseded by {plan_id}"
-            self._plans.transition(previous, PlanStatus.SUPERSEDED, self._actor, why)
-            self._audit.append(AuditKind.SUPERSEDED, self._actor, previous, {"by": plan_id})
+    def settle(self, best_plan_id: Optional[str]) -> None:
+        """Every kept plan but `best_plan_id` (None: the search kept none) is superseded by it."""
+        for plan_id in self._kept:
+            if plan_id == best_plan_id:
+                continue
+            why = f"superseded by {best_plan_id}"
+            self._plans.transition(plan_id, PlanStatus.SUPERSEDED, self._actor, why)
+            self._audit.append(AuditKind.SUPERSEDED, self._actor, plan_id, {"by": best_plan_id})
+        self._kept = []

@@ -1,6 +1,9 @@
 """The experiment loop: hypotheses over the plan space, each one measured by a trial.
 
-Order (cheap and safe first): int8 weights on every layer (one trial if it fits), then int8
+Order (cheap and safe first): fp32_packed on every layer and the output head (the same fp32
+weights in the layout of the fastest fp32 GEMM on the agent's CPU: quality-neutral, so kept
+only if faster), then int8 weights on every layer (one trial if it fits; int8 layers replace
+packed ones), then int8
 on the output head (lm_head, one trial), then activation sparsity layer by layer (binary
 search for the largest threshold on the layer's ladder), then head pruning (lowest share
 first, binary search for the batch size), then layer skipping (lowest influence first, one
@@ -53,6 +56,7 @@ class EvidenceKey(str, enum.Enum):
 
 
 class Phase(str, enum.Enum):
+    FP32_PACKED = "fp32_packed"
     INT8 = "int8"
     INT8_HEAD = "int8_lm_head"
     SPARSITY = "activation_sparsity"
@@ -142,6 +146,8 @@ def _finite(v: Any) -> float:
 @dataclass(frozen=True)
 class _Parts:
     """The kept plan as sets, so one change is one set operation."""
+    num_layers: int = 0             # of the model (fp32_packed lists every layer)
+    packed: bool = False            # fp32_packed on every layer and head not in int8
     int8: frozenset = frozenset()
     int8_head: bool = False         # the output head (lm_head) in int8
     thresholds: tuple = ()          # ((layer, threshold), ...)
@@ -153,13 +159,18 @@ class _Parts:
         rest = tuple(p for p in self.thresholds if p[0] != layer)
         return dataclasses.replace(self, thresholds=tuple(sorted(rest + ((layer, t),))))
 
+    def _precision(self, keep: Callable[[int], bool]) -> WeightPrecision:
+        rest = Precision.FP32_PACKED if self.packed else None
+        layers = {l: Precision.INT8 if l in self.int8 else rest for l in range(self.num_layers)}
+        head = Precision.INT8 if self.int8_head else rest
+        return WeightPrecision({l: p for l, p in layers.items() if p is not None and keep(l)}, head)
+
     def transforms(self) -> tuple:
         """A skipped layer never runs: its other changes are left out of the document."""
         keep = lambda layer: layer not in self.skipped
         out = []
-        if self.int8 or self.int8_head:
-            out.append(WeightPrecision({l: Precision.INT8 for l in sorted(self.int8) if keep(l)},
-                                       Precision.INT8 if self.int8_head else None))
+        if self.int8 or self.int8_head or self.packed:
+            out.append(self._precision(keep))
         if self.thresholds:
             out.append(ActivationSparsity({l: t for l, t in self.thresholds if keep(l)}))
         heads: dict[int, list[int]] = {}
@@ -215,9 +226,9 @@ class Planner:
 
     def run(self, target: PlanTarget, candidates: Candidates) -> SearchResult:
         self._target, self._cands = target, candidates
-        self._kept, self._trail, self._head = _Parts(), [], None
+        self._kept, self._trail, self._head = _Parts(candidates.num_layers), [], None
         stop = "every candidate tried"
-        phases = (self._phase_int8, self._phase_int8_head, self._phase_sparsity,
+        phases = (self._phase_packed, self._phase_int8, self._phase_int8_head, self._phase_sparsity,
                   self._phase_heads, self._phase_skip)
         if target.mode == PlanMode.DYNAMIC:
             phases = (self._phase_sparsity,)   # only thresholds can change per request
@@ -237,6 +248,13 @@ class Planner:
                             self.objective)
 
     # ------------------------------------------------------------ phases
+    def _phase_packed(self) -> None:
+        """Quality-neutral (fp32 all the way), so kept only when faster than the unoptimised
+        model; an agent that cannot pack here leaves its layers as they are and is not faster."""
+        if self.settings.fp32_packed:
+            self._trial(Phase.FP32_PACKED, f"fp32_packed weights on every layer and {HEAD_KEY}",
+                        dataclasses.replace(self._kept, packed=True), faster_than=1.0)
+
     def _phase_int8(self) -> None:
         order = self._cands.int8_layers
         start = self._kept

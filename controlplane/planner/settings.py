@@ -26,6 +26,9 @@ class PlannerSettings:
     # Layer skipping: candidates tried (lowest influence first) and layers kept skipped.
     skip_candidates: int = field(default=6, metadata=_env("SKIP_CANDIDATES"))
     max_skip_layers: int = field(default=4, metadata=_env("MAX_SKIP_LAYERS"))
+    # First trial: fp32_packed on every layer and the output head (the same fp32 weights in
+    # the layout of the fastest fp32 GEMM the agent measured); kept only if faster.
+    fp32_packed: bool = field(default=True, metadata=_env("FP32_PACKED"))
     # After the per-block int8 stage: one trial of int8 on the output head (lm_head; a tied
     # input embedding shares its int8 matrix), kept if it stays within the quality budget.
     int8_lm_head: bool = field(default=True, metadata=_env("INT8_LM_HEAD"))

@@ -34,8 +34,8 @@ from headroom_sidecar.proto.plan import Plan
 from headroom_sidecar.proto.plandoc import CompileMode, SpeculativeDraft, TransformKind
 
 # On a CPU a verify forward costs about the same for a draft of 3 or 16 tokens, so a long
-# draft is nearly free when it is right (grounded class: k=12 1.39x, k=6 1.28x); the trials
-# pick per class.
+# draft is nearly free when it is right; which k pays differs by class (README, Benchmarks:
+# bench/speculative.py), so the trials pick per class.
 K_CHOICES = (3, 6, 12)
 EXACT_MATCH_REQUIRED = 1.0
 _DRAFT_ORDER = {SpeculativeDraft.PROMPT_LOOKUP: 0, SpeculativeDraft.SELF: 1}

@@ -50,7 +50,8 @@ class PlanView:
     pruned_heads: Mapping[int, frozenset[int]]
     skipped_layers: frozenset[int]
     sparsity_layers: frozenset[int]
-    precision_layers: frozenset[int]
+    precision_layers: frozenset[int]     # layers whose weights are rounded (int8)
+    rounded_head: bool                   # the output head's weights are rounded (int8)
     touches: tuple[Touch, ...]
     model: ModelFacts
 
@@ -75,13 +76,15 @@ def plan_view(doc: Any, model: ModelFacts) -> PlanView:
     layers = {k: frozenset(t.touched_layers()) for k in TransformKind
               if (t := plan.get(k)) is not None}
     prune = plan.get(TransformKind.PRUNE_HEADS)
+    precision = plan.get(TransformKind.WEIGHT_PRECISION) or WeightPrecision({})
     return PlanView(plan_id=plan.plan_id, sha256=plan.hash, mode=plan.mode,
                     query_classes=plan.query_classes,
                     kinds=tuple(t.kind for t in plan.transforms),
                     pruned_heads={l: frozenset(h) for l, h in (prune.heads if prune else {}).items()},
                     skipped_layers=layers.get(TransformKind.SKIP_LAYERS, frozenset()),
                     sparsity_layers=layers.get(TransformKind.ACTIVATION_SPARSITY, frozenset()),
-                    precision_layers=layers.get(TransformKind.WEIGHT_PRECISION, frozenset()),
+                    precision_layers=frozenset(l for l, p in precision.layers.items() if p.rounds),
+                    rounded_head=precision.head is not None and precision.head.rounds,
                     touches=_touches(plan), model=model)
 
 

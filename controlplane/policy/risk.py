@@ -3,16 +3,17 @@
 score = 1.00 * layers_removed_fraction        (a skipped block is the largest behaviour change)
       + 0.50 * heads_removed_fraction
       + 0.25 * sparsified_layers_fraction     (activation_sparsity thresholds)
-      + 0.10 * int8_layers_fraction           (weight_precision, per layer)
+      + 0.10 * int8_layers_fraction           (weight_precision int8, per layer)
       + 0.05 if the plan is dynamic           (behaviour depends on the query class)
-      + 0.05 if embeddings or lm_head change precision
+      + 0.05 if the lm_head (and a tied embedding) goes int8
+fp32_packed rounds nothing (fp32 weights in another layout) and adds nothing.
 low: score < 0.05, medium: score < 0.15, high: otherwise. execution-only plans score 0 (low).
 """
 from __future__ import annotations
 
 import enum
 
-from headroom_sidecar.controlplane.policy.plan import Component, PlanMode, PlanView
+from headroom_sidecar.controlplane.policy.plan import PlanMode, PlanView
 
 W_LAYERS = 1.0
 W_HEADS = 0.5
@@ -36,13 +37,12 @@ class RiskLevel(str, enum.Enum):
 
 def risk_score(plan: PlanView) -> float:
     n_layers = plan.model.num_layers
-    edge = any(t.component in (Component.EMBEDDINGS, Component.LM_HEAD) for t in plan.touches)
     score = (W_LAYERS * plan.layers_removed_fraction
              + W_HEADS * plan.heads_removed_fraction
              + W_SPARSITY * len(plan.sparsity_layers) / n_layers
              + W_PRECISION * len(plan.precision_layers) / n_layers
              + (W_DYNAMIC if plan.mode is PlanMode.DYNAMIC else 0.0)
-             + (W_EDGE_PRECISION if edge else 0.0))
+             + (W_EDGE_PRECISION if plan.rounded_head else 0.0))
     return round(score, 6)  # rounded so that a score on a boundary does not flip on float noise
 
 

@@ -33,8 +33,12 @@ def _requests(influence, first_id):
     # "short": latencies 10..50, one with a single token (tpot nan); "long": 100, 200.
     spec = [("short", 10.0 * (i + 1), 2.0, 1.0 if i else math.nan) for i in range(5)]
     spec += [("long", 100.0, 20.0, 3.0), ("long", 200.0, 40.0, 5.0)]
+    # "long" speculated: (drafted, accepted, verify forwards, output tokens) per request.
+    drafts = {5: (10, 4, 5, 9), 6: (6, 3, 3, 6)}
     return [RequestRecord(request_id=first_id + i, start_unix_us=i, query_class=qc, latency_ms=lat,
                           ttft_ms=ttft, tpot_ms=tpot,
+                          **dict(zip(("spec_drafted", "spec_accepted", "spec_verify_forwards",
+                                      "output_tokens"), drafts.get(i, (0, 0, 0, 4)))),
                           trace=_trace(influence, 0.001 * (i % 2)) if i < 4 else None)
             for i, (qc, lat, ttft, tpot) in enumerate(spec)]
 
@@ -87,3 +91,12 @@ def test_latency_by_query_class(cur):
     assert (long.requests, long.p50_latency_ms, long.p90_latency_ms) == (2, 150.0, 190.0)
     assert (long.mean_ttft_ms, long.mean_tpot_ms) == (30.0, 4.0)
     assert analysis.latency_by_query_class(cur)[0].requests == 10
+
+
+def test_speculation_per_query_class(cur):
+    short, long = analysis.latency_by_query_class(cur, agent_id="agent-1")
+    assert long.speculated_requests == 2
+    assert long.acceptance_rate == pytest.approx(7 / 16)          # accepted / drafted
+    assert long.tokens_per_verify == pytest.approx(15 / 8)        # output tokens / forwards
+    assert short.speculated_requests == 0
+    assert math.isnan(short.acceptance_rate) and math.isnan(short.tokens_per_verify)

@@ -4,6 +4,7 @@ import pytest
 
 from headroom_sidecar.controlplane.loop import LoopError, PlanRequest
 from headroom_sidecar.controlplane.planner import QualityBudget
+from tests.controlplane import helpers
 from tests.controlplane.loopkit import (LOOSE_BUDGET, LiveAgent, audit_kinds, start, token_eval_args,
                                         traced_agent, traced_rows, wait_for, write_policies)
 
@@ -115,3 +116,40 @@ def start_with_folder(tmp_path, folder: str):
     from tests.controlplane.loopkit import control_settings
     return start_server(ServerSettings(db_path=str(tmp_path / "cp2.duckdb"), port=0),
                         control_settings(folder))
+
+
+def test_the_first_trial_packs_the_agents_fp32_weights(tmp_path, monkeypatch):
+    """The planner's fp32_packed trial runs on the agent (forced packing: on a tiny model the
+    timing may keep aten) and comes back measured, kept or dropped on its latency alone."""
+    monkeypatch.setenv("HEADROOM_FP32_CPU_KERNEL", "onednn_packed")
+    server, agent = traced_agent(tmp_path, "agent-p", 3, fp32_packed=True)
+    try:
+        loop = server.state.control.loop
+        job = loop.wait(loop.trigger(PlanRequest(
+            agent_id=agent.agent_id, max_trials=1, budget=QualityBudget(**LOOSE_BUDGET),
+            eval=token_eval_args())).job_id, timeout_s=60)
+        (trial,) = server.state.control.plans.trials(f"{job.job_id}-t001")
+        assert trial.error is None, trial.error
+        kernels = {v["kernel"] for v in trial.evidence["kernels"].values()}
+        assert kernels == {"onednn_packed"}
+        assert trial.evidence["top1_agreement"] >= 0.99      # fp32: summation order only
+        assert ("no hypothesis fit" in job.message) == (trial.evidence["latency_ratio"] >= 1.0)
+    finally:
+        agent.close()
+        server.stop(grace_s=0.5)
+
+
+@pytest.mark.parametrize("dtype, tried", [("float32", True), ("bfloat16", False)])
+def test_fp32_packed_is_tried_only_for_an_fp32_model(tmp_path, dtype, tried):
+    server = start(tmp_path, fp32_packed=True)
+    stream = helpers.AgentStream(server.address)
+    try:
+        hello = helpers.hello("agent-d")
+        hello.hello.model.dtype = dtype
+        stream.send(hello)
+        loop = server.state.control.loop
+        wait_for(lambda: loop.fleet.model_facts(helpers.MODEL.fingerprint), what="registration")
+        assert loop._planner_settings(helpers.MODEL.fingerprint).fp32_packed is tried
+    finally:
+        stream.close()
+        server.stop(grace_s=0.5)

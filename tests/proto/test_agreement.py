@@ -29,6 +29,9 @@ DOCS = [
     ("valid prune+skip", [{"kind": "prune_heads", "heads": {"0": [1]}},
                           {"kind": "skip_layers", "layers": [2]}], True),
     ("int8 block and head", [{"kind": "weight_precision", "layers": {"1": "int8", "lm_head": "int8"}}], True),
+    ("fp32_packed block and head", [{"kind": "weight_precision",
+                                     "layers": {"0": "fp32_packed", "lm_head": "fp32_packed"}}], True),
+    ("fp32 (not a precision)", [{"kind": "weight_precision", "layers": {"0": "fp32"}}], False),
     ("speculative self draft", [SPEC_SELF], True),     # the policy parser used to refuse it
     ("threshold zero", [{"kind": "activation_sparsity", "thresholds": {"1": 0}}], True),
     ("int4", [{"kind": "weight_precision", "layers": {"1": "int4"}}], False),   # policy accepted

@@ -197,8 +197,8 @@ def test_int4_is_not_in_the_vocabulary(where):
     with pytest.raises(PlanError) as e:
         parse_plan(d)
     assert e.value.problems == [f"plan.transforms[0].layers.{where}: must be one of 'int8', "
-                                "got 'int4'"]
-    assert [p.value for p in Precision] == ["int8"]
+                                "'fp32_packed', got 'int4'"]
+    assert [p.value for p in Precision] == ["int8", "fp32_packed"]
 
 
 @pytest.mark.parametrize("missing", ["compile", "static_kv_cache"])

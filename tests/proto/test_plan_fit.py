@@ -86,3 +86,29 @@ def test_model_facts_validation(facts, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ModelFacts.from_dict(facts)
     assert ModelFacts.of({"num_layers": 1, "num_heads": 1}) == ModelFacts(1, 1, "float32")
+
+
+@pytest.mark.parametrize("dtype, layers, problem", [
+    ("float32", {"0": "fp32_packed", "lm_head": "fp32_packed"}, None),
+    ("bfloat16", {"0": "int8", "lm_head": "int8"}, None),
+    ("bfloat16", {"0": "fp32_packed", "1": "int8"}, "0"),
+    ("float16", {"0": "int8", "lm_head": "fp32_packed"}, "lm_head"),
+])
+def test_fp32_packed_needs_fp32_weights(dtype, layers, problem):
+    facts = ModelFacts(num_layers=4, num_heads=3, dtype=dtype)
+    t = {"kind": "weight_precision", "layers": layers}
+    if problem is None:
+        assert fits(t, facts=facts) == []
+    else:
+        assert refused(t, facts=facts) == [
+            f"plan.transforms[0].layers: fp32_packed on {problem} needs fp32 weights; the "
+            f"model's are {dtype}"]
+
+
+def test_fp32_packed_in_a_draft_plan_is_checked_too():
+    draft = {"kind": "execution", "static_kv_cache": False, "compile": "none", "speculative": {
+        "draft": "self", "k": 4, "draft_plan": {"transforms": [
+            {"kind": "weight_precision", "layers": {"2": "fp32_packed"}}]}}}
+    assert refused(draft, facts=ModelFacts(4, 3, "bfloat16")) == [
+        "plan.transforms[0].speculative.draft_plan.transforms[0].layers: fp32_packed on 2 "
+        "needs fp32 weights; the model's are bfloat16"]

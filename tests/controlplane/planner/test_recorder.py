@@ -53,6 +53,7 @@ def test_search_trail_lands_in_store_and_audit(db):
     result = Planner(evaluate, QualityBudget(min_top1=0.98), settings=settings,
                      propose=rec.propose, record=rec.record).run(
         PlanTarget(FP, "code-run1", ("code",)), cands)
+    rec.settle(result.best["plan_id"])
 
     n = len(result.trail)
     assert n > 5 and audit.verify().ok
@@ -94,3 +95,27 @@ def test_agent_parses_every_hypothesis_and_hashes_the_same(db):
         agent_plan = Plan.from_doc(stored.doc)
         assert agent_plan.hash == agent_hash(r.plan) == stored.sha256
         assert agent_plan.plan_id == r.plan["plan_id"]
+
+
+def test_an_earlier_kept_plan_chosen_as_best_stays_approvable(db):
+    """The objective picks among every kept plan: when a later kept change runs slower, the
+    best is an earlier one, and only the others are superseded (a superseded best could not
+    be approved: the demo's job failed so before settle())."""
+    lock = threading.Lock()
+    plans, audit = PlanStore(db, lock), AuditLog(db, lock)
+    settings = PlannerSettings(max_trials=4, fp32_packed=False, compiled_decode=False)
+    cands = load_candidates(db, CandidateScope(query_class="code"), settings)
+    rec = StoreRecorder(plans, audit, agent_id="a1")
+
+    def slower_later(doc: dict) -> dict:
+        n = int(doc["plan_id"].rsplit("-t", 1)[1])
+        return {**evaluate(doc), "latency_ratio": 0.5 + 0.1 * n}     # each trial slower
+    result = Planner(slower_later, QualityBudget(min_top1=0.9), settings=settings,
+                     propose=rec.propose, record=rec.record).run(PlanTarget(FP, "run2"), cands)
+    kept = [r.plan["plan_id"] for r in result.trail if r.kept]
+    assert len(kept) >= 2 and result.best["plan_id"] == kept[0]
+    assert {p.plan_id for p in plans.list(status=PlanStatus.TRIALLED)} == set(kept)
+    rec.settle(result.best["plan_id"])
+    assert [p.plan_id for p in plans.list(status=PlanStatus.TRIALLED)] == [kept[0]]
+    assert {p.plan_id for p in plans.list(status=PlanStatus.SUPERSEDED, limit=100)} == set(kept[1:])
+    plans.transition(kept[0], PlanStatus.APPROVED, "policy", "approved")

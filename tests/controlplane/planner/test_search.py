@@ -19,8 +19,9 @@ TARGET = PlanTarget(model_fingerprint=FP, plan_id_prefix="run1", query_classes=(
 
 
 def settings_(**kw) -> PlannerSettings:
-    """Planner settings for the search tests: no execution trial unless a test asks for it."""
-    return PlannerSettings(**{"compiled_decode": False, **kw})
+    """Planner settings for the search tests: no execution or fp32_packed trial unless a test
+    asks for it."""
+    return PlannerSettings(**{"compiled_decode": False, "fp32_packed": False, **kw})
 
 
 SETTINGS = settings_(max_trials=40)
@@ -227,7 +228,7 @@ def test_head_int8_refused_by_the_agent_is_dropped():
 
 def test_head_int8_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("HEADROOM_PLANNER_INT8_LM_HEAD", "no")
-    settings = PlannerSettings.resolve(max_trials=40)
+    settings = PlannerSettings.resolve(max_trials=40, fp32_packed=False)
     assert settings.int8_lm_head is False
     result = Planner(evaluator(), BUDGET, settings=settings).run(TARGET, candidates())
     assert not _head_trials(result)
@@ -445,3 +446,51 @@ def test_a_stated_trade_raises_the_latency_bound_and_optimises_memory():
     budget = dataclasses.replace(BUDGET, max_latency_ratio=1.1)
     result = Planner(slow, budget, settings=SETTINGS, objective=Objective.MEMORY).run(TARGET, candidates())
     assert result.best is not None and result.objective is Objective.MEMORY
+
+
+def packed_evaluator(packed_ratio: float):
+    """Quality-neutral trials; a plan with fp32_packed layers runs at `packed_ratio`."""
+    def evaluate(doc: dict) -> dict:
+        wp = kept_transforms(doc).get("weight_precision", {}).get("layers", {})
+        ratio = packed_ratio if "fp32_packed" in wp.values() else 1.0
+        return {"top1_agreement": 1.0, "ppl_ratio": 1.0, "mean_kl": 0.0,
+                "latency_ratio": ratio, "memory_ratio": 1.0}
+    return evaluate
+
+
+@pytest.mark.parametrize("ratio, kept", [(0.999, True), (1.0, False), (1.2, False)])
+def test_fp32_packed_is_tried_first_and_kept_only_when_faster(ratio, kept):
+    planner = Planner(packed_evaluator(ratio), BUDGET, max_trials=1,
+                      settings=settings_(fp32_packed=True))
+    first = planner.run(TARGET, candidates()).trail[0]
+    assert (first.phase, first.kept) == (Phase.FP32_PACKED, kept)
+    layers = {str(l): "fp32_packed" for l in range(6)}
+    assert kept_transforms(first.plan)["weight_precision"] == {"layers": {**layers,
+                                                                          "lm_head": "fp32_packed"}}
+
+
+def test_int8_layers_replace_packed_ones_and_skipped_layers_leave_the_document():
+    result = Planner(packed_evaluator(0.8), BUDGET, settings=settings_(fp32_packed=True)).run(
+        TARGET, candidates())
+    int8 = next(r for r in result.trail if r.phase == Phase.INT8)
+    layers = kept_transforms(int8.plan)["weight_precision"]["layers"]
+    assert layers.pop("lm_head") == "fp32_packed"               # int8 there is the next trial
+    assert set(layers.values()) == {"int8"} and len(layers) == 6
+    skip = next(r for r in result.trail if r.phase == Phase.SKIP_LAYERS and r.kept)
+    skipped = kept_transforms(skip.plan)["skip_layers"]["layers"]
+    assert not set(map(str, skipped)) & set(kept_transforms(skip.plan)["weight_precision"]["layers"])
+
+
+def test_where_int8_does_not_fit_the_packed_layers_stay_under_the_later_changes():
+    packed = packed_evaluator(0.8)
+
+    def evaluate(doc: dict) -> dict:
+        layers = kept_transforms(doc).get("weight_precision", {}).get("layers", {})
+        int8_blocks = [k for k, v in layers.items() if v == "int8" and k != "lm_head"]
+        return {**packed(doc), "top1_agreement": 0.5 if int8_blocks else 1.0}
+    result = Planner(evaluate, BUDGET, settings=settings_(fp32_packed=True)).run(
+        TARGET, candidates())
+    head = next(r for r in result.trail if r.phase == Phase.INT8_HEAD)
+    assert head.kept and not any(r.kept for r in result.trail if r.phase == Phase.INT8)
+    layers = kept_transforms(head.plan)["weight_precision"]["layers"]
+    assert layers == {**{str(l): "fp32_packed" for l in range(6)}, "lm_head": "int8"}
