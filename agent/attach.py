@@ -57,6 +57,12 @@ def _active_plan(executor: Executor) -> Optional[tuple[str, str]]:
     return None if plan is None else (plan.plan_id, plan.hash)
 
 
+def class_plan_refs(control: ControlHandler) -> list[tuple[str, str, str]]:
+    """(query class, plan_id, sha256) of each class plan the model runs beside the default."""
+    routes = list(control.classes.routes.items())      # one C call: no resize under us
+    return sorted((c, r.plan.plan_id, r.plan.hash) for c, r in routes)
+
+
 def attach(model: nn.Module, *, tokenizer=None, address: Optional[str] = None,
            settings: Optional[AgentSettings] = None, tracer_provider=None,
            meter_provider=None, **overrides) -> AgentHandle:
@@ -90,7 +96,8 @@ def attach(model: nn.Module, *, tokenizer=None, address: Optional[str] = None,
     status = gpu_status()
     hello = wire.make_hello(wire.default_agent_id(settings), info, status, settings)
     exporter = make_exporter(settings, hello, target, on_control=control.handle,
-                             active_plan=lambda: _active_plan(executor))
+                             active_plan=lambda: _active_plan(executor),
+                             class_plans=lambda: class_plan_refs(control))
     sampler = start_gpu_sampler(exporter.submit_gpu, settings.gpu_sample_interval_ms)
 
     def on_detach() -> None:

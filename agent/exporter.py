@@ -21,7 +21,7 @@ import queue
 import random
 import threading
 import time
-from typing import Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import grpc
 
@@ -47,7 +47,8 @@ RESEND_MAX_BATCHES = 64       # unacked batches kept across a reconnect for rese
 RESEND_MAX_BYTES = 16 << 20   # ... and their encoded size; past either the oldest are lost
 
 # (plan_id, sha256) of the plan the model runs now, or None: goes in every hello.
-ActivePlan = Callable[[], Optional[tuple[str, str]]]
+ActivePlan = Callable[[], Optional[tuple[str, str]]]              # -> (plan_id, sha256)
+ClassPlansNow = Callable[[], list[tuple[str, str, str]]]          # -> [(class, plan_id, sha256)]
 
 
 class Exporter(Protocol):
@@ -81,15 +82,29 @@ class NoopExporter:
         return True
 
 
+def _called(fn: Optional[Callable[[], Any]], default: Any, name: str) -> Any:
+    """fn() for the hello, or `default`: a faulty callback must not keep the agent from
+    connecting."""
+    if fn is None:
+        return default
+    try:
+        return fn()
+    except Exception:
+        log.exception("headroom exporter: %s callback failed", name)
+        return default
+
+
 def make_exporter(settings: AgentSettings, hello: pb.AgentHello, target: Optional[str],
                   on_control: Optional[OnControl] = None,
-                  active_plan: Optional[ActivePlan] = None) -> "BatchExporter | NoopExporter":
+                  active_plan: Optional[ActivePlan] = None,
+                  class_plans: Optional[ClassPlansNow] = None) -> "BatchExporter | NoopExporter":
     if not settings.export_enabled:
         return NoopExporter()
     if not target:
         raise ValueError("make_exporter: export is enabled but no control plane address was given "
                          "(settings.address is None and no embedded control plane was started)")
-    return BatchExporter(settings, hello, target, on_control=on_control, active_plan=active_plan)
+    return BatchExporter(settings, hello, target, on_control=on_control, active_plan=active_plan,
+                         class_plans=class_plans)
 
 
 # ------------------------------------------------------------------ one Connect stream
@@ -203,6 +218,7 @@ class BatchExporter:
     def __init__(self, settings: AgentSettings, hello: pb.AgentHello, target: str,
                  on_control: Optional[OnControl] = None, ack_timeout_s: float = ACK_TIMEOUT_S,
                  active_plan: Optional[ActivePlan] = None,
+                 class_plans: Optional[ClassPlansNow] = None,
                  resend_max_batches: int = RESEND_MAX_BATCHES,
                  resend_max_bytes: int = RESEND_MAX_BYTES):
         if not hello.agent_id:
@@ -210,7 +226,7 @@ class BatchExporter:
         if resend_max_batches < 0 or resend_max_bytes < 0:
             raise ValueError(f"BatchExporter: resend_max_batches={resend_max_batches} and "
                              f"resend_max_bytes={resend_max_bytes} must be >= 0")
-        self._active_plan = active_plan
+        self._active_plan, self._class_plans = active_plan, class_plans
         self._settings, self._hello, self._target = settings, hello, target
         self._channels = AgentChannels(settings)   # reads TLS files now: bad paths fail at attach
         self._ack_timeout_s = ack_timeout_s
@@ -357,13 +373,11 @@ class BatchExporter:
         rollout it was killed in from what each agent says here."""
         hello = pb.AgentHello()
         hello.CopyFrom(self._hello)
-        try:
-            active = self._active_plan() if self._active_plan is not None else None
-        except Exception:   # a faulty callback must not keep the agent from connecting
-            log.exception("headroom exporter: active_plan callback failed")
-            active = None
+        active = _called(self._active_plan, None, "active_plan")
         if active is not None:
             hello.active_plan_id, hello.active_plan_hash = active
+        for query_class, plan_id, plan_hash in _called(self._class_plans, [], "class_plans"):
+            hello.class_plans.add(query_class=query_class, plan_id=plan_id, plan_hash=plan_hash)
         return hello
 
     def _stream_was_healthy(self, stream: _Stream) -> bool:

@@ -340,9 +340,11 @@ class ControlLoop:
         return self.rollout.run(job.plan_id).message
 
     def _planner_settings(self, fingerprint: str) -> PlannerSettings:
-        """fp32_packed is only for fp32 weights: not a trial to spend on another model."""
-        facts = self.fleet.model_facts(fingerprint) or {}
-        if facts.get("dtype", "float32") == "float32":
+        """fp32_packed is for fp32 weights on a CPU (elsewhere the agent leaves every layer as
+        it is): not a trial to spend on another model."""
+        dtype = (self.fleet.model_facts(fingerprint) or {}).get("dtype", "float32")
+        device = self.fleet.model_device(fingerprint) or "cpu"
+        if dtype == "float32" and device.startswith("cpu"):
             return self.planner_settings
         return dataclasses.replace(self.planner_settings, fp32_packed=False)
 

@@ -2,7 +2,8 @@
 
 At start no rollout thread exists, so every plan still `applying` was left by a process that
 died mid-rollout. Each agent the plan was sent to says in its hello which plan it runs
-(AgentHello.active_plan_id / active_plan_hash); the first hello after the restart settles it:
+(AgentHello.active_plan_id / active_plan_hash, and class_plans for plans scoped to query
+classes); the first hello after the restart settles it:
 - it runs the plan: its application becomes applied (if that was not recorded yet);
 - it does not: requested -> failed, applied -> rolled_back, with RESTART_REASON.
 The canary's answer settles the plan as the rollout would have: running -> applied (earlier
@@ -45,6 +46,19 @@ def _orphan(plan: PlanRecord, apps: list[Application]) -> _Orphan:
     latest = {app.agent_id: app for app in apps}            # apps are in time order
     canary = next((a.agent_id for a in apps if a.stage is RolloutStage.CANARY), apps[0].agent_id)
     return _Orphan(plan, canary, latest)
+
+
+def _runs(hello: pb.AgentHello, plan: PlanRecord) -> tuple[bool, str]:
+    """Whether the agent runs `plan` (as its default, or for its query classes), and what it
+    said, for the records."""
+    ours = (plan.plan_id, plan.sha256)
+    classes = sorted(c.query_class for c in hello.class_plans if (c.plan_id, c.plan_hash) == ours)
+    runs = (hello.active_plan_id, hello.active_plan_hash) == ours or bool(classes)
+    says = f"the agent reports it runs {hello.active_plan_id or 'no plan'}"
+    if hello.class_plans:
+        says += " by default; for query classes: " + ", ".join(
+            f"{c.query_class}: {c.plan_id}" for c in hello.class_plans)
+    return runs, says
 
 
 class RolloutRecovery:
@@ -96,8 +110,7 @@ class RolloutRecovery:
 
     def _settle_agent(self, orphan: _Orphan, agent_id: str, hello: pb.AgentHello) -> None:
         plan, last = orphan.plan, orphan.latest[agent_id]
-        runs = (hello.active_plan_id, hello.active_plan_hash) == (plan.plan_id, plan.sha256)
-        says = f"the agent reports it runs {hello.active_plan_id or 'no plan'}"
+        runs, says = _runs(hello, plan)
         if runs and last.state is not _A.APPLIED:
             self._record(plan, last, _A.APPLIED, AuditKind.APPLIED, says)
         elif not runs and last.state is _A.APPLIED:

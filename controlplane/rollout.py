@@ -96,6 +96,13 @@ class Fleet:
             return None
         return {"num_layers": int(row[0]), "num_heads": int(row[1]), "dtype": row[2] or "float32"}
 
+    def model_device(self, fingerprint: str) -> Optional[str]:
+        """Where the latest agent of this model runs it ("cpu", "cuda:0"), as its hello said."""
+        with self._store.reader() as cur:
+            row = cur.execute("SELECT model_device FROM agents WHERE fingerprint = ? "
+                              "ORDER BY last_seen DESC LIMIT 1", [fingerprint]).fetchone()
+        return row[0] if row and row[0] else None
+
     def requests_since(self, agent_id: str, since: datetime) -> int:
         with self._store.reader() as cur:
             return int(cur.execute("SELECT count(*) FROM requests WHERE agent_id = ? AND "

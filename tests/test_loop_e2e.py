@@ -37,6 +37,10 @@ def test_closed_loop_end_to_end(tmp_path):
             assert job["state"] == "done", job["message"]
             assert job["decision"] == "approve" and job["plan_status"] == "applied"
             plan_id = job["plan_id"]
+            # The job's other hypotheses: kept ones superseded by the best, the rest rejected.
+            others = {p["plan_id"]: p["status"] for p in reply_json(client.list_plans(
+                fingerprint=agent.fingerprint)) if p["plan_id"] != plan_id}
+            assert len(others) == 1 and set(others.values()) <= {"superseded", "rejected"}, others
 
             shown = reply_json(client.show_plan(plan_id))
             _check_decision(shown)

@@ -173,6 +173,20 @@ def test_every_hello_says_the_plan_the_agent_runs_now(server, active, expected):
     assert hellos == [expected]
 
 
+def test_every_hello_lists_the_class_plans_and_a_failing_callback_lists_none(server):
+    hellos = []
+    server.state.on(InboundKind.HELLO, lambda agent, hello: hellos.append(
+        [(c.query_class, c.plan_id, c.plan_hash) for c in hello.class_plans]))
+    classes = [("code", "plan-c", "cd" * 32), ("grounded", "plan-g", "ef" * 32)]
+    for n, callback in enumerate((lambda: classes, lambda: 1 / 0), start=1):
+        ex = exporter(server.address, class_plans=callback)
+        try:
+            assert wait_until(lambda: len(hellos) == n)
+        finally:
+            ex.shutdown(2000)
+    assert hellos == [classes, []]
+
+
 def test_a_failing_active_plan_callback_still_connects(server):
     hellos = []
     server.state.on(InboundKind.HELLO, lambda agent, hello: hellos.append(hello.active_plan_id))

@@ -69,7 +69,8 @@ def write_policies(folder: Path, needs_human: bool = False) -> str:
 
 
 def control_settings(policies: str, canary_s: float = 0.3, canary_requests: int = 0,
-                     max_trials: int = 2, fp32_packed: bool = False) -> ControlSettings:
+                     max_trials: int = 2, fp32_packed: bool = False,
+                     compiled_decode: bool = True) -> ControlSettings:
     """fp32_packed: the planner's first trial (off unless a test asks: on a tiny model whether
     it is faster is up to the timing, and the other tests count their trials from int8)."""
     return ControlSettings(
@@ -78,7 +79,7 @@ def control_settings(policies: str, canary_s: float = 0.3, canary_requests: int 
         rollout=RolloutSettings(canary_s=canary_s, canary_requests=canary_requests,
                                 apply_timeout_s=30.0, poll_s=0.05),
         eval=EVAL, planner=PlannerSettings(max_sparse_layers=1, skip_candidates=1,
-                                           fp32_packed=fp32_packed))
+                                           fp32_packed=fp32_packed, compiled_decode=compiled_decode))
 
 
 # address -> the server's plan signing public key: what an operator puts in the agents'

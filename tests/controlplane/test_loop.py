@@ -139,13 +139,15 @@ def test_the_first_trial_packs_the_agents_fp32_weights(tmp_path, monkeypatch):
         server.stop(grace_s=0.5)
 
 
-@pytest.mark.parametrize("dtype, tried", [("float32", True), ("bfloat16", False)])
-def test_fp32_packed_is_tried_only_for_an_fp32_model(tmp_path, dtype, tried):
+@pytest.mark.parametrize("dtype, device, tried", [("float32", "cpu", True),
+                                                   ("bfloat16", "cpu", False),
+                                                   ("float32", "cuda:0", False)])
+def test_fp32_packed_is_tried_only_for_an_fp32_model_on_a_cpu(tmp_path, dtype, device, tried):
     server = start(tmp_path, fp32_packed=True)
     stream = helpers.AgentStream(server.address)
     try:
         hello = helpers.hello("agent-d")
-        hello.hello.model.dtype = dtype
+        hello.hello.model.dtype, hello.hello.model.device = dtype, device
         stream.send(hello)
         loop = server.state.control.loop
         wait_for(lambda: loop.fleet.model_facts(helpers.MODEL.fingerprint), what="registration")
@@ -153,3 +155,22 @@ def test_fp32_packed_is_tried_only_for_an_fp32_model(tmp_path, dtype, tried):
     finally:
         stream.close()
         server.stop(grace_s=0.5)
+
+
+def test_after_the_search_only_the_best_kept_plan_is_left_to_decide(tmp_path):
+    """Both hypotheses fit the loose budget; the one the objective picks waits for a human,
+    the other kept one is superseded by it (not left trialled beside it)."""
+    server, agent = traced_agent(tmp_path, "agent-s", 3, needs_human=True, compiled_decode=False)
+    try:
+        loop = server.state.control.loop
+        job = loop.wait(loop.trigger(PlanRequest(
+            agent_id=agent.agent_id, max_trials=2, budget=QualityBudget(**LOOSE_BUDGET),
+            eval=token_eval_args())).job_id, timeout_s=60)
+        plans = server.state.control.plans
+        statuses = {p.plan_id: p.status.value for p in plans.list(fingerprint=agent.fingerprint)}
+    finally:
+        agent.close()
+        server.stop(grace_s=0.5)
+    assert job.plan_status == "needs_human" and len(statuses) == 2
+    others = {status for plan_id, status in statuses.items() if plan_id != job.plan_id}
+    assert statuses[job.plan_id] == "needs_human" and others == {"superseded"}

@@ -70,12 +70,15 @@ def _seed(tmp_path: Path, apps: list[tuple[str, str, str]]) -> str:
     return sha
 
 
-def _agent(address: str, agent_id: str, active: Optional[tuple[str, str]]) -> BatchExporter:
-    """A real agent's exporter that runs `active` (plan_id, sha256) as far as its hello says."""
+def _agent(address: str, agent_id: str, active: Optional[tuple[str, str]],
+           classes: tuple = ()) -> BatchExporter:
+    """A real agent's exporter that runs `active` (plan_id, sha256) and `classes` ((class,
+    plan_id, sha256), ...) as far as its hello says."""
     settings = AgentSettings(flush_interval_ms=50, backoff_initial_ms=20, backoff_max_ms=200,
                              shutdown_timeout_ms=2000)
     hello = wire.make_hello(agent_id, None, "unavailable: test", settings)
-    return BatchExporter(settings, hello, address, active_plan=lambda: active)
+    return BatchExporter(settings, hello, address, active_plan=lambda: active,
+                         class_plans=lambda: list(classes))
 
 
 def _status(control, plan_id: str = PLAN) -> PlanStatus:
@@ -86,8 +89,9 @@ def _latest(control, agent_id: str) -> str:
     return [a.state.value for a in control.plans.applications(PLAN) if a.agent_id == agent_id][-1]
 
 
-def _settled(server, *agents: tuple[str, Optional[tuple[str, str]]]) -> PlanStatus:
-    exporters = [_agent(server.address, a, active) for a, active in agents]
+def _settled(server, *agents: tuple) -> PlanStatus:
+    """agents: (agent_id, active) or (agent_id, active, classes), as _agent takes them."""
+    exporters = [_agent(server.address, *agent) for agent in agents]
     try:
         wait_for(lambda: _status(server.state.control) is not PlanStatus.APPLYING,
                  what="the plan to leave applying")
@@ -189,6 +193,22 @@ def test_canary_hello_settles_the_plan(tmp_path, recorded, runs, plan_status, ap
     assert job.state is JobState.INTERRUPTED and job.plan_status == plan_status.value
     agent_kind = {"applied": "APPLIED", "failed": "APPLY_FAILED", "rolled_back": "ROLLED_BACK"}
     assert kinds == ([] if confirmed else [agent_kind[app_state]]) + ["NOTE"]
+
+
+@pytest.mark.parametrize("same_hash, plan_status", [(True, PlanStatus.APPLIED),
+                                                     (False, PlanStatus.FAILED)])
+def test_a_class_plan_is_settled_from_the_class_plans_in_the_hello(tmp_path, same_hash,
+                                                                     plan_status):
+    sha = _seed(tmp_path, [("agent-a", "canary", "requested")])
+    server = _start(tmp_path)
+    try:
+        classes = (("grounded", PLAN, sha if same_hash else "0" * 64),)
+        assert _settled(server, ("agent-a", (OLD, "ab" * 32), classes)) is plan_status
+        reason = server.state.control.plans.history(PLAN).transitions[-1].reason
+    finally:
+        server.stop(grace_s=0.5)
+    assert reason.endswith(f"the agent reports it runs {OLD} by default; for query classes: "
+                           f"grounded: {PLAN}")
 
 
 def test_fleet_agent_settles_only_itself_and_the_canary_settles_the_plan(tmp_path):

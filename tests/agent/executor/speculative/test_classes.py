@@ -17,6 +17,7 @@ from headroom_sidecar.proto.plan import PlanError
 from headroom_sidecar.agent.settings import AgentSettings
 from tests.agent.executor import assert_bitwise_equal, plan, state_snapshot
 from tests.agent.executor.speculative import INT8_ALL, SKIP_1, execution, self_spec
+from headroom_sidecar.agent.attach import class_plan_refs
 from tests.builders import tiny_llama, token_ids
 
 NEW = 12
@@ -85,7 +86,10 @@ def test_a_class_plan_speculates_for_its_class_only(served):
 def test_rollback_of_a_class_returns_it_to_the_default(served):
     tracker_generate = served.model.generate
     served.handle.apply_plan(served.class_plan(["code", "docs"], execution(LOOKUP)))
+    h = served.handle.class_plans["code"].hash
+    assert class_plan_refs(served.control) == [("code", "p-class", h), ("docs", "p-class", h)]
     report = served.handle.rollback("enough", query_class="code")
+    assert class_plan_refs(served.control) == [("docs", "p-class", h)]     # the next hello says
     assert report.state == wire.PlanState.ROLLED_BACK and _detail(report)["query_classes"] == ["code"]
     served.generate("code"), served.generate("docs")
     assert served.records[-2].spec_verify_forwards == 0 and served.records[-1].spec_verify_forwards > 0
