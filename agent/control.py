@@ -38,7 +38,7 @@ import json
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -423,9 +423,7 @@ class ControlHandler:
         self.stats.trials += 1
         try:
             plan = parse_plan(cmd.plan, self.verifier, PlanPurpose.TRIAL)   # signed for trials
-            spec = EvalSpec.from_json(cmd.eval_json)
-            ev = build_evalset(spec, self.tokenizer, vocab_size(self.model))
-            evidence = self.run_trial(plan, ev, spec.latency_repeats)
+            evidence = self.run_spec_trial(plan, EvalSpec.from_json(cmd.eval_json))
             return wire.TrialResultReport(cmd.trial_id, evidence_json=evidence.to_json())
         except Exception as e:  # noqa: BLE001 - PlanError, EvalSpecError, model errors: all replied
             self.stats.trial_errors += 1
@@ -433,6 +431,28 @@ class ControlHandler:
                 log.warning("headroom control: trial %s failed", cmd.trial_id, exc_info=True)
             msg = str(e) if isinstance(e, (PlanError, EvalSpecError)) else f"{type(e).__name__}: {e}"
             return wire.TrialResultReport(cmd.trial_id, error=msg)
+
+    def run_spec_trial(self, plan: Plan, spec: EvalSpec) -> Evidence:
+        """A trial on an eval_json spec: its eval set, with the recent prompts of the plan's
+        query classes in place of its prompts when the spec asks for traffic_prompts."""
+        ev = build_evalset(spec, self.tokenizer, vocab_size(self.model))
+        ev, source = self._traffic_prompts(ev, spec.traffic_prompts, plan.query_classes)
+        evidence = self.run_trial(plan, ev, spec.latency_repeats)
+        evidence.notes += [source] if source else []
+        return evidence
+
+    def _traffic_prompts(self, ev: EvalSet, n: int, classes: Sequence[str]) -> tuple[EvalSet, str]:
+        """ev with up to n of the classes' recent prompts as its prompts (observe/prompts.py),
+        and what the evidence should say about where the prompts came from ("": not asked)."""
+        if n <= 0:
+            return ev, ""
+        recent = self._tracker.recent_prompts.newest(classes, n) if classes else []
+        where = f"query class(es) {', '.join(classes)}" if classes else "a plan without query classes"
+        if not recent:
+            return ev, (f"prompts: the eval set's {len(ev.prompts)} (no recent prompt of {where} "
+                        f"in this agent's memory)")
+        return (dataclasses.replace(ev, prompts=recent),
+                f"prompts: the {len(recent)} most recent of {where} served by this agent")
 
     def run_trial(self, plan: Plan | Mapping[str, Any] | str | bytes, ev: EvalSet,
                   latency_repeats: int = 3) -> Evidence:

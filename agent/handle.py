@@ -28,7 +28,7 @@ from typing import Any, Callable, ContextManager, Mapping, Optional
 from torch import nn
 
 from headroom_sidecar.agent.adapters.base import ModelStructure
-from headroom_sidecar.agent.control import ControlHandler, ControlStats, EvalSpec, build_evalset, vocab_size
+from headroom_sidecar.agent.control import ControlHandler, ControlStats, EvalSpec, as_plan
 from headroom_sidecar.agent.executor import ApplyReport, Executor
 from headroom_sidecar.agent.fingerprint import ModelInfo
 from headroom_sidecar.agent.guard import GuardStats
@@ -132,10 +132,8 @@ class AgentHandle:
         """Measures `plan` against the unoptimised model at the next boundary; the model ends
         as it was. evalset: an EvalSet, or an eval_json document (its latency_repeats wins)."""
         control = self._control()
-        if not isinstance(evalset, EvalSet):
-            spec = EvalSpec.from_doc(evalset)
-            evalset = build_evalset(spec, control.tokenizer, vocab_size(self.model))
-            latency_repeats = spec.latency_repeats
+        if not isinstance(evalset, EvalSet):     # traffic_prompts honoured as in a pushed trial
+            return control.run_spec_trial(as_plan(plan), EvalSpec.from_doc(evalset))
         return control.run_trial(plan, evalset, latency_repeats)
 
     def serve_pending(self, timeout_s: float) -> int:

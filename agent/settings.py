@@ -54,6 +54,11 @@ class AgentSettings:
     # Trials run on a thread that serves requests (the next request, or an idle loop in
     # handle.serve_pending()); after this long with neither, the control thread runs them.
     trial_handoff_s: float = field(default=10.0, metadata={"env": "HEADROOM_TRIAL_HANDOFF_S"})
+    # Per query class, the prompts (token ids) of its last N unpadded single-sequence requests,
+    # kept in this process's memory only (never exported), so that a trial asked for
+    # `traffic_prompts` measures speculation on what the class really asks. 0 = keep none.
+    recent_prompts_per_class: int = field(default=4,
+                                          metadata={"env": "HEADROOM_RECENT_PROMPTS_PER_CLASS"})
 
     # Control plane public keys whose plan signatures this agent accepts (agent/verify.py):
     # comma-separated file paths or base64 raw Ed25519 keys. None: plans from the network are
@@ -81,6 +86,8 @@ class AgentSettings:
             problems.append(f"guard_every_n_requests={self.guard_every_n_requests} must be >= 0 (0 = off)")
         if self.guard_max_tokens < 2:
             problems.append(f"guard_max_tokens={self.guard_max_tokens} must be >= 2")
+        if self.recent_prompts_per_class < 0:
+            problems.append(f"recent_prompts_per_class={self.recent_prompts_per_class} must be >= 0 (0 = off)")
         if self.trial_baseline_cache_entries < 0:
             problems.append(f"trial_baseline_cache_entries={self.trial_baseline_cache_entries} must be >= 0")
         if not 0.0 <= self.trial_handoff_s <= 3600.0:

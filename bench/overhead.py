@@ -1,13 +1,17 @@
 """Agent overhead on SmolLM2-135M: decode tokens/s bare vs attached, side by side in one run.
 
 Configurations are interleaved round by round (bare, default sampling, every request traced),
-so that machine noise hits all of them alike; the ratio to bare is what to read.
+so that machine noise hits all of them alike; the ratio to bare is what to read. With the agent
+attached each request is labelled with its prompt's query class (`handle.request`), as a
+serving loop that uses per-class plans would do: the labelled path (and its recent-prompt
+bookkeeping) is part of what is measured.
 
     .venv/bin/python bench/overhead.py [--rounds 5] [--new-tokens 32]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -37,12 +41,13 @@ CONFIGS = (Config("bare model", None),
            Config("agent, every request traced", 1.0))
 
 
-def run_workload(model, inputs, new_tokens: int) -> tuple[int, float]:
-    """(tokens generated, seconds) for one pass over the prompts, greedy, fixed length."""
+def run_workload(model, inputs, new_tokens: int, handle=None) -> tuple[int, float]:
+    """(tokens generated, seconds) for one pass over (ids, query class), greedy, fixed length."""
     tokens, start = 0, time.perf_counter()
-    for ids in inputs:
-        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False)
+    for ids, query_class in inputs:
+        with handle.request(query_class=query_class) if handle else contextlib.nullcontext():
+            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False)
         tokens += out.shape[1] - ids.shape[1]
     return tokens, time.perf_counter() - start
 
@@ -52,7 +57,7 @@ def measure(model, inputs, cfg: Config, address: str, new_tokens: int) -> float:
     if cfg.sample_rate is not None:
         handle = agent.attach(model, address=address, sample_rate=cfg.sample_rate)
     try:
-        tokens, seconds = run_workload(model, inputs, new_tokens)
+        tokens, seconds = run_workload(model, inputs, new_tokens, handle)
     finally:
         if handle is not None:
             handle.detach()
@@ -67,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tok = load_smollm2()
-    inputs = [chat_ids(tok, p.text) for p in PROMPTS[: args.prompts]]
+    inputs = [(chat_ids(tok, p.text), p.query_class.value) for p in PROMPTS[: args.prompts]]
     with tempfile.TemporaryDirectory() as tmp:
         cp = start_embedded(f"{tmp}/bench.duckdb")
         try:

@@ -415,6 +415,33 @@ def loop_plan(args, fp: str, s, stats: dict) -> tuple[dict, str]:
     return plan, f"built by bench rules (no --plan): {plan['notes']}"
 
 
+def headroom_plans(fp: str, s, plan: dict, source: str, prune: dict,
+                   with_prune: bool = False) -> list[tuple[str, str, dict]]:
+    """(row name, where its plan comes from, plan document) of every plain headroom row."""
+    # The int8 row runs eager even when the loop's plan compiles; the next row adds it back.
+    full = merged(fp, "plan-int8", [without(plan, "execution"), int8_everywhere(fp, s)], "")
+    packed = fp32_packed_everywhere(fp, s)
+    out = [
+        ("torch.compile alone (headroom execution)", "static KV cache + compiled decode, fp32 "
+         "weights", compiled_decode(fp)),
+        ("headroom: fp32_packed (every layer, lm_head)", "fp32 weights in the layout of the fp32 "
+         "GEMM timed fastest here (lossless but for summation order)", packed),
+        # merged: the later document wins a layer, so the plan's int8 layers stay int8.
+        ("headroom: plan, eager, fp32_packed elsewhere", f"{source}, without its execution "
+         "transform; fp32_packed on the layers it leaves fp32",
+         merged(fp, "plan-packed", [packed, without(plan, "execution")], "")),
+        ("headroom: pruning alone", prune["notes"], prune),
+        ("headroom: plan (as the loop found it)", source, plan),
+        ("headroom: plan + int8 (blocks, lm_head)", f"{source}; int8 on every block and the "
+         "lm_head (tied embedding too)", full),
+        ("headroom: plan + int8 + compiled decode", f"{source}; int8 everywhere; static KV cache "
+         "+ compiled decode", merged(fp, "plan-int8-compile", [full, compiled_decode(fp)], ""))]
+    if with_prune:
+        out.append(("headroom: plan + int8 + pruning", f"{source} + {prune['notes']}",
+                    merged(fp, "plan-int8-prune", [full, prune], "")))
+    return out
+
+
 def build_rows(base, s, fp, args, stats) -> tuple[list[Row], list[str]]:
     notes = []
     plan, source = loop_plan(args, fp, s, stats)
@@ -422,35 +449,15 @@ def build_rows(base, s, fp, args, stats) -> tuple[list[Row], list[str]]:
     rows = [Row("unoptimised", "SmolLM2-135M-Instruct fp32, eager", base), ao_dynamic_row(base)]
     tao = torchao_row(base)
     rows.append(tao) if isinstance(tao, Row) else notes.append(tao)
-    # The int8 row runs eager even when the loop's plan compiles; the next row adds it back.
-    full = merged(fp, "plan-int8", [without(plan, "execution"), int8_everywhere(fp, s)], "")
-    packed = fp32_packed_everywhere(fp, s)
-    rows += [
-        headroom_row(base, "torch.compile alone (headroom execution)", "static KV cache + "
-                     "compiled decode, fp32 weights", compiled_decode(fp)),
-        headroom_row(base, "headroom: fp32_packed (every layer, lm_head)", "fp32 weights in the "
-                     "layout of the fp32 GEMM timed fastest here (lossless but for summation "
-                     "order)", packed),
-        # merged: the later document wins a layer, so the plan's int8 layers stay int8.
-        headroom_row(base, "headroom: plan, eager, fp32_packed elsewhere", f"{source}, without "
-                     "its execution transform; fp32_packed on the layers it leaves fp32",
-                     merged(fp, "plan-packed", [packed, without(plan, "execution")], "")),
-        headroom_row(base, "headroom: pruning alone", prune["notes"], prune),
-        headroom_row(base, "headroom: plan (as the loop found it)", source, plan),
-        headroom_row(base, "headroom: plan + int8 (blocks, lm_head)", f"{source}; int8 on every "
-                     "block and the lm_head (tied embedding too)", full),
-        headroom_row(base, "headroom: plan + int8 + compiled decode", f"{source}; int8 everywhere;"
-                     " static KV cache + compiled decode", merged(fp, "plan-int8-compile",
-                                                                 [full, compiled_decode(fp)], ""))]
+    plans = headroom_plans(fp, s, plan, source, prune, args.with_prune)
+    rows += [headroom_row(base, name, src, doc) for name, src, doc in plans]
     if args.kernel_rows:
+        full = next(doc for name, _, doc in plans if name == "headroom: plan + int8 (blocks, lm_head)")
         rows += [headroom_row(base, f"headroom: plan + int8, kernel {k}", f"{source}; "
                               f"HEADROOM_INT8_CPU_KERNEL={k}", full, int8_cpu=k)
                  for k in ("dequant", "fbgemm")]
         rows.append(headroom_row(base, "headroom: plan + int8, sparse decode", f"{source}; "
                                  "sparse decode gather on", full, sparse_decode=True))
-    if args.with_prune:
-        rows.append(headroom_row(base, "headroom: plan + int8 + pruning", f"{source} + "
-                                 f"{prune['notes']}", merged(fp, "plan-int8-prune", [full, prune], "")))
     return rows, notes
 
 

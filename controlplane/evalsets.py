@@ -88,6 +88,8 @@ def eval_spec(settings: EvalSettings, overrides: Optional[Mapping[str, Any]] = N
             spec[name] = overrides.pop(name)
     if isinstance(overrides.get("prompts"), list):
         spec["prompts"] = [str(p) for p in overrides.pop("prompts")]
+    if "traffic_prompts" in overrides:
+        spec["traffic_prompts"] = overrides.pop("traffic_prompts")
     if "token_sequences" not in spec:
         # Enough text for the counts asked for here, not only for the defaults.
         spec["texts"] = [str(t) for t in overrides.pop("texts", None) or held_out_texts(resolved)]

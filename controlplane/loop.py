@@ -152,6 +152,17 @@ def _revision_name(rev: Revision) -> str:
     return f"sha256:{rev.content_sha256}"
 
 
+# A class job's trials measure on the class's own recent prompts, as the agent recorded them,
+# unless the trigger's eval arguments say otherwise (speculation's gain depends on the prompts).
+CLASS_TRAFFIC_PROMPTS = 4
+
+
+def _eval_args(request: PlanRequest) -> Mapping[str, Any]:
+    if request.query_class and "traffic_prompts" not in request.eval:
+        return {**request.eval, "traffic_prompts": CLASS_TRAFFIC_PROMPTS}
+    return request.eval
+
+
 class ControlLoop:
     def __init__(self, store, state, plans: PlanStore, audit: AuditLog, policies: Policies,
                  client: TrialClient, rollout: Rollout, settings: Optional[LoopSettings] = None,
@@ -199,7 +210,7 @@ class ControlLoop:
     def trigger(self, request: PlanRequest, actor: str = PLANNER_ACTOR) -> Job:
         """Starts a planning job on its own thread; LoopError if it cannot start."""
         fingerprint, agent_id = self._target(request)
-        spec = eval_json(self.eval_settings, request.eval)   # bad eval args fail here, not later
+        spec = eval_json(self.eval_settings, _eval_args(request))   # bad eval args fail here
         job = Job(f"job-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}", "plan",
                   fingerprint, agent_id, request.query_class or "", actor)
         self._start(job, lambda: self._plan_job(job, request, spec))

@@ -4,7 +4,12 @@ both parse and validate it here, so they cannot disagree on a field.
 
     {"token_sequences": [[ids]], "token_prompts": [[ids]], "texts": [str], "seq_len": 64,
      "max_sequences": 4, "prompts": 2 (count cut from texts) or [str], "prompt_tokens": 16,
-     "new_tokens": 12, "latency_repeats": 3}
+     "new_tokens": 12, "latency_repeats": 3, "traffic_prompts": 0}
+
+traffic_prompts > 0: the agent replaces the prompts with up to that many of the prompts it
+served most recently for the trial plan's query classes (kept in its memory only; see
+agent/observe/prompts.py), and the evidence says how many it used; with none recorded, the
+eval set's own prompts are used and the evidence says so.
 
 Every field is optional (defaults shown). Token ids are integers >= 0 in non-empty lists; what
 they mean (in the model's vocabulary, sequences of >= 2 tokens) the agent checks against its
@@ -44,6 +49,7 @@ class EvalSpec:
     prompt_tokens: int = 16
     new_tokens: int = 12
     latency_repeats: int = 3
+    traffic_prompts: int = 0
 
     @staticmethod
     def from_json(text: str) -> "EvalSpec":
@@ -67,6 +73,9 @@ class EvalSpec:
         for k, minimum in MIN_COUNTS.items():
             if k in doc:
                 values[k] = _int_at_least(doc[k], k, problems, minimum)
+        if "traffic_prompts" in doc:
+            values["traffic_prompts"] = _int_at_least(doc["traffic_prompts"], "traffic_prompts",
+                                                      problems, 0)
         if "prompts" in doc:
             p = doc["prompts"]
             values["prompts"] = (_strings(p, "prompts", problems) if isinstance(p, (list, tuple))

@@ -49,6 +49,7 @@ from headroom_sidecar.agent.fingerprint import execution_device
 from headroom_sidecar.agent.observe.gate import Holder, ModelGate
 from headroom_sidecar.agent.observe.handoff import Work, WorkQueue, WorkSite, check_seconds
 from headroom_sidecar.agent.observe.metrics import RequestMetrics
+from headroom_sidecar.agent.observe.prompts import RecentPrompts
 from headroom_sidecar.agent.observe.spans import emit_request_span, gen_ai_base, request_tracer
 from headroom_sidecar.agent.observe.trace import TraceCollector
 from headroom_sidecar.agent.records import RequestRecord
@@ -100,6 +101,7 @@ class _Request:
     output: object = None
     first_input: Optional[torch.Tensor] = None
     last_input: Optional[torch.Tensor] = None
+    prompt_ids: Optional[torch.Tensor] = None   # first forward's input ids (a labelled B=1 request)
     error: Optional[BaseException] = None    # what the request's model call raised, if it did
     spec: Optional[SpecStats] = None     # speculation figures (None: it did not speculate)
 
@@ -209,6 +211,7 @@ class RequestTracker:
         self.traces_paused = False
         self.traces_paused_skipped = 0
         self.capture_ids = False        # keep token id references for on_finished (guard)
+        self.recent_prompts = RecentPrompts(settings.recent_prompts_per_class)
         self.on_finished: Optional[FinishedCallback] = None   # (request_id, token ids)
 
     # --- attach / detach ------------------------------------------------------------------
@@ -458,6 +461,10 @@ class RequestTracker:
                 return None
             if req.started_forwards == 0:
                 self._note_prompt(req, args, kwargs)
+                ids = _input_ids(args, kwargs)
+                if req.labels.query_class and req.rows == 1 and self.recent_prompts.per_class \
+                        and isinstance(ids, torch.Tensor):
+                    req.prompt_ids = ids                                 # a reference: [1, T]
             if self.capture_ids:
                 ids = _input_ids(args, kwargs)
                 if req.started_forwards == 0:
@@ -525,6 +532,17 @@ class RequestTracker:
         except Exception as exc:  # noqa: BLE001 - a broken sink must not break serving
             self._errors(exc)
         self._span_and_metrics(req, rec, end_ns)
+        self._remember_prompt(req, prompt_tokens)
+
+    def _remember_prompt(self, req: _Request, prompt_tokens: int) -> None:
+        """A labelled single-sequence request that ran without padding: its prompt, for trials
+        on the class's own traffic (observe/prompts.py)."""
+        if req.prompt_ids is None or req.error is not None or prompt_tokens != req.padded_tokens:
+            return
+        try:
+            self.recent_prompts.add(req.labels.query_class, req.prompt_ids)
+        except Exception as exc:  # noqa: BLE001 - never break serving over this
+            self._errors(exc)
 
     def _span_and_metrics(self, req: _Request, rec: RequestRecord, end_ns: int) -> None:
         emit_request_span(self._tracer, rec, req.start_unix_ns + (end_ns - req.start_ns),

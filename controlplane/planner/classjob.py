@@ -8,7 +8,9 @@ speculates (planner/speculation.py). The pieces read from the store:
 - the draft plan for "self" drafting: the fastest trialled default plan of this model (by its
   trial's latency ratio, below 1) other than the base, its transforms of the draft kinds only;
   a plan the policy refused for quality is a fine draft, since the verifier keeps the output.
-Trials use the job's eval set: give the class's own prompts in the trigger's eval arguments.
+Trials use the job's eval set, whose prompts the agent replaces with the class's recent
+prompts (eval_json traffic_prompts; loop.py asks for CLASS_TRAFFIC_PROMPTS unless the trigger's
+eval arguments set it).
 """
 from __future__ import annotations
 

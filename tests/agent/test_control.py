@@ -239,3 +239,25 @@ def test_apply_from_inside_a_request_on_its_thread_raises(link):
             link.handle.apply_plan(plan(link.fp, SKIP))
     link.handle.apply_plan(plan(link.fp, SKIP))
     assert link.handle.active_plan is not None
+
+
+def test_a_class_trial_measures_on_the_classes_recent_prompts(link):
+    lookup = {"kind": "execution", "static_kv_cache": False, "compile": "none",
+              "speculative": {"draft": "prompt_lookup", "k": 2}}
+    code_plan = plan(link.fp, lookup, plan_id="p-code")
+    code_plan = type(code_plan).from_doc({**code_plan.doc, "query_classes": ["code"]})
+    notes = lambda got: Evidence.from_json(got.evidence_json).notes
+    before = link.trial("c1", code_plan, eval_doc(traffic_prompts=2))
+    assert Evidence.from_json(before.evidence_json).n_prompts == 1
+    assert "prompts: the eval set's 1 (no recent prompt of query class(es) code in this " \
+           "agent's memory)" in notes(before)
+    for i, (n, query_class) in enumerate([(6, "code"), (7, "code"), (8, "chat"), (9, "code")]):
+        with link.handle.request(query_class=query_class):
+            link.model.generate(token_ids(n, seed=20 + i), attention_mask=torch.ones(1, n, dtype=torch.long),
+                                max_new_tokens=2, do_sample=False, pad_token_id=0)
+    after = link.trial("c2", code_plan, eval_doc(traffic_prompts=2))
+    assert Evidence.from_json(after.evidence_json).n_prompts == 2
+    assert "prompts: the 2 most recent of query class(es) code served by this agent" in notes(after)
+    plain = link.trial("c3", code_plan, eval_doc())                  # not asked: the eval set's
+    assert Evidence.from_json(plain.evidence_json).n_prompts == 1
+    assert not any(n.startswith("prompts:") for n in notes(plain))

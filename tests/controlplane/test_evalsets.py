@@ -159,3 +159,12 @@ def test_eval_json_fields_at_their_bounds(doc, problem):
         with pytest.raises(EvalSpecError) as e:
             EvalSpec.from_doc(doc)
         assert any(p.startswith(problem) for p in e.value.problems), e.value.problems
+
+
+@pytest.mark.parametrize("value, ok", [(0, True), (4, True), (-1, False), (True, False)])
+def test_traffic_prompts_passes_through_and_is_checked(value, ok):
+    if ok:
+        assert eval_spec(EvalSettings(), {"traffic_prompts": value})["traffic_prompts"] == value
+        return
+    with pytest.raises(ValueError, match="traffic_prompts: must be an integer >= 0"):
+        eval_spec(EvalSettings(), {"traffic_prompts": value})

@@ -39,6 +39,12 @@ def test_when_no_candidate_beats_the_bar_the_class_is_left_alone(live):
     assert job.plan_id is None and agent.handle.class_plans == {}
     trials = server.state.control.plans.list(query_class="grounded")
     assert len(trials) == 2 and {p.status.value for p in trials} == {"rejected"}
+    # Measured on the class's own prompts: the 3 grounded requests the agent served (a class
+    # job asks for traffic_prompts unless the trigger says otherwise).
+    for p in trials:
+        (trial,) = server.state.control.plans.trials(p.plan_id)
+        assert "prompts: the 3 most recent of query class(es) grounded served by this agent" \
+            in trial.evidence["notes"]
 
 
 def test_a_kept_candidate_becomes_the_class_plan_and_its_requests_report_speculation(live):
