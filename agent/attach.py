@@ -59,8 +59,7 @@ def _active_plan(executor: Executor) -> Optional[tuple[str, str]]:
 
 def class_plan_refs(control: ControlHandler) -> list[tuple[str, str, str]]:
     """(query class, plan_id, sha256) of each class plan the model runs beside the default."""
-    routes = list(control.classes.routes.items())      # one C call: no resize under us
-    return sorted((c, r.plan.plan_id, r.plan.hash) for c, r in routes)
+    return [(c, p.plan_id, p.hash) for c, p in control.classes.plans().items()]
 
 
 def attach(model: nn.Module, *, tokenizer=None, address: Optional[str] = None,

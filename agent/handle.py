@@ -159,7 +159,7 @@ class AgentHandle:
         listed runs the default plan (`active_plan`)."""
         if self.control is None:
             return {}
-        return {c: r.plan for c, r in sorted(self.control.classes.routes.items())}
+        return self.control.classes.plans()
 
     # ------------------------------------------------------------ counters
     @property

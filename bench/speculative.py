@@ -54,9 +54,10 @@ from headroom_sidecar.agent.fingerprint import fingerprint  # noqa: E402
 from headroom_sidecar.proto.plan import Plan  # noqa: E402
 from headroom_sidecar.agent.executor.speculative.generate import SpecStats  # noqa: E402
 from headroom_sidecar.agent.executor.speculative.install import installed  # noqa: E402
-from bench.table import calibrate, plan_doc, token_chunks  # noqa: E402
+from bench.table import calibrate, fp32_packed_transform, plan_doc, token_chunks  # noqa: E402
 from headroom_sidecar.controlplane.planner.search import TrialError  # noqa: E402
-from headroom_sidecar.controlplane.planner.speculation import K_CHOICES, SpeculationSearch  # noqa: E402
+from headroom_sidecar.controlplane.planner.speculation import (K_CHOICES, SpeculationSearch,  # noqa: E402
+                                                               speculative_of)
 from workloads.prompts import GROUNDED_PROMPTS, PROMPTS, QueryClass, chat_ids  # noqa: E402
 from workloads.smollm2 import load_smollm2  # noqa: E402
 from headroom_sidecar.controlplane.evaltexts import Split  # noqa: E402
@@ -132,12 +133,6 @@ def _draft(s, skipped: list[int]) -> list[dict]:
     return draft
 
 
-def packed(s) -> dict:
-    """fp32_packed on every block and the head: the lossless default plan the rows build on."""
-    layers = {str(i): "fp32_packed" for i in range(s.num_layers)}
-    return {"kind": "weight_precision", "layers": {**layers, "lm_head": "fp32_packed"}}
-
-
 def headroom_rows(fp: str, s, ks: list[int], skipped: list[int], base: tuple = ()) -> list[Row]:
     """The per-class planner's candidates over the default plan `base` (its transforms; the
     verifier): prompt lookup and self draft, each k."""
@@ -175,8 +170,8 @@ def build_rows(fp: str, s, k: int, skipped: list[int], ks: Optional[list[int]] =
                         draft_bytes=weight_bytes(draft)))
     rows += headroom_rows(fp, s, ks or [k], skipped)
     rows.append(Row("headroom fp32_packed (no speculation)", over_packed=True, plan=plan_doc(
-        fp, "bench-packed", [packed(s)], "bench/speculative.py")))
-    return rows + headroom_rows(fp, s, ks or [k], skipped, (packed(s),))
+        fp, "bench-packed", [fp32_packed_transform(s)], "bench/speculative.py")))
+    return rows + headroom_rows(fp, s, ks or [k], skipped, (fp32_packed_transform(s),))
 
 
 def measure(rows: list[Row], model, ex, prompts, n: int, rounds: int) -> None:
@@ -214,17 +209,12 @@ def class_prompts(per_class: int) -> dict[QueryClass, list]:
     return out
 
 
-def _spec_doc(doc: dict) -> Optional[dict]:
-    ex = next((t for t in doc.get("transforms", []) if t["kind"] == "execution"), {})
-    return ex.get("speculative")
-
-
 def _spec(row: Row) -> Optional[dict]:
-    return _spec_doc(row.plan or {})
+    return speculative_of(row.plan or {})
 
 
 def planner_choice(rows: list[Row], fp: str, s, query_class: str, draft_plan: list[dict],
-                   over_packed: bool) -> tuple[Optional[Row], str]:
+                   over_packed: bool, ks: list[int]) -> tuple[Optional[Row], str]:
     """What the per-class planner (controlplane/planner/speculation.py, its own judge and
     ranking) keeps from this run's rows, each candidate's trial answered by its measured row
     (latency ratio = 1 / median tokens/s ratio): (the row, or None: the class runs its default
@@ -234,17 +224,17 @@ def planner_choice(rows: list[Row], fp: str, s, query_class: str, draft_plan: li
     by_spec = {(sp["draft"], sp["k"]): r for r in family if (sp := _spec(r)) is not None}
 
     def evaluate(doc: dict) -> dict:
-        sp = _spec_doc(doc)
+        sp = speculative_of(doc)
         row = bar if sp is None else by_spec.get((sp["draft"], sp["k"]))
         if row is None:
             raise TrialError("not measured in this bench run (see --ks)")
         return {"exact_match": sum(row.exact) / len(row.exact),
                 "latency_ratio": 1 / statistics.median(row.ratio)}
-    base = plan_doc(fp, "bench-default", [packed(s)] if over_packed else [], "bench/speculative.py")
-    result = SpeculationSearch(evaluate).run(base, query_class, "bench", draft_plan)
+    base = plan_doc(fp, "bench-default", [fp32_packed_transform(s)] if over_packed else [], "bench/speculative.py")
+    result = SpeculationSearch(evaluate, k_choices=ks).run(base, query_class, "bench", draft_plan)
     if result.best_trial is None:
         return None, result.message
-    sp = _spec_doc(result.best_trial.plan)
+    sp = speculative_of(result.best_trial.plan)
     return by_spec[(sp["draft"], sp["k"])], result.message
 
 
@@ -261,7 +251,8 @@ def run_classes(model, tok, ex, fp: str, s, args) -> None:
         print_table(rows, weight_bytes(model), anchor_note=False)
         tokens, base = len(prompts) * args.new_tokens, statistics.median(rows[0].tok_s)
         for over_packed in (False, True):
-            pick, message = planner_choice(rows, fp, s, qc.value, _draft(s, skipped), over_packed)
+            pick, message = planner_choice(rows, fp, s, qc.value, _draft(s, skipped), over_packed,
+                                           args.ks)
             default = next(r for r in rows if r.plan is not None and r.over_packed == over_packed
                            and _spec(r) is None) if over_packed else rows[0]
             rate = statistics.median((pick or default).tok_s)
@@ -292,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.rounds < 1 or args.new_tokens < 1 or args.per_class < 1:
         p.error("--rounds, --new-tokens and --per-class must be >= 1")
     if not args.ks or min(args.ks) < 1:
-        p.error("--ks: give k values >= 1, e.g. 2,4,6")
+        p.error("--ks: give k values >= 1, e.g. 3,6,12")
     torch.manual_seed(0)
     model, tok = load_smollm2()
     s = resolve_structure(model)

@@ -237,9 +237,19 @@ def int8_everywhere(fp: str, s) -> dict:
     return plan_doc(fp, "int8-all", [{"kind": "weight_precision", "layers": layers}], "")
 
 
-def fp32_packed_everywhere(fp: str, s) -> dict:
+def fp32_packed_transform(s) -> dict:
+    """fp32_packed on every block and the lm_head."""
     layers = {**{str(i): "fp32_packed" for i in range(s.num_layers)}, "lm_head": "fp32_packed"}
-    return plan_doc(fp, "fp32-packed", [{"kind": "weight_precision", "layers": layers}], "")
+    return {"kind": "weight_precision", "layers": layers}
+
+
+def fp32_packed_everywhere(fp: str, s) -> dict:
+    return plan_doc(fp, "fp32-packed", [fp32_packed_transform(s)], "")
+
+
+def plan_int8(fp: str, s, plan: dict) -> dict:
+    """The loop's plan, eager, with int8 on every block and the lm_head."""
+    return merged(fp, "plan-int8", [without(plan, "execution"), int8_everywhere(fp, s)], "")
 
 
 def compiled_decode(fp: str) -> dict:
@@ -419,8 +429,7 @@ def headroom_plans(fp: str, s, plan: dict, source: str, prune: dict,
                    with_prune: bool = False) -> list[tuple[str, str, dict]]:
     """(row name, where its plan comes from, plan document) of every plain headroom row."""
     # The int8 row runs eager even when the loop's plan compiles; the next row adds it back.
-    full = merged(fp, "plan-int8", [without(plan, "execution"), int8_everywhere(fp, s)], "")
-    packed = fp32_packed_everywhere(fp, s)
+    full, packed = plan_int8(fp, s, plan), fp32_packed_everywhere(fp, s)
     out = [
         ("torch.compile alone (headroom execution)", "static KV cache + compiled decode, fp32 "
          "weights", compiled_decode(fp)),
@@ -452,7 +461,7 @@ def build_rows(base, s, fp, args, stats) -> tuple[list[Row], list[str]]:
     plans = headroom_plans(fp, s, plan, source, prune, args.with_prune)
     rows += [headroom_row(base, name, src, doc) for name, src, doc in plans]
     if args.kernel_rows:
-        full = next(doc for name, _, doc in plans if name == "headroom: plan + int8 (blocks, lm_head)")
+        full = plan_int8(fp, s, plan)
         rows += [headroom_row(base, f"headroom: plan + int8, kernel {k}", f"{source}; "
                               f"HEADROOM_INT8_CPU_KERNEL={k}", full, int8_cpu=k)
                  for k in ("dequant", "fbgemm")]

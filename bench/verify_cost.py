@@ -23,8 +23,7 @@ from headroom_sidecar.agent.executor import Executor  # noqa: E402
 from headroom_sidecar.agent.executor.speculative.model_io import forward_logits, new_cache  # noqa: E402
 from headroom_sidecar.agent.fingerprint import fingerprint  # noqa: E402
 from headroom_sidecar.proto.plan import Plan  # noqa: E402
-from bench.speculative import packed  # noqa: E402
-from bench.table import plan_doc  # noqa: E402
+from bench.table import fp32_packed_everywhere  # noqa: E402
 from workloads.smollm2 import load_smollm2  # noqa: E402
 
 ROWS = (1, 4, 7, 13)          # a decode step; k = 3, 6, 12 drafted tokens + the verifier's own
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     s = resolve_structure(model)
     fp = fingerprint(model, s)
     ex = Executor(model, s, fp)
-    plan = Plan.from_doc(plan_doc(fp, "bench-verify-packed", [packed(s)], "bench/verify_cost.py"))
+    plan = Plan.from_doc(fp32_packed_everywhere(fp, s))
     prefix = torch.randint(100, 20000, (1, PREFIX_TOKENS), generator=torch.Generator().manual_seed(0))
     ms: dict[str, dict[int, list[float]]] = {"unoptimised": {}, "fp32_packed": {}}
     with torch.no_grad():

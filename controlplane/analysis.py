@@ -137,9 +137,5 @@ def latency_by_query_class(con, *, agent_id: Optional[str] = None,
            f"count(*) {spec}, sum(spec_accepted) {spec} / nullif(sum(spec_drafted) {spec}, 0), "
            f"sum(output_tokens) {spec} / nullif(sum(spec_verify_forwards) {spec}, 0) "
            f"FROM requests s {where} GROUP BY query_class ORDER BY n DESC, query_class")
-    return [QueryClassLatency(r[0], int(r[1]), *r[2:6], int(r[6]), *(_nan(v) for v in r[7:9]))
+    return [QueryClassLatency(r[0], int(r[1]), *r[2:6], int(r[6]), *r[7:9])
             for r in _rows(con, sql, params)]
-
-
-def _nan(v: Optional[float]) -> float:
-    return math.nan if v is None else float(v)

@@ -83,13 +83,11 @@ def eval_spec(settings: EvalSettings, overrides: Optional[Mapping[str, Any]] = N
               if f.name in overrides and not isinstance(overrides[f.name], list)}
     resolved = EvalSettings.resolve(**{**dataclasses.asdict(settings), **counts})
     spec = dataclasses.asdict(resolved)
-    for name in ("token_sequences", "token_prompts"):
+    for name in ("token_sequences", "token_prompts", "traffic_prompts"):
         if name in overrides:
             spec[name] = overrides.pop(name)
     if isinstance(overrides.get("prompts"), list):
         spec["prompts"] = [str(p) for p in overrides.pop("prompts")]
-    if "traffic_prompts" in overrides:
-        spec["traffic_prompts"] = overrides.pop("traffic_prompts")
     if "token_sequences" not in spec:
         # Enough text for the counts asked for here, not only for the defaults.
         spec["texts"] = [str(t) for t in overrides.pop("texts", None) or held_out_texts(resolved)]

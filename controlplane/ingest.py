@@ -140,9 +140,9 @@ def _arrow_column(table: pb.Table, col: pb.Column, check: RowCheck,
 
 
 def _arrow_view(values: np.ndarray) -> pa.Array:
-    """A numeric column without NULLs as an Arrow array over the same bytes, no copy (where
-    pa.array(values) converts; this runs per column of every batch). Arrow packs booleans as
-    bits, so those are converted."""
+    """A numeric column without NULLs as an Arrow array over the same bytes, without
+    pa.array's per-call conversion work (this runs per column of every batch). Arrow packs
+    booleans as bits, so those are converted."""
     arrow_type = _ARROW_TYPES.get(values.dtype)
     if arrow_type is None:
         return pa.array(values)

@@ -351,10 +351,9 @@ class ControlLoop:
         return self.rollout.run(job.plan_id).message
 
     def _planner_settings(self, fingerprint: str) -> PlannerSettings:
-        """fp32_packed is for fp32 weights on a CPU (elsewhere the agent leaves every layer as
-        it is): not a trial to spend on another model."""
-        dtype = (self.fleet.model_facts(fingerprint) or {}).get("dtype", "float32")
-        device = self.fleet.model_device(fingerprint) or "cpu"
+        """fp32_packed is for fp32 weights on a CPU (other weights are refused by the plan
+        rules, other devices leave every layer as it is): no trial to spend elsewhere."""
+        dtype, device = self.fleet.model_placement(fingerprint)
         if dtype == "float32" and device.startswith("cpu"):
             return self.planner_settings
         return dataclasses.replace(self.planner_settings, fp32_packed=False)
@@ -412,8 +411,7 @@ class ControlLoop:
             raise LoopError(f"model facts for {plan.fingerprint[:12]} are unknown (agents table)")
         context = dataclasses.replace(context, recent_applies_s=self._recent_applies(plan.fingerprint))
         decision = policy.evaluate(plan.doc, Evidence.from_dict(jsonable(dict(evidence)), strict=False),
-                                   ModelFacts(facts["num_layers"], facts["num_heads"], facts["dtype"]),
-                                   context)
+                                   ModelFacts.of(facts), context)
         rules = [jsonable(r.to_dict()) for r in decision.results]
         outcome = decision.outcome
         reason = "; ".join(f"{r.rule_id}: {r.message}" for r in decision.failing()) or \

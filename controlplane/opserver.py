@@ -4,10 +4,9 @@ Why apart from the agents' port: there, every call is read, handed to a worker a
 through the event loop that also carries every agent's stream, so with a thousand agents an
 operator's call waited behind their traffic (`bench/fleet.py`, 1,000 agents, README: Query
 p99 289.4 ms there with `--operators-on agent`, 54.0 ms here). Here a second grpc.aio server
-runs on its own loop thread with its own worker threads; only grpc's poller is shared. (A
-synchronous grpc.server here instead slowed the agents' port: in `bench/fleet.py` at 1,000
-agents their hellos took 90 s instead of 35-45 s and some timed out.) The agents' port keeps
-serving Query/Admin too.
+runs on its own loop thread with its own worker threads; only grpc's poller is shared (a
+synchronous grpc.server was tried here first and slowed the agents' port). The agents' port
+keeps serving Query/Admin too.
 
 TLS: clients present no certificate here; operators authenticate with a signed token
 (controlplane/auth.py). Without TLS (loopback): the same check as the agents' port.

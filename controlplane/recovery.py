@@ -52,8 +52,8 @@ def _runs(hello: pb.AgentHello, plan: PlanRecord) -> tuple[bool, str]:
     """Whether the agent runs `plan` (as its default, or for its query classes), and what it
     said, for the records."""
     ours = (plan.plan_id, plan.sha256)
-    classes = sorted(c.query_class for c in hello.class_plans if (c.plan_id, c.plan_hash) == ours)
-    runs = (hello.active_plan_id, hello.active_plan_hash) == ours or bool(classes)
+    runs = (hello.active_plan_id, hello.active_plan_hash) == ours or any(
+        (c.plan_id, c.plan_hash) == ours for c in hello.class_plans)
     says = f"the agent reports it runs {hello.active_plan_id or 'no plan'}"
     if hello.class_plans:
         says += " by default; for query classes: " + ", ".join(

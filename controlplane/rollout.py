@@ -96,12 +96,13 @@ class Fleet:
             return None
         return {"num_layers": int(row[0]), "num_heads": int(row[1]), "dtype": row[2] or "float32"}
 
-    def model_device(self, fingerprint: str) -> Optional[str]:
-        """Where the latest agent of this model runs it ("cpu", "cuda:0"), as its hello said."""
+    def model_placement(self, fingerprint: str) -> tuple[str, str]:
+        """(weights' dtype, device: "cpu", "cuda:0") of the model as its latest agent's hello
+        said; ("float32", "cpu") for what no agent reported."""
         with self._store.reader() as cur:
-            row = cur.execute("SELECT model_device FROM agents WHERE fingerprint = ? "
+            row = cur.execute("SELECT model_dtype, model_device FROM agents WHERE fingerprint = ? "
                               "ORDER BY last_seen DESC LIMIT 1", [fingerprint]).fetchone()
-        return row[0] if row and row[0] else None
+        return (row and row[0]) or "float32", (row and row[1]) or "cpu"
 
     def requests_since(self, agent_id: str, since: datetime) -> int:
         with self._store.reader() as cur:

@@ -23,8 +23,9 @@ class ServerSettings:
     query_max_rows: int = field(default=1_000_000, metadata={"env": "HEADROOM_CP_QUERY_MAX_ROWS"})
     # A query running longer is interrupted and answered DEADLINE_EXCEEDED.
     query_timeout_s: float = field(default=30.0, metadata={"env": "HEADROOM_CP_QUERY_TIMEOUT_S"})
-    # Threads that run Query and Admin calls (the grpc.aio server's migration pool). Agent
-    # streams hold none: they are read and written on the server's event loop.
+    # Threads that run Query and Admin calls (the grpc.aio server's migration pool; with an
+    # operator port, that server has a pool of this size too). Agent streams hold none: they
+    # are read and written on the server's event loop.
     max_workers: int = field(default=16, metadata={"env": "HEADROOM_CP_MAX_WORKERS"})
     # Threads that handle agent messages off the event loop (decode, registration, handing
     # batches to the ingest writer); a message holds one only while it is handled.
@@ -52,8 +53,8 @@ class ServerSettings:
     tls_client_ca_file: str = field(default="", metadata={"env": "HEADROOM_CP_TLS_CLIENT_CA"})
     # HMAC key of operator tokens (`controlplane token issue`); "" = no tokens.
     token_key_file: str = field(default="", metadata={"env": "HEADROOM_CP_TOKEN_KEY_FILE"})
-    # Query and Admin on a port of their own, served apart from the agents' event loop, so a
-    # fleet's traffic never delays an operator (-1 = none, 0 = a free one). With TLS, clients
+    # Query and Admin on a port of their own, so an operator's call does not wait on the
+    # event loop of the agents' streams (-1 = none, 0 = a free one). With TLS, clients
     # there present no certificate but a signed token (token_key_file).
     operator_port: int = field(default=-1, metadata={"env": "HEADROOM_CP_OPERATOR_PORT"})
     # Without TLS (loopback only): the secret every call must carry ("" = none needed). The

@@ -275,8 +275,7 @@ class Store:
 
     @staticmethod
     def _record_batches(cur, jobs: Sequence[BatchJob], now: datetime) -> None:
-        # One columnar INSERT (executemany runs a statement per row: the fleet's bottleneck
-        # in py-spy profiles of bench/fleet.py).
+        # One columnar INSERT (executemany runs a statement per row).
         if not jobs:
             return
         col = lambda f, kind: arrow_numbers([f(j) for j in jobs], kind)

@@ -26,7 +26,7 @@ TokenLists = tuple[tuple[int, ...], ...]
 
 # Field -> the smallest value it takes (counts; seq_len needs a next token to score).
 MIN_COUNTS = {"seq_len": 2, "max_sequences": 1, "prompt_tokens": 1, "new_tokens": 1,
-              "latency_repeats": 1}
+              "latency_repeats": 1, "traffic_prompts": 0}
 TOKEN_FIELDS = ("token_sequences", "token_prompts")
 
 
@@ -73,9 +73,6 @@ class EvalSpec:
         for k, minimum in MIN_COUNTS.items():
             if k in doc:
                 values[k] = _int_at_least(doc[k], k, problems, minimum)
-        if "traffic_prompts" in doc:
-            values["traffic_prompts"] = _int_at_least(doc["traffic_prompts"], "traffic_prompts",
-                                                      problems, 0)
         if "prompts" in doc:
             p = doc["prompts"]
             values["prompts"] = (_strings(p, "prompts", problems) if isinstance(p, (list, tuple))

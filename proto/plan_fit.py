@@ -6,7 +6,8 @@ combinations. Decided once:
 - every layer index < num_layers and head index < num_heads, in the plan and its draft plan;
 - skipping every layer is refused (the model, or the draft, would be the identity);
 - pruning every head of one layer is allowed (its MLP still runs) with a note; leaving every
-  layer without attention (all heads pruned or skipped) is refused.
+  layer without attention (all heads pruned or skipped) is refused;
+- fp32_packed on a model whose weights are not fp32 is refused.
 What only the agent can know (the fingerprint of the loaded model, which kinds its adapter
 supports, whether its output head can be int8) stays in agent/plan.py.
 """
@@ -28,7 +29,7 @@ class ModelFacts:
     """What the checks, the diff and the policy rules need to know about the unoptimised model."""
     num_layers: int
     num_heads: int                       # attention (query) heads per layer
-    dtype: str = "float32"               # weights' torch dtype name, for the diff
+    dtype: str = "float32"               # weights' torch dtype name (the diff, fp32_packed)
 
     def __post_init__(self):
         for name in ("num_layers", "num_heads"):
@@ -97,18 +98,25 @@ def _check_ranges(t: Transform, path: str, facts: ModelFacts, problems: list[str
     if bad:
         problems.append(f"{path}.{field_name}: layer(s) {bad} out of range (the model has "
                         f"{facts.num_layers} layers)")
-    if isinstance(t, WeightPrecision) and facts.dtype != "float32":
-        packed = sorted(str(l) for l, p in t.layers.items() if p == Precision.FP32_PACKED)
-        packed += [HEAD_KEY] if t.head == Precision.FP32_PACKED else []
-        if packed:
-            problems.append(f"{path}.layers: {Precision.FP32_PACKED.value} on {', '.join(packed)} "
-                            f"needs fp32 weights; the model's are {facts.dtype}")
+    if isinstance(t, WeightPrecision):
+        _check_dtype(t, path, facts, problems)
     if isinstance(t, PruneHeads):
         for layer, heads in sorted(t.heads.items()):
             over = [h for h in heads if h >= facts.num_heads]
             if over:
                 problems.append(f"{path}.heads.{layer}: head(s) {over} out of range (the model "
                                 f"has {facts.num_heads} query heads)")
+
+
+def _check_dtype(t: WeightPrecision, path: str, facts: ModelFacts, problems: list[str]) -> None:
+    """fp32_packed keeps fp32 weights: on a model whose weights are not fp32 it is refused."""
+    if facts.dtype == "float32":
+        return
+    packed = [str(l) for l in sorted(t.layers) if t.layers[l] == Precision.FP32_PACKED]
+    packed += [HEAD_KEY] if t.head == Precision.FP32_PACKED else []
+    if packed:
+        problems.append(f"{path}.layers: {Precision.FP32_PACKED.value} on {', '.join(packed)} "
+                        f"needs fp32 weights; the model's are {facts.dtype}")
 
 
 def _check_attention_left(prune: PruneHeads, path: str, facts: ModelFacts, skipped: set[int],

@@ -36,7 +36,7 @@ from headroom_sidecar.agent.executor.undo import UndoLog
 from headroom_sidecar.agent.executor.weights import weight_bytes
 from headroom_sidecar.agent.kernels.autotune import kernel_choices
 from headroom_sidecar.agent.kernels.dense_impls import DenseKernel
-from headroom_sidecar.agent.kernels.settings import KernelSettings
+from headroom_sidecar.agent.kernels.settings import Fp32Cpu, KernelSettings
 from headroom_sidecar.agent.plan import check_fit
 from headroom_sidecar.proto.plan import (ActivationSparsity, Execution, Plan, Precision, PruneHeads,
                                          SkipLayers, Transform, TransformKind, WeightPrecision)
@@ -286,7 +286,8 @@ def _apply_precision(ex: Executor, t: WeightPrecision, log: UndoLog) -> list[str
     settings = KernelSettings.resolve()
     if Precision.INT8 in set(t.layers.values()) or t.head == Precision.INT8:
         probe_model_int8(ex.model, ex.structure.weight_layout)   # one probe child for all shapes
-    if Precision.FP32_PACKED in set(t.layers.values()) or t.head == Precision.FP32_PACKED:
+    packs = Precision.FP32_PACKED in set(t.layers.values()) or t.head == Precision.FP32_PACKED
+    if packs and settings.fp32_cpu != Fp32Cpu.ATEN:
         probe_model_dense(list(ex.model.modules()), settings)
     kept: dict[str, int] = {}
     for layer, precision in sorted(t.layers.items()):

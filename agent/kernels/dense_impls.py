@@ -4,8 +4,8 @@ The weights stay fp32; only the layout and the GEMM that reads them change:
 - onednn_packed: the weight reordered once into oneDNN's blocked layout
   (torch.ops.mkldnn._reorder_linear_weight), multiplied by oneDNN's inner product
   (torch.ops.mkldnn._linear_pointwise): the ops inductor's CPU weight freezing uses. Where the
-  default BLAS has no fast path for a few rows (MKL on an AMD EPYC runs 2-13 rows at 2-3x the
-  time of one), it keeps a verify forward of a speculative draft close to a decode step.
+  default BLAS has no fast path for a few rows, it keeps a verify forward of a speculative
+  draft close to a decode step (bench/verify_cost.py).
 - aten: F.linear on the weight as it is (MKL or OpenBLAS): the fallback, never probed.
 Both are fp32 all the way: they differ from each other only in summation order.
 
@@ -32,9 +32,6 @@ class DenseKernel(str, enum.Enum):
     ATEN = "aten"
 
 
-NEVER_PROBED = frozenset({DenseKernel.ATEN})
-
-
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -46,7 +43,7 @@ def rel_error_bound(kernel: DenseKernel, dtype: torch.dtype) -> float:
 
 @dataclass(frozen=True)
 class Packed:
-    fn: Linear                   # x [M, K] fp32 -> [M, N] fp32
+    fn: Linear                   # x [..., K] fp32 -> [..., N] fp32
     nbytes: int                  # what the held layout takes (blocked layouts pad)
     held: torch.Tensor           # the weight in that layout (an opaque mkldnn tensor, or w)
 

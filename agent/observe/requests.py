@@ -461,10 +461,9 @@ class RequestTracker:
                 return None
             if req.started_forwards == 0:
                 self._note_prompt(req, args, kwargs)
-                ids = _input_ids(args, kwargs)
-                if req.labels.query_class and req.rows == 1 and self.recent_prompts.per_class \
-                        and isinstance(ids, torch.Tensor):
-                    req.prompt_ids = ids                                 # a reference: [1, T]
+                if req.labels.query_class and req.rows == 1 and self.recent_prompts.per_class:
+                    ids = _input_ids(args, kwargs)                       # a reference: [1, T]
+                    req.prompt_ids = ids if isinstance(ids, torch.Tensor) else None
             if self.capture_ids:
                 ids = _input_ids(args, kwargs)
                 if req.started_forwards == 0:

@@ -146,8 +146,8 @@ def _finite(v: Any) -> float:
 @dataclass(frozen=True)
 class _Parts:
     """The kept plan as sets, so one change is one set operation."""
-    num_layers: int = 0             # of the model (fp32_packed lists every layer)
-    packed: bool = False            # fp32_packed on every layer and head not in int8
+    packed: frozenset = frozenset()  # fp32_packed layers (int8 ones win a layer in both)
+    packed_head: bool = False       # the output head fp32_packed (int8_head wins)
     int8: frozenset = frozenset()
     int8_head: bool = False         # the output head (lm_head) in int8
     thresholds: tuple = ()          # ((layer, threshold), ...)
@@ -160,16 +160,17 @@ class _Parts:
         return dataclasses.replace(self, thresholds=tuple(sorted(rest + ((layer, t),))))
 
     def _precision(self, keep: Callable[[int], bool]) -> WeightPrecision:
-        rest = Precision.FP32_PACKED if self.packed else None
-        layers = {l: Precision.INT8 if l in self.int8 else rest for l in range(self.num_layers)}
-        head = Precision.INT8 if self.int8_head else rest
-        return WeightPrecision({l: p for l, p in layers.items() if p is not None and keep(l)}, head)
+        layers = {l: Precision.INT8 if l in self.int8 else Precision.FP32_PACKED
+                  for l in sorted(self.int8 | self.packed) if keep(l)}
+        head = Precision.INT8 if self.int8_head else \
+            Precision.FP32_PACKED if self.packed_head else None
+        return WeightPrecision(layers, head)
 
     def transforms(self) -> tuple:
         """A skipped layer never runs: its other changes are left out of the document."""
         keep = lambda layer: layer not in self.skipped
         out = []
-        if self.int8 or self.int8_head or self.packed:
+        if self.int8 or self.int8_head or self.packed or self.packed_head:
             out.append(self._precision(keep))
         if self.thresholds:
             out.append(ActivationSparsity({l: t for l, t in self.thresholds if keep(l)}))
@@ -226,7 +227,7 @@ class Planner:
 
     def run(self, target: PlanTarget, candidates: Candidates) -> SearchResult:
         self._target, self._cands = target, candidates
-        self._kept, self._trail, self._head = _Parts(candidates.num_layers), [], None
+        self._kept, self._trail, self._head = _Parts(), [], None
         stop = "every candidate tried"
         phases = (self._phase_packed, self._phase_int8, self._phase_int8_head, self._phase_sparsity,
                   self._phase_heads, self._phase_skip)
@@ -253,7 +254,8 @@ class Planner:
         model; an agent that cannot pack here leaves its layers as they are and is not faster."""
         if self.settings.fp32_packed:
             self._trial(Phase.FP32_PACKED, f"fp32_packed weights on every layer and {HEAD_KEY}",
-                        dataclasses.replace(self._kept, packed=True), faster_than=1.0)
+                        dataclasses.replace(self._kept, packed=frozenset(range(
+                            self._cands.num_layers)), packed_head=True), faster_than=1.0)
 
     def _phase_int8(self) -> None:
         order = self._cands.int8_layers

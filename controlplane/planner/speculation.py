@@ -33,9 +33,9 @@ from headroom_sidecar.controlplane.planner.search import (EvidenceKey, Phase, Tr
 from headroom_sidecar.proto.plan import Plan
 from headroom_sidecar.proto.plandoc import CompileMode, SpeculativeDraft, TransformKind
 
-# On a CPU a verify forward costs about the same for a draft of 3 or 16 tokens, so a long
-# draft is nearly free when it is right; which k pays differs by class (README, Benchmarks:
-# bench/speculative.py), so the trials pick per class.
+# On the CPU measured (bench/verify_cost.py) a verify forward of a 3-token draft costs about
+# what one of 12 does, so a long draft is nearly free when it is right; which k pays differs
+# by class (bench/speculative.py), so the trials pick per class.
 K_CHOICES = (3, 6, 12)
 EXACT_MATCH_REQUIRED = 1.0
 _DRAFT_ORDER = {SpeculativeDraft.PROMPT_LOOKUP: 0, SpeculativeDraft.SELF: 1}
@@ -132,11 +132,12 @@ class SpeculationSearch:
     def __init__(self, evaluate: Callable[[dict], Mapping[str, Any]],
                  max_latency_ratio: float = 1.0, max_trials: Optional[int] = None,
                  record: Optional[Callable[[TrialRecord], None]] = None,
-                 propose: Optional[Callable[[dict], None]] = None):
+                 propose: Optional[Callable[[dict], None]] = None,
+                 k_choices: Sequence[int] = K_CHOICES):
         if not max_latency_ratio > 0:
             raise ValueError(f"max_latency_ratio must be > 0, got {max_latency_ratio}")
         self._evaluate, self.max_latency_ratio = evaluate, max_latency_ratio
-        self.max_trials = max_trials
+        self.max_trials, self.k_choices = max_trials, tuple(k_choices)
         self._record, self._propose = record or (lambda r: None), propose or (lambda d: None)
 
     def run(self, base_doc: Mapping[str, Any], query_class: str, plan_id_prefix: str,
@@ -156,7 +157,7 @@ class SpeculationSearch:
             if self._bar is None:
                 self._record(rec)
                 return SpeculationResult(query_class, None, None, trail, _no_bar(query_class, rec))
-        for cand in candidates(draft_plan)[:self.max_trials]:
+        for cand in candidates(draft_plan, self.k_choices)[:self.max_trials]:
             rec = self._trial(len(trail) + 1, base_doc, query_class, cand, draft_plan,
                               plan_id_prefix)
             if rec is None:
@@ -215,9 +216,14 @@ def _exact(r: TrialRecord) -> float:
     return _number((r.evidence or {}).get(EvidenceKey.EXACT_MATCH.value))
 
 
-def _spec_of(r: TrialRecord) -> Optional[dict]:
-    ex = next((t for t in r.plan["transforms"] if t["kind"] == TransformKind.EXECUTION.value), {})
+def speculative_of(doc: Mapping[str, Any]) -> Optional[dict]:
+    """A plan document's execution.speculative, or None."""
+    ex = next((t for t in doc.get("transforms", ()) if t["kind"] == TransformKind.EXECUTION.value), {})
     return ex.get("speculative")
+
+
+def _spec_of(r: TrialRecord) -> Optional[dict]:
+    return speculative_of(r.plan)
 
 
 def _rank(r: TrialRecord) -> tuple:

@@ -255,9 +255,9 @@ def test_a_class_trial_measures_on_the_classes_recent_prompts(link):
         with link.handle.request(query_class=query_class):
             link.model.generate(token_ids(n, seed=20 + i), attention_mask=torch.ones(1, n, dtype=torch.long),
                                 max_new_tokens=2, do_sample=False, pad_token_id=0)
-    after = link.trial("c2", code_plan, eval_doc(traffic_prompts=2))
-    assert Evidence.from_json(after.evidence_json).n_prompts == 2
-    assert "prompts: the 2 most recent of query class(es) code served by this agent" in notes(after)
+    after = link.trial("c2", code_plan, eval_doc(traffic_prompts=4))
+    assert Evidence.from_json(after.evidence_json).n_prompts == 3     # code's 3, not chat's
+    assert "prompts: the 3 most recent of query class(es) code served by this agent" in notes(after)
     plain = link.trial("c3", code_plan, eval_doc())                  # not asked: the eval set's
     assert Evidence.from_json(plain.evidence_json).n_prompts == 1
     assert not any(n.startswith("prompts:") for n in notes(plain))

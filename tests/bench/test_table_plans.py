@@ -9,7 +9,8 @@ from headroom_sidecar.proto.plan import Plan
 from tests.agent.executor import plan_doc, rig
 from tests.builders import tiny_llama, token_ids
 
-# What `make demo` leaves in .headroom/best-plan.json: int8 and fp32_packed layers, compiled.
+# A plan like `make demo` leaves in .headroom/best-plan.json (int8 and fp32_packed layers),
+# with compiled decode, as the loop keeps it when it measures faster.
 LOOP_PLAN = [{"kind": "weight_precision", "layers": {"0": "fp32_packed", "1": "int8",
                                                      "2": "int8", "lm_head": "fp32_packed"}},
              {"kind": "execution", "static_kv_cache": True, "compile": "torch_compile"}]

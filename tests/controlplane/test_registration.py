@@ -62,7 +62,9 @@ def test_a_batch_after_hello_is_read_only_once_the_hello_is_stored(server):
             stream.send(h.hello())
             stream.send(h.batch(1, h.tables(h.records(2))))
             assert h.wait_until(lambda: _waiting(server) == 1, 10)
-            assert server.state.writer.pending_batches() <= 1   # the batch is not queued
+            w = server.state.writer
+            assert h.wait_until(lambda: w.pending_batches() == 0, 10)   # registration taken
+            assert not h.wait_until(lambda: w.pending_batches() > 0, 0.5)   # batch not read
         assert stream.recv().ack.seq == 1
         assert _agents(server) == {"agent-1": True}
 

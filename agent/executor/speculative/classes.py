@@ -126,6 +126,10 @@ class ClassPlans:
     def __bool__(self) -> bool:
         return bool(self.routes)
 
+    def plans(self) -> dict[str, Any]:
+        """query class -> its plan, sorted by class (a copy: readable from another thread)."""
+        return {c: r.plan for c, r in sorted(list(self.routes.items()))}
+
     def route(self, query_class: str) -> Optional[ClassRoute]:
         return self.routes.get(query_class) if query_class else None
 

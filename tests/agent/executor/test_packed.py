@@ -25,21 +25,28 @@ ALL = {"kind": "weight_precision", "layers": {"0": "fp32_packed", "1": "fp32_pac
 
 
 @pytest.fixture
-def forced(monkeypatch, tmp_path):
-    """Pack every layer (the timing would keep aten on shapes this small), probe verdicts in a
-    folder of this test."""
+def forced(monkeypatch):
+    """Pack every layer (the timing would keep aten on shapes this small); probe verdicts in
+    the test session's folder (tests/conftest.py)."""
     monkeypatch.setenv("HEADROOM_FP32_CPU_KERNEL", "onednn_packed")
+    return KernelSettings.resolve()
+
+
+@pytest.fixture
+def own_cache(monkeypatch, tmp_path):
+    """Probe verdicts in a folder of this test alone (a test writes one), memo cleared."""
     monkeypatch.setenv("HEADROOM_KERNEL_CACHE_DIR", str(tmp_path))
     probe.clear_memo()
-    yield KernelSettings.resolve()
+    yield
     probe.clear_memo()
 
 
 def test_packed_linear_matches_nn_linear_and_gives_its_weight_back(forced):
     lin = nn.Linear(72, 48)
     packed = PackedLinear(lin.weight.detach(), lin.bias, KernelChoice("onednn_packed"))
-    for shape in [(1, 72), (5, 72), (2, 7, 72)]:
-        x = torch.randn(*shape)
+    xs = [torch.randn(*shape) for shape in [(1, 72), (5, 72), (2, 7, 72), (2, 3, 4, 72)]]
+    xs.append(torch.randn(72, 6).t())                          # [6, 72], not contiguous
+    for x in xs:
         torch.testing.assert_close(packed(x), lin(x), rtol=1e-5, atol=1e-6)
     assert torch.equal(packed.weight, lin.weight.detach())
     assert packed.opaque_bytes() >= 72 * 48 * 4
@@ -53,7 +60,8 @@ def test_apply_packs_every_linear_keeps_the_logits_and_rolls_back_bitwise(forced
     report = r.executor.apply(plan(r.fingerprint, ALL))
     packed = [m for m in r.model.modules() if isinstance(m, PackedLinear)]
     assert len(packed) == 3 * 7 + 1                    # q k v o gate up down per block, lm_head
-    assert all(v["kernel"] == "onednn_packed" for v in report.kernels.values())
+    assert {n: v["kernel"] for n, v in report.kernels.items()} == {
+        n: "onednn_packed" for n, m in r.model.named_modules() if isinstance(m, PackedLinear)}
     torch.testing.assert_close(logits(r.model), base, rtol=1e-5, atol=1e-5)
     assert torch.equal(greedy(r.model), gen)
     r.executor.rollback()
@@ -94,12 +102,9 @@ def test_a_sparsified_down_projection_stays_unpacked(forced):
 
 def test_an_int8_draft_over_a_packed_verifier_quantises_the_packed_weights(forced):
     from headroom_sidecar.agent.executor.speculative.install import build_draft
-    from headroom_sidecar.proto.plan import Plan
-    from tests.agent.executor import plan_doc
     r = rig(tiny_llama())
     r.executor.apply(plan(r.fingerprint, ALL))
-    int8 = Plan.from_doc(plan_doc(r.fingerprint, {"kind": "weight_precision",
-                                                  "layers": {"1": "int8"}})).ordered()
+    int8 = plan(r.fingerprint, {"kind": "weight_precision", "layers": {"1": "int8"}}).ordered()
     draft = build_draft(r.executor, tuple(int8))
     with draft.active():
         assert isinstance(r.model.model.layers[1].self_attn.q_proj, Int8Linear)
@@ -132,7 +137,7 @@ def test_forcing_aten_leaves_the_layers_and_says_so(forced, monkeypatch):
     assert "fp32_packed: 21 linear(s) left as they are: HEADROOM_FP32_CPU_KERNEL=aten" in report.notes
 
 
-def test_an_unsafe_probe_verdict_keeps_aten(forced):
+def test_an_unsafe_probe_verdict_keeps_aten(own_cache, forced):
     lin = nn.Linear(72, 48)
     case = probe_cases(lin)[0]
     assert case.runner == RUNNER
@@ -144,9 +149,8 @@ def test_an_unsafe_probe_verdict_keeps_aten(forced):
     assert choice.kernel == "aten" and choice.rejected == {"onednn_packed": "probe: killed by SIGSEGV"}
 
 
-def test_auto_times_both_row_counts_and_keeps_the_smaller_sum(monkeypatch, tmp_path):
-    monkeypatch.setenv("HEADROOM_KERNEL_CACHE_DIR", str(tmp_path))
-    probe.clear_memo()
+def test_auto_times_both_row_counts_and_keeps_the_smaller_sum(own_cache, monkeypatch):
+    monkeypatch.delenv("HEADROOM_FP32_CPU_KERNEL", raising=False)
     settings = KernelSettings.resolve()
     assert settings.fp32_cpu == Fp32Cpu.AUTO
     choice = choose_dense_kernel(nn.Linear(576, 1536), settings)
@@ -154,4 +158,3 @@ def test_auto_times_both_row_counts_and_keeps_the_smaller_sum(monkeypatch, tmp_p
     assert set(t) == {"onednn_packed x1", "aten x1", "onednn_packed x8", "aten x8"}
     total = {k: t[f"{k} x1"] + t[f"{k} x8"] for k in ("onednn_packed", "aten")}
     assert choice.kernel == min(total, key=total.get)
-    probe.clear_memo()

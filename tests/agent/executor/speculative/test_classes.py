@@ -13,7 +13,7 @@ from headroom_sidecar.agent.control import ControlHandler
 from headroom_sidecar.agent.executor import Executor
 from headroom_sidecar.agent.fingerprint import fingerprint
 from headroom_sidecar.agent.handle import AgentHandle
-from headroom_sidecar.proto.plan import PlanError
+from headroom_sidecar.proto.plan import Plan, PlanError
 from headroom_sidecar.agent.settings import AgentSettings
 from tests.agent.executor import assert_bitwise_equal, plan, state_snapshot
 from tests.agent.executor.speculative import INT8_ALL, SKIP_1, execution, self_spec
@@ -85,8 +85,9 @@ def test_a_class_plan_speculates_for_its_class_only(served):
 
 def test_rollback_of_a_class_returns_it_to_the_default(served):
     tracker_generate = served.model.generate
-    served.handle.apply_plan(served.class_plan(["code", "docs"], execution(LOOKUP)))
-    h = served.handle.class_plans["code"].hash
+    doc = served.class_plan(["code", "docs"], execution(LOOKUP))
+    served.handle.apply_plan(doc)
+    h = Plan.from_doc(doc).hash
     assert class_plan_refs(served.control) == [("code", "p-class", h), ("docs", "p-class", h)]
     report = served.handle.rollback("enough", query_class="code")
     assert class_plan_refs(served.control) == [("docs", "p-class", h)]     # the next hello says
